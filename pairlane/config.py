@@ -1,0 +1,180 @@
+"""Configuration: load config/default.toml, merge a partial file over it, validate.
+
+Owns: the schema (taken from the defaults file itself: every key and its type),
+the start-up checks of PROTOCOL.md section 0 (unknown key, wrong type,
+non-loopback endpoint, busy port). Never starts anything and never touches
+the database; the single-instance lock lives in `pairlane.lock`.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any
+
+DEFAULTS_PATH = Path(__file__).resolve().parent.parent / "config" / "default.toml"
+
+
+class ConfigError(Exception):
+    """A configuration problem; the daemon exits with code 2 and this message."""
+
+
+def load_defaults() -> dict:
+    with open(DEFAULTS_PATH, "rb") as fh:
+        return tomllib.load(fh)
+
+
+def _type_ok(default: Any, value: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, list):
+        return isinstance(value, list) and all(isinstance(v, type(default[0])) for v in value) if default else isinstance(value, list)
+    return isinstance(value, type(default))
+
+
+def merge(defaults: dict, override: dict, prefix: str = "") -> dict:
+    """Return defaults with override merged in; unknown keys and wrong types raise ConfigError."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in defaults.items()}
+    for key, value in override.items():
+        name = f"{prefix}{key}"
+        if key not in defaults:
+            raise ConfigError(f"unknown config key '{name}'")
+        dflt = defaults[key]
+        if isinstance(dflt, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{name}' must be a table")
+            out[key] = merge(dflt, value, name + ".")
+            continue
+        if not _type_ok(dflt, value):
+            raise ConfigError(
+                f"config key '{name}' has the wrong type: expected {type(dflt).__name__}, "
+                f"got {type(value).__name__} ({value!r})")
+        # numbers declared as float in the defaults may be written as ints
+        out[key] = float(value) if isinstance(dflt, float) else value
+    return out
+
+
+def _check_loopback_host(key: str, host: str) -> None:
+    host = host.strip("[]")
+    if host == "localhost":
+        return
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"config key '{key}': '{host}' is not a loopback address "
+                          "(use 127.0.0.1; remote access needs authentication, not yet supported)")
+    if not ip.is_loopback:
+        raise ConfigError(f"config key '{key}': {host} is not a loopback address "
+                          "(use 127.0.0.1; remote access needs authentication, not yet supported)")
+
+
+def parse_tcp_endpoint(key: str, endpoint: str) -> tuple[str, int]:
+    """'tcp://127.0.0.1:5590' -> ('127.0.0.1', 5590), or ConfigError naming the key."""
+    if not endpoint.startswith("tcp://"):
+        raise ConfigError(f"config key '{key}': endpoint {endpoint!r} must be tcp://HOST:PORT")
+    hostport = endpoint[len("tcp://"):]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"config key '{key}': endpoint {endpoint!r} must be tcp://HOST:PORT")
+    _check_loopback_host(key, host)
+    return host.strip("[]"), int(port)
+
+
+def parse_listen(key: str, listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"config key '{key}': {listen!r} must be HOST:PORT")
+    _check_loopback_host(key, host)
+    return host.strip("[]"), int(port)
+
+
+def endpoints(cfg: dict) -> dict[str, tuple[str, int]]:
+    """Every TCP endpoint the daemon binds, by config key."""
+    eps = {"gateway.endpoint": parse_tcp_endpoint("gateway.endpoint", cfg["gateway"]["endpoint"]),
+           "admin.endpoint": parse_tcp_endpoint("admin.endpoint", cfg["admin"]["endpoint"]),
+           "alerts.endpoint": parse_tcp_endpoint("alerts.endpoint", cfg["alerts"]["endpoint"]),
+           "daemon.actor_port": ("127.0.0.1", cfg["daemon"]["actor_port"])}
+    if cfg["gateway"]["legacy_endpoint"]:
+        eps["gateway.legacy_endpoint"] = parse_tcp_endpoint(
+            "gateway.legacy_endpoint", cfg["gateway"]["legacy_endpoint"])
+    if cfg["metrics"]["listen"]:
+        eps["metrics.listen"] = parse_listen("metrics.listen", cfg["metrics"]["listen"])
+    return eps
+
+
+def check_values(cfg: dict) -> None:
+    """Range checks that types alone do not catch."""
+    positive = ["gateway.max_message_bytes", "gateway.legacy_max_bytes", "gateway.credit",
+                "gateway.max_result_trades", "gateway.max_requests", "gateway.assembly_timeout_s",
+                "dlq.max_attempts", "pairs.interval_s", "pairs.max_pairs", "pairs.window_trades",
+                "supervision.max_restarts", "supervision.window_s", "supervision.heartbeat_s",
+                "supervision.heartbeat_timeout_s", "alerts.ingest_stall_s", "dlq.retry_min_s"]
+    for dotted in positive:
+        sect, key = dotted.split(".")
+        if cfg[sect][key] <= 0:
+            raise ConfigError(f"config key '{dotted}' must be > 0 (got {cfg[sect][key]!r})")
+    for dotted in ("store.max_bytes", "dlq.max_bytes"):
+        sect, key = dotted.split(".")
+        if cfg[sect][key] < 0:
+            raise ConfigError(f"config key '{dotted}' must be >= 0 (got {cfg[sect][key]!r})")
+    if cfg["dlq"]["retry_max_s"] < cfg["dlq"]["retry_min_s"]:
+        raise ConfigError("config key 'dlq.retry_max_s' must be >= dlq.retry_min_s")
+    if cfg["pairs"]["bucket"] not in ("day", "exact"):
+        raise ConfigError("config key 'pairs.bucket' must be \"day\" or \"exact\"")
+    if cfg["daemon"]["log_level"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("config key 'daemon.log_level' must be DEBUG, INFO, WARNING or ERROR")
+    if not 1 <= cfg["daemon"]["actor_port"] <= 65535:
+        raise ConfigError("config key 'daemon.actor_port' must be a TCP port (1-65535)")
+    if cfg["supervision"]["heartbeat_timeout_s"] <= cfg["supervision"]["heartbeat_s"]:
+        raise ConfigError("config key 'supervision.heartbeat_timeout_s' must exceed supervision.heartbeat_s")
+
+
+def load(path: str | None) -> dict:
+    """Defaults merged with the file at `path` (if any), validated; ConfigError on any problem."""
+    cfg = load_defaults()
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                override = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found")
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}")
+        cfg = merge(cfg, override)
+    check_values(cfg)
+    endpoints(cfg)  # raises on a non-loopback or malformed endpoint
+    for sect in ("store", "dlq"):
+        p = cfg[sect]["path"]
+        cfg[sect]["path"] = p if os.path.isabs(p) else os.path.abspath(p)
+    return cfg
+
+
+def check_ports_free(cfg: dict) -> None:
+    """Raise ConfigError naming the key whose port is already taken."""
+    seen: dict[tuple[str, int], str] = {}
+    for key, (host, port) in endpoints(cfg).items():
+        if port == 0:
+            continue
+        if (host, port) in seen or ("127.0.0.1", port) in seen and host in ("localhost", "127.0.0.1"):
+            raise ConfigError(f"config key '{key}': port {port} is also used by '{seen.get((host, port), '?')}'")
+        seen[(host, port)] = key
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host if host != "localhost" else "127.0.0.1", port))
+        except OSError as exc:
+            raise ConfigError(f"config key '{key}': port {port} on {host} is busy ({exc.strerror})")
+        finally:
+            s.close()
+
+
+def get(cfg: dict, dotted: str) -> Any:
+    sect, key = dotted.split(".", 1)
+    return cfg[sect][key]

@@ -1,0 +1,198 @@
+"""The daemon's main process: validate, lock, start the actor system, wait, stop.
+
+Owns: the start-up checks of PROTOCOL.md section 0 (exit code 2 with a message
+naming the problem), the single-instance locks, starting Thespian on loopback
+and the root supervisor, the wait loop (signals, the root's `TreeStopped`,
+the root's own liveness), the graceful shutdown and the guarantee that no
+process of the actor system outlives the daemon. Never handles data.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+from supervision import procs
+from supervision.log import log, set_level
+from supervision.messages import StartTree, StopDaemon, TreeStarted, TreeStopped
+from supervision.spec import TreeSettings
+
+from . import config as cfgmod
+from .lock import InstanceLock, LockBusy
+
+EXIT_CONFIG = 2
+
+
+def run_dir_for(cfg: dict) -> str:
+    return cfg["store"]["path"] + ".run"
+
+
+def _pgid_processes(pgid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry)) == pgid and procs.alive(int(entry)):
+                pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+class Daemon:
+    def __init__(self, cfg: dict, config_path: str | None):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.stop_requested: str | None = None
+        self.asys = None
+        self.root = None
+        self.root_pid: int | None = None
+        self.pgid: int | None = None
+        self.locks: list[InstanceLock] = []
+        self.root_restarts: list[float] = []
+
+    # ----- start-up ------------------------------------------------------------------------
+    def preflight(self) -> None:
+        cfgmod.check_ports_free(self.cfg)
+        try:
+            self.locks.append(InstanceLock(self.cfg["store"]["path"] + ".lock", f"store {self.cfg['store']['path']}").acquire())
+            self.locks.append(InstanceLock(os.path.join(self.cfg["dlq"]["path"], ".lock"), f"spool {self.cfg['dlq']['path']}").acquire())
+        except LockBusy as exc:
+            raise cfgmod.ConfigError(str(exc))
+        except OSError as exc:
+            raise cfgmod.ConfigError(f"cannot create store or spool directory: {exc}")
+
+    def start(self) -> None:
+        from actors.tree import build_tree
+        from supervision.root import RootSupervisor
+        from supervision.system import start_system
+
+        run_dir = run_dir_for(self.cfg)
+        os.makedirs(run_dir, exist_ok=True)
+        self.run_dir = run_dir
+        self.asys = start_system(self.cfg["daemon"]["actor_port"])
+        self.spec = build_tree(self.cfg)
+        self.settings = TreeSettings.from_config(self.cfg["supervision"])
+        self.root_cls = RootSupervisor
+        self._start_root()
+
+    def _start_root(self) -> None:
+        self.root = self.asys.createActor(self.root_cls)
+        self.root_pid = None
+        self.asys.tell(self.root, StartTree(spec=self.spec, settings=self.settings, config=self.cfg,
+                                            main_pid=os.getpid(), run_dir=self.run_dir))
+
+    # ----- the wait loop -------------------------------------------------------------------------
+    def loop(self) -> int:
+        stop_sent_at = None
+        shutdown_budget = sum(s.shutdown_s for s in self.spec.walk()) + 5.0
+        while True:
+            msg = self.asys.listen(0.2)
+            if isinstance(msg, TreeStarted):
+                self.pgid, self.root_pid = msg.pgid, msg.root_pid
+                log("INFO", "daemon_ready", actor="main", pgid=msg.pgid, root_pid=msg.root_pid)
+            elif isinstance(msg, TreeStopped):
+                if msg.exit_code:
+                    log("ERROR", "daemon_exit_escalated", actor="main", reason=msg.reason,
+                        exit_code=msg.exit_code)
+                else:
+                    log("INFO", "daemon_tree_stopped", actor="main", reason=msg.reason)
+                return msg.exit_code
+            if self.stop_requested and stop_sent_at is None:
+                log("INFO", "daemon_stopping", actor="main", reason=self.stop_requested)
+                self.asys.tell(self.root, StopDaemon(self.stop_requested))
+                stop_sent_at = time.monotonic()
+            if stop_sent_at is not None and time.monotonic() - stop_sent_at > shutdown_budget:
+                log("ERROR", "daemon_stop_timeout", actor="main", budget_s=shutdown_budget)
+                return 1
+            if self.root_pid is None:
+                entry = procs.read_pidfile(self.run_dir, self.spec.name)
+                if entry and procs.alive(*entry):
+                    self.root_pid = entry[0]
+            elif not procs.alive(self.root_pid):
+                if stop_sent_at is not None:
+                    return 0
+                if not self._restart_root():
+                    return 1
+
+    def _restart_root(self) -> bool:
+        now = time.monotonic()
+        self.root_restarts = [t for t in self.root_restarts if now - t < self.settings.window_s]
+        self.root_restarts.append(now)
+        if len(self.root_restarts) > self.settings.max_restarts:
+            log("ERROR", "daemon_exit_escalated", actor="main",
+                reason="root supervisor keeps dying", exit_code=1)
+            return False
+        log("ERROR", "root_died_restarting", actor="main", pid=self.root_pid)
+        time.sleep(self.settings.backoff_min_s)
+        self._start_root()
+        return True
+
+    # ----- shutdown -------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        if self.asys is not None:
+            try:
+                self.asys.shutdown()
+            except Exception as exc:  # the system may already be half gone
+                log("WARNING", "thespian_shutdown_error", actor="main", error=exc)
+        pgid = self.pgid
+        if pgid is None and self.root_pid:
+            try:
+                pgid = os.getpgid(self.root_pid)
+            except OSError:
+                pgid = None
+        if pgid and pgid != os.getpgid(0) and pgid > 1:
+            left = _pgid_processes(pgid)
+            if left:
+                log("WARNING", "killing_leftover_processes", actor="main", pids=",".join(map(str, left)))
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                deadline = time.monotonic() + 3
+                while _pgid_processes(pgid) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+        for lock in self.locks:
+            lock.release()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="run.py", description="Run the pairlane daemon.")
+    parser.add_argument("--config", help="TOML file merged over config/default.toml")
+    args = parser.parse_args(argv)
+    try:
+        cfg = cfgmod.load(args.config)
+    except cfgmod.ConfigError as exc:
+        print(f"pairlane: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    set_level(cfg["daemon"]["log_level"])
+    daemon = Daemon(cfg, args.config)
+    try:
+        daemon.preflight()
+    except cfgmod.ConfigError as exc:
+        print(f"pairlane: configuration error: {exc}", file=sys.stderr)
+        daemon.shutdown()
+        return EXIT_CONFIG
+
+    def on_signal(signum, frame):
+        daemon.stop_requested = signal.Signals(signum).name
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log("INFO", "daemon_starting", actor="main", config=args.config or "default",
+        actor_port=cfg["daemon"]["actor_port"], gateway=cfg["gateway"]["endpoint"],
+        admin=cfg["admin"]["endpoint"], store=cfg["store"]["path"])
+    code = 1
+    try:
+        daemon.start()
+        code = daemon.loop()
+    except Exception as exc:
+        log("ERROR", "daemon_failed", actor="main", error=f"{type(exc).__name__}: {exc}")
+        code = 1
+    finally:
+        daemon.shutdown()
+    log("INFO", "daemon_exit", actor="main", exit_code=code)
+    return code

@@ -1,0 +1,176 @@
+"""Messages between supervisors, their children and the daemon's main process.
+
+Owns: the vocabulary of supervision. Every message is a frozen dataclass,
+small and picklable (Thespian pickles between processes). Never carries
+payload data of the application.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Init:
+    """Supervisor -> new child, its first message.
+
+    spec: the child's ChildSpec. settings: TreeSettings. config: the daemon config
+    (a plain dict). main_pid: the daemon's main process (every actor exits when it
+    is gone). run_dir: where pidfiles live. directory: name -> address known so far.
+    """
+
+    spec: Any
+    settings: Any
+    config: dict
+    main_pid: int
+    run_dir: str
+    directory: dict
+    supervisor_name: str
+    incarnation: int = 0
+
+
+@dataclass(frozen=True)
+class Started:
+    """Child -> supervisor: Init handled; pid is the child's process id."""
+
+    name: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Child -> supervisor, every heartbeat_s; silence past the deadline gets a SIGKILL."""
+
+    name: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Supervisor -> child: stop gracefully (children first for a supervisor), then exit."""
+
+    reason: str = "shutdown"
+
+
+@dataclass(frozen=True)
+class ExitingNormally:
+    """Child -> supervisor, just before a deliberate normal exit (not a crash)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class StatusRows:
+    """Supervisor -> parent (forwarded up to the root): status rows of its subtree.
+
+    rows: list of dicts {name, supervisor, state, pid, restarts, started_at, last_exit}.
+    """
+
+    rows: tuple
+
+
+@dataclass(frozen=True)
+class Register:
+    """Supervisor -> parent (forwarded up to the root): name now lives at address (None: gone)."""
+
+    name: str
+    address: Any
+
+
+@dataclass(frozen=True)
+class Directory:
+    """Root -> everyone (forwarded down): the whole name -> address registry."""
+
+    entries: dict
+
+
+@dataclass(frozen=True)
+class RestartChild:
+    """Admin -> root -> owning supervisor: operator restart (not counted as a crash)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Escalated:
+    """Supervisor -> parent / root -> main: restart intensity exceeded."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class InjectFault:
+    """Admin -> actor: crash (exception), hang (stop answering) or exit (normal exit)."""
+
+    fault: str
+
+
+@dataclass(frozen=True)
+class InspectRequest:
+    """Anyone -> actor: reply InspectReply with the actor's own figures."""
+
+    token: int
+
+
+@dataclass(frozen=True)
+class InspectReply:
+    token: int
+    name: str
+    state: dict
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    """Admin -> root: reply StatusReply with every actor's row."""
+
+    token: int
+
+
+@dataclass(frozen=True)
+class StatusReply:
+    token: int
+    ready: bool
+    rows: tuple
+
+
+@dataclass(frozen=True)
+class StopDaemon:
+    """Admin -> root: graceful shutdown of the whole tree, then tell main."""
+
+    reason: str = "admin stop"
+
+
+@dataclass(frozen=True)
+class TreeStarted:
+    """Root -> main: every child is RUNNING for the first time; pgid is the actor system's group."""
+
+    pgid: int
+    root_pid: int
+
+
+@dataclass(frozen=True)
+class TreeStopped:
+    """Root -> main: the tree stopped; exit_code tells the daemon how to exit."""
+
+    exit_code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class StartTree:
+    """Main -> root: build the tree described by spec."""
+
+    spec: Any
+    settings: Any
+    config: dict
+    main_pid: int
+    run_dir: str
+
+
+@dataclass(frozen=True)
+class Notify:
+    """Any actor -> root: forward an event to interested actors (alerts, metrics)."""
+
+    kind: str
+    data: dict = field(default_factory=dict)

@@ -1,0 +1,94 @@
+"""Process helpers for supervision: pidfiles, liveness, kill-and-wait.
+
+Owns: the rule that no two instances of a named actor are ever alive. A child
+writes `<run_dir>/<name>.pid` (pid and kernel start time) when it starts; a
+supervisor about to start that name first kills whatever process the pidfile
+names and waits until it is gone. Never signals a process it cannot identify
+by pid *and* start time.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Kernel start time of pid (clock ticks since boot), None if it does not exist or is a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    rest = data[data.rfind(")") + 2:].split()
+    if rest[0] in ("Z", "X"):
+        return None
+    return int(rest[19])
+
+
+def alive(pid: int, start_time: int | None = None) -> bool:
+    st = proc_start_time(pid)
+    if st is None:
+        return False
+    return start_time is None or st == start_time
+
+
+def write_pidfile(run_dir: str, name: str) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    pid = os.getpid()
+    tmp = os.path.join(run_dir, f".{name}.pid.{pid}")
+    with open(tmp, "w") as fh:
+        fh.write(f"{pid} {proc_start_time(pid)}\n")
+    os.replace(tmp, os.path.join(run_dir, f"{name}.pid"))
+
+
+def read_pidfile(run_dir: str, name: str) -> tuple[int, int] | None:
+    try:
+        with open(os.path.join(run_dir, f"{name}.pid")) as fh:
+            pid, st = fh.read().split()
+        return int(pid), int(st)
+    except (OSError, ValueError):
+        return None
+
+
+def kill_and_wait(pid: int, start_time: int | None, timeout_s: float = 3.0) -> bool:
+    """SIGKILL pid (if it is still the same process) and wait until it is gone. True when gone."""
+    if not alive(pid, start_time):
+        return True
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return True
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:  # reap it if it is our own child
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        if not alive(pid, start_time):
+            return True
+        time.sleep(0.005)
+    return not alive(pid, start_time)
+
+
+def ensure_gone(run_dir: str, name: str, timeout_s: float = 3.0) -> bool:
+    """Kill the process the pidfile of `name` names, if it still runs. True when none is left."""
+    entry = read_pidfile(run_dir, name)
+    if entry is None:
+        return True
+    pid, st = entry
+    if pid == os.getpid():
+        return True
+    return kill_and_wait(pid, st, timeout_s)
+
+
+def restore_fatal_signals() -> None:
+    """Thespian installs log-only handlers for fatal signals (a crashing native call then spins at
+    100% CPU); restore the defaults so such a process dies and is restarted."""
+    for name in ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass

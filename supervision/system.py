@@ -1,0 +1,51 @@
+"""Starting and stopping a Thespian actor system that listens on loopback only.
+
+Owns: the one adaptation pairlane makes to Thespian 4.0.1. Thespian's TCP
+transport binds its admin port and every actor's port to all addresses
+(`IPBase.IPActorAddress.bindname = ('', port)`) and speaks pickle; we set
+THESPIAN_BASE_IPADDR=127.0.0.1 (the advertised address) and replace the
+`bindArgs` property so every socket binds 127.0.0.1. The patch is applied in
+the daemon's main process before the system starts; Thespian forks the admin
+and every actor from it, so they inherit it. A test reads /proc/net/tcp of the
+daemon's processes to prove it. Never used for anything but that.
+"""
+from __future__ import annotations
+
+import os
+
+LOOPBACK = "127.0.0.1"
+
+
+def patch_loopback() -> None:
+    os.environ["THESPIAN_BASE_IPADDR"] = LOOPBACK
+    from thespian.system.transport import IPBase
+
+    if getattr(IPBase.IPActorAddress, "_pairlane_loopback", False):
+        return
+
+    def _bind_args(self):
+        host, port = self.bindname[0], self.bindname[1]
+        if host in ("", "0.0.0.0", None):
+            host = LOOPBACK
+        return ((host, port),)
+
+    IPBase.IPActorAddress.bindArgs = property(_bind_args)
+    IPBase.IPActorAddress._pairlane_loopback = True
+
+
+THESPIAN_LOG_DEFS = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"kv": {"format": "ts=%(created).3f level=%(levelname)s actor=thespian pid=%(process)d event=thespian_log message=\"%(message)s\""}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "kv", "level": "WARNING"}},
+    "root": {"handlers": ["stderr"], "level": "WARNING"},
+}
+
+
+def start_system(admin_port: int):
+    """A multiprocTCPBase actor system on 127.0.0.1:admin_port."""
+    patch_loopback()
+    from thespian.actors import ActorSystem
+
+    return ActorSystem("multiprocTCPBase", {"Admin Port": admin_port}, logDefs=THESPIAN_LOG_DEFS,
+                       transientUnique=True)

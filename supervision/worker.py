@@ -1,0 +1,213 @@
+"""The base class of every supervised actor: a thin, crash-only Thespian shell.
+
+Owns: the child side of supervision. It handles `Init` (restores fatal signal
+handlers, writes the pidfile, calls `on_start`, answers `Started`), heartbeats
+to the supervisor, watches the daemon's main process and its own parent
+process (an orphan exits at once), answers `InspectRequest`, takes `Directory`
+updates, performs injected faults, and stops on `Shutdown`.
+
+Let it crash: an exception escaping a handler is logged and ends the process
+(`os._exit`), so the supervisor restarts it with fresh state; Thespian's own
+retry and PoisonMessage are never used. Never contains application logic.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+import traceback
+
+from thespian.actors import (Actor, ActorExitRequest, ChildActorExited, ThespianWatch,
+                             WakeupMessage, WatchMessage)
+
+from . import procs
+from .log import log, set_level
+from .messages import (Directory, ExitingNormally, Heartbeat, InjectFault, Init, InspectReply,
+                       InspectRequest, Shutdown, Started)
+
+CRASH_EXIT_CODE = 70
+_TICK = "pl.tick"
+
+
+class Worker(Actor):
+    """Subclass and override the `on_*` hooks; never override `receiveMessage`."""
+
+    IS_SUPERVISOR = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.name = "?"
+        self.config: dict = {}
+        self.directory: dict = {}
+        self.supervisor = None
+        self.main_pid = 0
+        self.run_dir = ""
+        self._ppid = os.getppid()
+        self._stopping = False
+        self._started_at = time.time()
+        self.settings = None
+        self.spec = None
+
+    # ----- hooks for subclasses -------------------------------------------------
+    def on_start(self) -> None:
+        """Called once, after Init, before `Started` is sent. Open sockets and files here."""
+
+    def on_message(self, msg, sender) -> None:
+        """Any message that is not a supervision message."""
+
+    def on_timer(self, payload) -> None:
+        """A wakeup scheduled with `self.after(delay, payload)`."""
+
+    def on_readable(self, fds: list) -> None:
+        """One of the file descriptors from `watch_fds()` is readable."""
+
+    def on_directory(self) -> None:
+        """`self.directory` changed (an actor restarted and has a new address)."""
+
+    def on_stop(self) -> None:
+        """Graceful stop: flush and close. Must finish within the child spec's shutdown_s."""
+
+    def inspect(self) -> dict:
+        """The actor's own figures for `admin inspect`."""
+        return {}
+
+    def watch_fds(self) -> list:
+        """File descriptors to wake up on (ZMQ sockets' FD)."""
+        return []
+
+    # ----- helpers --------------------------------------------------------------
+    def after(self, delay_s: float, payload) -> None:
+        self.wakeupAfter(max(0.0, float(delay_s)), payload=payload)
+
+    def peer(self, name: str):
+        """Current address of the actor registered under `name`, or None."""
+        return self.directory.get(name)
+
+    def tell(self, name: str, msg) -> bool:
+        addr = self.directory.get(name)
+        if addr is None:
+            return False
+        self.send(addr, msg)
+        return True
+
+    def log(self, level: str, event: str, **fields) -> None:
+        log(level, event, actor=self.name, **fields)
+
+    # ----- the Thespian entry point ------------------------------------------------
+    def receiveMessage(self, msg, sender):
+        try:
+            self._dispatch(msg, sender)
+        except SystemExit:
+            raise
+        except BaseException as exc:  # let it crash
+            log("ERROR", "crash", actor=self.name, error=f"{type(exc).__name__}: {exc}",
+                traceback=traceback.format_exc())
+            os._exit(CRASH_EXIT_CODE)
+        if self._stopping:
+            return None
+        fds = self.watch_fds()
+        return ThespianWatch(fds) if fds else None
+
+    def _dispatch(self, msg, sender) -> None:
+        if isinstance(msg, WakeupMessage):
+            if msg.payload == _TICK:
+                self._tick()
+            else:
+                self.on_timer(msg.payload)
+        elif isinstance(msg, WatchMessage):
+            self.on_readable(msg.ready)
+        elif isinstance(msg, Init):
+            self._init(msg, sender)
+        elif isinstance(msg, Directory):
+            self.directory = dict(msg.entries)
+            self.on_directory()
+        elif isinstance(msg, InspectRequest):
+            state = dict(self.inspect())
+            state.setdefault("pid", os.getpid())
+            state.setdefault("uptime_s", round(time.time() - self._started_at, 3))
+            self.send(sender, InspectReply(msg.token, self.name, state))
+        elif isinstance(msg, InjectFault):
+            self._inject(msg.fault)
+        elif isinstance(msg, Shutdown):
+            self._graceful_exit(msg.reason)
+        elif isinstance(msg, ActorExitRequest):
+            if not self._stopping:
+                self._stopping = True
+                self.on_stop()
+        elif isinstance(msg, ChildActorExited):
+            self.on_child_exited(msg)
+        else:
+            self.on_message(msg, sender)
+
+    def on_child_exited(self, msg) -> None:
+        """Workers have no children; supervisors override this."""
+
+    def _init(self, msg: Init, sender) -> None:
+        procs.restore_fatal_signals()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the daemon's main process
+        self.name = msg.spec.name
+        self.spec = msg.spec
+        self.settings = msg.settings
+        self.config = msg.config
+        self.main_pid = msg.main_pid
+        self.run_dir = msg.run_dir
+        self.directory = dict(msg.directory)
+        self.supervisor = sender
+        self._started_at = time.time()
+        level = (self.config.get("daemon") or {}).get("log_level")
+        if level:
+            set_level(level)
+        procs.write_pidfile(self.run_dir, self.name)
+        self.on_start()
+        self.send(sender, Started(self.name, os.getpid()))
+        self.after(self.settings.heartbeat_s, _TICK)
+
+    def _tick(self) -> None:
+        self._check_orphan()
+        if self.supervisor is not None and not self._stopping:
+            self.send(self.supervisor, Heartbeat(self.name, os.getpid()))
+        self.on_tick()
+        self.after(self.settings.heartbeat_s, _TICK)
+
+    def on_tick(self) -> None:
+        """Called every heartbeat_s (supervisors check their children's deadlines here)."""
+
+    def _check_orphan(self) -> None:
+        if self.main_pid and not procs.alive(self.main_pid):
+            log("ERROR", "main_process_gone", actor=self.name, main_pid=self.main_pid)
+            self._kill_actor_system()
+        if os.getppid() != self._ppid:
+            log("ERROR", "parent_gone", actor=self.name, old_ppid=self._ppid)
+            os._exit(CRASH_EXIT_CODE)
+
+    @staticmethod
+    def _kill_actor_system() -> None:
+        """The daemon is gone: take the whole actor system (our own process group) with it."""
+        pgid = os.getpgid(0)
+        if pgid == os.getsid(0) and pgid > 1:  # Thespian's admin made this group with setsid()
+            os.killpg(pgid, signal.SIGKILL)
+        os._exit(CRASH_EXIT_CODE)
+
+    def _inject(self, fault: str) -> None:
+        self.log("WARNING", "fault_injected", fault=fault)
+        if fault == "crash":
+            raise RuntimeError("injected crash")
+        if fault == "hang":
+            while True:  # stop answering anything, heartbeats included
+                time.sleep(3600)
+        if fault == "exit":
+            self._graceful_exit("injected exit")
+            return
+        raise ValueError(f"unknown fault {fault!r}")
+
+    def _graceful_exit(self, reason: str) -> None:
+        if self._stopping:
+            return
+        self.log("INFO", "stopping", reason=reason)
+        self._stopping = True
+        try:
+            self.on_stop()
+        finally:
+            if self.supervisor is not None:
+                self.send(self.supervisor, ExitingNormally(self.name))
+            self.send(self.myAddress, ActorExitRequest())
