@@ -1,0 +1,303 @@
+"""Unit tests of the metrics registry, its HTTP endpoint and MetricBatch (pairlane.metrics)."""
+
+from __future__ import annotations
+
+import socket
+import urllib.error
+import urllib.request
+
+import msgpack
+import pytest
+
+from pairlane.metrics import METRIC_SPECS, MetricBatch, Metrics, serve
+
+REQUIRED = [
+    "pairlane_ingest_bytes_total", "pairlane_ingest_messages_total", "pairlane_results_total",
+    "pairlane_result_receive_seconds", "pairlane_chunk_assembly_seconds",
+    "pairlane_sqlite_write_seconds", "pairlane_sqlite_rows_written_total", "pairlane_dlq_items",
+    "pairlane_dlq_oldest_item_age_seconds", "pairlane_actor_restarts_total",
+    "pairlane_pair_evaluations_total", "pairlane_pair_missing_ratio",
+    "pairlane_pair_evaluation_seconds", "pairlane_pair_slots_filled", "pairlane_pair_safe_stop",
+    "pairlane_db_bytes", "pairlane_db_growth_bytes_per_second",
+    "pairlane_last_result_timestamp_seconds", "pairlane_legacy_truncated_total",
+    "pairlane_errors_total", "pairlane_legacy_results_total", "pairlane_dlq_parked_items",
+    "pairlane_dlq_purged_total", "pairlane_alerts_raised_total", "pairlane_metrics_dropped_total",
+]
+TYPES = {
+    "pairlane_ingest_bytes_total": "counter", "pairlane_ingest_messages_total": "counter",
+    "pairlane_results_total": "counter", "pairlane_result_receive_seconds": "histogram",
+    "pairlane_chunk_assembly_seconds": "histogram", "pairlane_sqlite_write_seconds": "histogram",
+    "pairlane_sqlite_rows_written_total": "counter", "pairlane_dlq_items": "gauge",
+    "pairlane_dlq_oldest_item_age_seconds": "gauge", "pairlane_actor_restarts_total": "counter",
+    "pairlane_pair_evaluations_total": "counter", "pairlane_pair_missing_ratio": "gauge",
+    "pairlane_pair_evaluation_seconds": "histogram", "pairlane_pair_slots_filled": "gauge",
+    "pairlane_pair_safe_stop": "gauge", "pairlane_db_bytes": "gauge",
+    "pairlane_db_growth_bytes_per_second": "gauge", "pairlane_last_result_timestamp_seconds": "gauge",
+    "pairlane_legacy_truncated_total": "counter",
+}
+
+
+def _lines(m: Metrics) -> list[str]:
+    return m.render().decode().splitlines()
+
+
+def _value(m: Metrics, sample: str) -> float:
+    for line in _lines(m):
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{sample} not in render output")
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_every_contract_name_is_exposed_with_its_type(name):
+    text = Metrics().render().decode()
+    assert f"# TYPE {name} " in text
+    if name in TYPES:
+        assert f"# TYPE {name} {TYPES[name]}\n" in text
+
+
+def test_unlabelled_metrics_have_a_sample_from_the_start():
+    m = Metrics()
+    assert _value(m, "pairlane_ingest_bytes_total") == 0.0
+    assert _value(m, "pairlane_dlq_items") == 0.0
+    assert _value(m, "pairlane_sqlite_write_seconds_count") == 0.0
+    assert _value(m, 'pairlane_db_bytes{file="main"}') == 0.0
+    assert _value(m, 'pairlane_db_bytes{file="wal"}') == 0.0
+    assert _value(m, 'pairlane_actor_restarts_total{actor="writer"}') == 0.0
+
+
+def test_two_instances_do_not_share_a_registry():
+    a, b = Metrics(), Metrics()
+    a.apply([("inc", "pairlane_ingest_bytes_total", None, 5)])
+    assert _value(b, "pairlane_ingest_bytes_total") == 0.0
+
+
+def test_apply_inc_set_observe_shows_in_render_and_snapshot():
+    m = Metrics()
+    m.apply([
+        ("inc", "pairlane_ingest_bytes_total", None, 123),
+        ("inc", "pairlane_ingest_messages_total", {"type": "begin"}, 2),
+        ("inc", "pairlane_results_total", {"outcome": "stored"}, 1.0),
+        ("set", "pairlane_dlq_items", None, 7),
+        ("inc", "pairlane_dlq_items", {}, 1),
+        ("observe", "pairlane_sqlite_write_seconds", None, 0.25),
+        ("observe", "pairlane_sqlite_write_seconds", None, 0.75),
+        ("set", "pairlane_pair_safe_stop", None, 1),
+    ])
+    assert _value(m, "pairlane_ingest_bytes_total") == 123.0
+    assert _value(m, 'pairlane_ingest_messages_total{type="begin"}') == 2.0
+    assert _value(m, 'pairlane_results_total{outcome="stored"}') == 1.0
+    assert _value(m, "pairlane_dlq_items") == 8.0
+    assert _value(m, "pairlane_sqlite_write_seconds_count") == 2.0
+    assert _value(m, "pairlane_sqlite_write_seconds_sum") == 1.0
+    assert _value(m, 'pairlane_sqlite_write_seconds_bucket{le="0.5"}') == 1.0
+
+    snap = m.snapshot()
+    assert snap["pairlane_ingest_bytes_total"] == 123.0
+    assert snap["pairlane_ingest_messages_total"]["type=begin"] == 2.0
+    assert snap["pairlane_ingest_messages_total"]["type=chunk"] == 0.0
+    assert snap["pairlane_results_total"] == {"outcome=stored": 1.0}
+    assert snap["pairlane_pair_evaluations_total"] == {}
+    assert snap["pairlane_dlq_items"] == 8.0
+    assert snap["pairlane_pair_safe_stop"] == 1.0
+    assert snap["pairlane_sqlite_write_seconds"] == {"count": 2.0, "sum": 1.0}
+    assert snap["pairlane_pair_evaluation_seconds"] == {"count": 0.0, "sum": 0.0}
+    assert snap["pairlane_db_bytes"] == {"file=main": 0.0, "file=wal": 0.0}
+    assert set(snap) == set(METRIC_SPECS)
+    assert not any(k.endswith("_created") for k in snap)
+    msgpack.packb(snap)  # plain enough for the admin reply
+
+
+@pytest.mark.parametrize("update, reason", [
+    (("inc", "pairlane_no_such_metric", None, 1), "unknown_name"),
+    (("inc", 42, None, 1), "unknown_name"),
+    (("inc", "pairlane_metrics_dropped_total", {"reason": "bad_op"}, 1), "unknown_name"),
+    (("set", "pairlane_ingest_bytes_total", None, 1), "bad_op"),          # set on a counter
+    (("observe", "pairlane_dlq_items", None, 1), "bad_op"),               # observe on a gauge
+    (("frobnicate", "pairlane_dlq_items", None, 1), "bad_op"),
+    (("inc", "pairlane_dlq_items"), "bad_op"),                            # wrong arity
+    ("not a tuple", "bad_op"),
+    (None, "bad_op"),
+    (("inc", "pairlane_ingest_messages_total", None, 1), "bad_labels"),   # labels missing
+    (("inc", "pairlane_ingest_messages_total", {"kind": "x"}, 1), "bad_labels"),
+    (("inc", "pairlane_ingest_messages_total", {"type": "x", "extra": "y"}, 1), "bad_labels"),
+    (("inc", "pairlane_ingest_bytes_total", {"type": "x"}, 1), "bad_labels"),
+    (("inc", "pairlane_ingest_bytes_total", None, -1), "bad_value"),      # counters only go up
+    (("inc", "pairlane_ingest_bytes_total", None, "1"), "bad_value"),
+    (("inc", "pairlane_ingest_bytes_total", None, True), "bad_value"),
+    (("set", "pairlane_dlq_items", None, float("nan")), "bad_value"),
+    (("observe", "pairlane_sqlite_write_seconds", None, float("inf")), "bad_value"),
+])
+def test_bad_updates_are_ignored_and_counted_never_raise(update, reason):
+    m = Metrics()
+    before = m.render()
+    m.apply([update, ("inc", "pairlane_ingest_bytes_total", None, 1)])
+    assert m.snapshot()["pairlane_metrics_dropped_total"][f"reason={reason}"] == 1.0
+    assert m.snapshot()["pairlane_ingest_bytes_total"] == 1.0   # the good one still applied
+    assert before != m.render()
+
+
+def test_apply_of_a_non_iterable_does_not_raise():
+    m = Metrics()
+    m.apply(None)  # type: ignore[arg-type]
+    m.apply(5)     # type: ignore[arg-type]
+    assert m.snapshot()["pairlane_metrics_dropped_total"]["reason=bad_op"] == 2.0
+
+
+def test_label_values_are_capped_per_metric():
+    from pairlane.metrics import MAX_SERIES_PER_METRIC
+    m = Metrics()
+    m.apply([("inc", "pairlane_errors_total", {"code": f"c{i}"}, 1)
+             for i in range(MAX_SERIES_PER_METRIC + 10)])
+    snap = m.snapshot()
+    assert len(snap["pairlane_errors_total"]) == MAX_SERIES_PER_METRIC
+    assert snap["pairlane_metrics_dropped_total"]["reason=too_many_series"] == 10.0
+
+
+def test_label_values_are_escaped_in_exposition():
+    m = Metrics()
+    m.apply([("inc", "pairlane_errors_total", {"code": 'we"ird\nx'}, 1)])
+    assert 'pairlane_errors_total{code="we\\"ird\\nx"} 1.0' in m.render().decode()
+
+
+def _get(url: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.headers["Content-Type"], r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read()
+
+
+def test_serve_answers_metrics_404s_elsewhere_and_close_frees_the_port():
+    m = Metrics()
+    m.apply([("inc", "pairlane_ingest_bytes_total", None, 42)])
+    handle = serve(m, "127.0.0.1", 0)
+    try:
+        assert handle.port > 0 and handle.host == "127.0.0.1"
+        base = f"http://127.0.0.1:{handle.port}"
+        status, ctype, body = _get(base + "/metrics")
+        assert status == 200
+        assert ctype.startswith("text/plain; version=0.0.4")
+        assert b"pairlane_ingest_bytes_total 42.0" in body
+        assert _get(base + "/metrics?x=1")[0] == 200
+        assert _get(base + "/")[0] == 404
+        assert _get(base + "/metricsx")[0] == 404
+    finally:
+        handle.close()
+    handle.close()  # idempotent
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{handle.port}/metrics", timeout=2)
+    # The port is free again: a restarted metrics actor can bind it (SO_REUSEADDR,
+    # as any server uses, since served connections leave TIME_WAIT entries).
+    again = serve(m, "127.0.0.1", handle.port)
+    try:
+        assert _get(f"http://127.0.0.1:{again.port}/metrics")[0] == 200
+    finally:
+        again.close()
+    s = socket.socket()
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", handle.port))
+        s.listen()
+    finally:
+        s.close()
+
+
+def test_serve_binds_exactly_the_given_host():
+    handle = serve(Metrics(), "127.0.0.1", 0)
+    try:
+        assert handle._server.socket.getsockname()[0] == "127.0.0.1"
+    finally:
+        handle.close()
+
+
+def test_serve_on_a_busy_port_raises_oserror():
+    handle = serve(Metrics(), "127.0.0.1", 0)
+    try:
+        with pytest.raises(OSError):
+            serve(Metrics(), "127.0.0.1", handle.port)
+    finally:
+        handle.close()
+
+
+def test_track_db_files_sizes_and_growth(tmp_path):
+    m = Metrics()
+    db = tmp_path / "p.db"
+    m.track_db_files(str(db), now=100.0)               # nothing exists yet
+    s = m.snapshot()
+    assert s["pairlane_db_bytes"] == {"file=main": 0.0, "file=wal": 0.0}
+    assert s["pairlane_db_growth_bytes_per_second"] == 0.0
+
+    db.write_bytes(b"x" * 1000)
+    (tmp_path / "p.db-wal").write_bytes(b"w" * 500)
+    m.track_db_files(str(db), now=110.0)
+    s = m.snapshot()
+    assert s["pairlane_db_bytes"] == {"file=main": 1000.0, "file=wal": 500.0}
+    assert s["pairlane_db_growth_bytes_per_second"] == pytest.approx(150.0)
+
+    (tmp_path / "p.db-wal").unlink()                   # checkpoint: the WAL goes away
+    m.track_db_files(str(db), now=115.0)
+    s = m.snapshot()
+    assert s["pairlane_db_bytes"]["file=wal"] == 0.0
+    assert s["pairlane_db_growth_bytes_per_second"] == pytest.approx(-100.0)
+    assert _value(m, 'pairlane_db_bytes{file="main"}') == 1000.0
+
+
+def test_track_db_files_first_call_with_existing_file_reports_zero_growth(tmp_path):
+    db = tmp_path / "p.db"
+    db.write_bytes(b"x" * 4096)
+    m = Metrics()
+    m.track_db_files(str(db), now=1.0)
+    assert m.snapshot()["pairlane_db_growth_bytes_per_second"] == 0.0
+    assert m.snapshot()["pairlane_db_bytes"]["file=main"] == 4096.0
+
+
+def test_metric_batch_merges_incs_and_drains():
+    b = MetricBatch()
+    b.inc("pairlane_ingest_bytes_total", 100)
+    b.inc("pairlane_ingest_bytes_total", 50)
+    b.inc("pairlane_ingest_messages_total", type="chunk")
+    b.inc("pairlane_ingest_messages_total", type="chunk")
+    b.inc("pairlane_ingest_messages_total", type="begin")
+    b.observe("pairlane_sqlite_write_seconds", 0.1)
+    b.observe("pairlane_sqlite_write_seconds", 0.2)
+    b.set("pairlane_dlq_items", 3)
+    b.set("pairlane_dlq_items", 4)
+    assert len(b) == 6
+    batch = b.drain()
+    assert len(b) == 0 and b.drain() == []
+    assert ("inc", "pairlane_ingest_bytes_total", None, 150.0) in batch
+    assert ("inc", "pairlane_ingest_messages_total", {"type": "chunk"}, 2.0) in batch
+    assert ("inc", "pairlane_ingest_messages_total", {"type": "begin"}, 1.0) in batch
+    assert ("set", "pairlane_dlq_items", None, 4) in batch
+    assert [u for u in batch if u[0] == "observe"] == [
+        ("observe", "pairlane_sqlite_write_seconds", None, 0.1),
+        ("observe", "pairlane_sqlite_write_seconds", None, 0.2)]
+    assert len(batch) == 6
+
+    m = Metrics()
+    m.apply(batch)
+    s = m.snapshot()
+    assert s["pairlane_ingest_bytes_total"] == 150.0
+    assert s["pairlane_ingest_messages_total"]["type=chunk"] == 2.0
+    assert s["pairlane_dlq_items"] == 4.0
+    assert s["pairlane_sqlite_write_seconds"]["count"] == 2.0
+    assert s["pairlane_metrics_dropped_total"]["reason=bad_op"] == 0.0
+
+
+def test_metric_batch_set_then_inc_on_a_gauge_keeps_order_semantics():
+    b = MetricBatch()
+    b.inc("pairlane_dlq_items", 5)
+    b.set("pairlane_dlq_items", 10)      # overrides the earlier inc
+    b.inc("pairlane_dlq_items", 2)       # applies on top of the set
+    assert b.drain() == [("set", "pairlane_dlq_items", None, 12)]
+
+
+def test_metric_batch_label_order_and_types_do_not_split_series():
+    b = MetricBatch()
+    b.inc("pairlane_actor_restarts_total", actor="writer")
+    b.inc("pairlane_errors_total", code=404)
+    b.inc("pairlane_errors_total", code="404")
+    batch = b.drain()
+    assert ("inc", "pairlane_errors_total", {"code": "404"}, 2.0) in batch
+    assert len(batch) == 2
