@@ -44,3 +44,194 @@ class Alert:
     state: str          # "raised" | "cleared"
     severity: str
     reasons: dict = field(default_factory=dict)
+
+
+# ----- ingest path ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Inbound:
+    """Gateway -> assembler: one validated producer message.
+
+    identity: the ROUTER identity of the DEALER that sent it (replies go there).
+    msg: the message map without its `trades` (small). raw: the whole frame for
+    chunk/result/live_trades (decoded again only by the writer). nrows: rows in
+    the frame. bad: (code, message) when the columns failed validation (answered
+    after the unknown_request check). received_at: wall time at the gateway.
+    """
+
+    identity: bytes
+    msg: dict
+    raw: bytes | None = None
+    nrows: int = 0
+    bad: tuple | None = None
+    received_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """Assembler -> gateway: replies to send (identity, reply map), and the (request_id, seq)
+    of chunks the gateway no longer counts as in flight."""
+
+    replies: tuple = ()
+    resolved: tuple = ()
+
+
+@dataclass(frozen=True)
+class WriteChunk:
+    """Assembler -> writer (and dlq -> writer on retry): commit one chunk.
+
+    meta: the results-row fields (store.meta_from_message). raw: the frame bytes.
+    reply_to: the actor to tell ChunkDurable/ChunkRejected (None on DLQ retries).
+    item_id: the DLQ item being retried, if any.
+    """
+
+    meta: dict
+    seq: int
+    raw: bytes
+    nrows: int
+    reply_to: Any = None
+    item_id: str | None = None
+
+
+@dataclass(frozen=True)
+class WriteLive:
+    """Assembler -> writer (and dlq -> writer on retry): append live trades, idempotent by batch_id."""
+
+    batch_id: str
+    raw: bytes
+    nrows: int
+    reply_to: Any = None
+    item_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ChunkDurable:
+    """Writer or dlq -> assembler: the chunk is durable. location: db | dlq. status: the result's
+    status after a db commit (receiving, complete, failed, duplicate, discarded) or 'spooled'."""
+
+    request_id: str
+    seq: int
+    location: str
+    status: str
+    nrows: int
+
+
+@dataclass(frozen=True)
+class ChunkRejected:
+    """Writer or dlq -> assembler: neither the database nor the spool took the chunk."""
+
+    request_id: str
+    seq: int
+    code: str
+    message: str
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class LiveDone:
+    """Writer/dlq -> assembler: a live_trades batch is durable (or rejected when code is set)."""
+
+    batch_id: str
+    nrows: int
+    location: str
+    status: str
+    code: str | None = None
+    message: str | None = None
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Assembler -> writer: what does the database know of request_id?"""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class LookupReply:
+    """row: the backtest_results row plus `durable` {seq: rows}, or None; error: text if unreadable."""
+
+    request_id: str
+    row: dict | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class BeginRequest:
+    """Assembler -> writer: record a request as `receiving` (best effort; chunks carry meta too)."""
+
+    meta: dict
+
+
+@dataclass(frozen=True)
+class SetStatus:
+    """Assembler -> writer: abandoned | failed (rows removed) | spooled."""
+
+    request_id: str
+    status: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class SweepStale:
+    """Assembler -> writer: abandon `receiving` results idle since older_than and not in active."""
+
+    older_than: float
+    active: frozenset
+
+
+@dataclass(frozen=True)
+class LegacyResult:
+    """Legacy -> writer: a legacy result without trades (status complete or failed)."""
+
+    meta: dict
+    status: str
+
+
+# ----- dead-letter queue ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SpoolBatch:
+    """Writer -> dlq: a batch the database did not take. work: the WriteChunk or WriteLive."""
+
+    work: Any
+    reason: str
+    error: str
+
+
+@dataclass(frozen=True)
+class RetryDone:
+    """Writer -> dlq: outcome of a retried item. ok: landed (or was a duplicate / discarded)."""
+
+    item_id: str
+    ok: bool
+    reason: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class InventoryRequest:
+    """Assembler -> dlq: which chunks do you hold?"""
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Dlq -> assembler: ((request_id, seq, nrows), ...) of every chunk item held."""
+
+    items: tuple
+
+
+# ----- pairs ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReplaceSlots:
+    """Pairs -> writer: replace pair_slots whole and append to pair_slots_history."""
+
+    slots: tuple
+    evaluated_at: float
+    reply_to: Any = None
+    token: int = 0
+
+
+@dataclass(frozen=True)
+class SlotsWritten:
+    token: int
+    ok: bool
+    error: str | None = None

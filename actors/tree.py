@@ -1,19 +1,58 @@
 """pairlane's supervision tree, as data.
 
-Owns: which actors exist, how they are grouped and restarted. Actors that
-are not built yet are simply absent. Never starts anything itself.
+Owns: which actors exist, how they are grouped and restarted:
+
+    root (one_for_one)
+      metrics                       first: everyone reports to it
+      store (rest_for_one): writer, dlq
+      ingest (rest_for_one): assembler, gateway, legacy
+      pairs
+      admin                         last: it answers once the tree is up
+
+Never starts anything itself.
 """
 from __future__ import annotations
 
 from supervision.spec import ChildSpec, Restart, Strategy
 
-from .admin import Admin
-
 
 def build_tree(cfg: dict) -> ChildSpec:
-    from supervision.supervisor import Supervisor
     from supervision.root import RootSupervisor
+    from supervision.supervisor import Supervisor
 
-    children: list[ChildSpec] = []
+    from .admin import Admin
+    from .assembler import Assembler
+    from .gateway import Gateway
+    from .metrics import MetricsActor
+    from .writer import Writer
+
+    store = [ChildSpec("writer", Writer, Restart.PERMANENT, shutdown_s=10.0)]
+    try:
+        from .dlq import DLQ
+        store.append(ChildSpec("dlq", DLQ, Restart.PERMANENT, shutdown_s=10.0))
+    except ImportError:
+        pass
+    ingest = [ChildSpec("assembler", Assembler, Restart.PERMANENT, shutdown_s=5.0),
+              ChildSpec("gateway", Gateway, Restart.PERMANENT, shutdown_s=5.0)]
+    if cfg["gateway"]["legacy_endpoint"]:
+        try:
+            from .legacy import Legacy
+            ingest.append(ChildSpec("legacy", Legacy, Restart.PERMANENT, shutdown_s=5.0,
+                                    heartbeat_timeout_s=max(10.0, cfg["supervision"]["heartbeat_timeout_s"])))
+        except ImportError:
+            pass
+    children = [
+        ChildSpec("metrics", MetricsActor, Restart.PERMANENT, shutdown_s=5.0),
+        ChildSpec("store", Supervisor, Restart.PERMANENT, shutdown_s=30.0, children=tuple(store),
+                  strategy=Strategy.REST_FOR_ONE),
+        ChildSpec("ingest", Supervisor, Restart.PERMANENT, shutdown_s=20.0, children=tuple(ingest),
+                  strategy=Strategy.REST_FOR_ONE),
+    ]
+    try:
+        from .pairs import PairsActor
+        children.append(ChildSpec("pairs", PairsActor, Restart.PERMANENT, shutdown_s=5.0,
+                                  heartbeat_timeout_s=max(10.0, cfg["supervision"]["heartbeat_timeout_s"])))
+    except ImportError:
+        pass
     children.append(ChildSpec("admin", Admin, Restart.PERMANENT, shutdown_s=2.0))
     return ChildSpec("root", RootSupervisor, children=tuple(children), strategy=Strategy.ONE_FOR_ONE)

@@ -1,0 +1,173 @@
+"""The gateway actor: ZMQ ROUTER for producers (PROTOCOL.md section 1).
+
+Owns: the producer socket, frame-level validation (size cap, msgpack map,
+field types, request_id charset -> `too_large` / `malformed` answered at
+once), column validation (result to `bad_chunk` at once; chunk verdicts go
+with the chunk to the assembler, which answers unknown_request first), the
+per-request and total in-flight caps (`busy`), and sending the assembler's
+replies. One producer's bad input never affects another. Never decides
+anything about a request's lifecycle and never touches the database.
+"""
+from __future__ import annotations
+
+import time
+
+import zmq
+
+from pairlane import codec
+
+from .base import PairlaneActor
+from .messages import Inbound, Outbound
+
+DRAIN_BATCH = 64
+
+
+class Gateway(PairlaneActor):
+    def on_start(self) -> None:
+        g = self.config["gateway"]
+        self.limits = codec.Limits(g["max_message_bytes"], g["max_result_trades"])
+        self.credit = g["credit"]
+        self.max_inflight_bytes = g["max_inflight_bytes"]
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 4 * g["max_message_bytes"] + 4096)
+        self.sock.setsockopt(zmq.RCVHWM, 256)
+        self.sock.setsockopt(zmq.SNDHWM, 10000)
+        self.sock.bind(g["endpoint"])
+        self.pending: dict[tuple, int] = {}       # (request_id, seq) -> bytes forwarded, not yet resolved
+        self.per_request: dict[str, int] = {}     # request_id -> chunks forwarded, not yet resolved
+        self.inflight_bytes = 0
+        self.assembler = self.peer("assembler")
+        self.stats = {"messages": 0, "bytes": 0, "errors": 0, "forwarded": 0, "replies": 0}
+        self.after(0.05, "poll")
+
+    def watch_fds(self) -> list:
+        return [self.sock.FD]
+
+    def on_stop(self) -> None:
+        try:
+            self.sock.close(0)
+        except Exception:
+            pass
+
+    def on_directory(self) -> None:
+        addr = self.peer("assembler")
+        if addr != self.assembler:
+            # a restarted assembler forgot what was in flight: so do we
+            self.assembler = addr
+            self.pending.clear()
+            self.per_request.clear()
+            self.inflight_bytes = 0
+
+    def inspect(self) -> dict:
+        return dict(self.stats, requests_in_flight=len(self.per_request),
+                    chunks_in_flight=len(self.pending), bytes_in_flight=self.inflight_bytes,
+                    endpoint=self.config["gateway"]["endpoint"])
+
+    # ----- receiving ---------------------------------------------------------------------------
+    def on_readable(self, fds) -> None:
+        self._drain()
+
+    def on_timer(self, payload) -> None:
+        if payload == "poll":
+            self._drain()
+            if not self._stopping:
+                self.after(0.05, "poll")
+        elif payload == "drain":
+            self._drain()
+
+    def _drain(self) -> None:
+        n = 0
+        while not self._stopping and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            self._handle(frames[0], frames[1:])
+            n += 1
+            if n >= DRAIN_BATCH:  # let heartbeats and replies through, then go on
+                self.after(0, "drain")
+                break
+
+    def _error(self, identity: bytes, err: codec.ProtocolError) -> None:
+        self.stats["errors"] += 1
+        self.metrics.inc("pairlane_errors_total", code=err.code)
+        self._send(identity, err.reply())
+
+    def _send(self, identity: bytes, reply: dict) -> None:
+        try:
+            self.sock.send_multipart([identity, codec.pack(reply)], zmq.NOBLOCK)
+            self.stats["replies"] += 1
+        except zmq.ZMQError:
+            pass  # peer gone or its queue is full: it will resend `begin`
+
+    def _handle(self, identity: bytes, frames: list) -> None:
+        size = sum(len(f) for f in frames)
+        self.stats["messages"] += 1
+        self.stats["bytes"] += size
+        self.metrics.inc("pairlane_ingest_bytes_total", size)
+        try:
+            m = codec.decode_frame(frames, self.limits)
+        except codec.ProtocolError as err:
+            self.metrics.inc("pairlane_ingest_messages_total", type="invalid")
+            return self._error(identity, err)
+        t = m["type"]
+        self.metrics.inc("pairlane_ingest_messages_total", type=t)
+        raw = None
+        nrows = 0
+        bad = None
+        if t in ("chunk", "result", "live_trades"):
+            try:
+                nrows = codec.check_columns(m["trades"], m["request_id"], live=(t == "live_trades"))
+            except codec.ProtocolError as err:
+                if t != "chunk":
+                    return self._error(identity, err)
+                bad = (err.code, err.message)
+            del m["trades"]
+            raw = frames[0]
+            if t == "result" and nrows != m["total_trades"]:
+                return self._error(identity, codec.ProtocolError(
+                    "incomplete", f"result has {nrows} rows, total_trades is {m['total_trades']}",
+                    m["request_id"]))
+        if self.assembler is None:
+            return self._error(identity, codec.ProtocolError(
+                "unavailable", "pairlane is restarting its assembler; retry shortly", m["request_id"], 1.0))
+        if raw is not None and bad is None:
+            rid = m["request_id"]
+            key = (rid, m.get("seq", 0) if t != "live_trades" else -1)
+            if key not in self.pending:
+                if self.per_request.get(rid, 0) >= 2 * self.credit:
+                    return self._error(identity, codec.ProtocolError(
+                        "busy", f"request {rid} has {self.per_request[rid]} chunks in flight, over its "
+                        f"credit window of {self.credit}; wait for credit", rid, 0.5))
+                if self.inflight_bytes + len(raw) > self.max_inflight_bytes:
+                    return self._error(identity, codec.ProtocolError(
+                        "busy", f"{self.inflight_bytes} bytes in flight, at the cap of "
+                        f"{self.max_inflight_bytes} (gateway.max_inflight_bytes)", rid, 0.5))
+                self.pending[key] = len(raw)
+                self.per_request[rid] = self.per_request.get(rid, 0) + 1
+                self.inflight_bytes += len(raw)
+        self.stats["forwarded"] += 1
+        self.send(self.assembler, Inbound(identity, m, raw, nrows, bad, time.time()))
+
+    # ----- replies from the assembler -------------------------------------------------------------
+    def on_message(self, msg, sender) -> None:
+        if isinstance(msg, Outbound):
+            for key in msg.resolved:
+                key = tuple(key)
+                nbytes = self.pending.pop(key, None)
+                if nbytes is not None:
+                    self.inflight_bytes -= nbytes
+                    left = self.per_request.get(key[0], 1) - 1
+                    if left > 0:
+                        self.per_request[key[0]] = left
+                    else:
+                        self.per_request.pop(key[0], None)
+            for identity, reply in msg.replies:
+                if reply.get("type") == "error":
+                    self.stats["errors"] += 1
+                    self.metrics.inc("pairlane_errors_total", code=reply.get("code", "?"))
+                self._send(identity, reply)
+            # the FD is edge-triggered: sending may have consumed the edge of pending input
+            self._drain()

@@ -1,0 +1,181 @@
+"""The metrics actor: the one place metrics and alerts live (PROTOCOL.md section 6).
+
+Owns: the prometheus registry (`pairlane.metrics.Metrics`), the /metrics HTTP
+endpoint (a background thread serving the registry), the alerts PUB socket
+and the state of every alert (published when it changes, and again whenever
+its owner re-asserts it while raised), and the figures it measures itself:
+database file sizes and growth, actor restarts (from the root's status
+table), ingest stall, disk low, supervisor escalation. Other actors send it
+batched `MetricUpdates` and `Alert`s. Never blocks on the network.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import time
+
+import msgpack
+import zmq
+
+from pairlane.metrics import Metrics, serve
+from supervision.messages import StatusReply, StatusRequest
+
+from .base import PairlaneActor
+from .messages import AdminCommand, AdminReply, Alert, MetricUpdates
+
+SLOW_TICK_S = 2.0
+
+
+class MetricsActor(PairlaneActor):
+    def on_start(self) -> None:
+        self.m = Metrics()
+        self.server = None
+        listen = self.config["metrics"]["listen"]
+        if listen:
+            host, _, port = listen.rpartition(":")
+            self.server = serve(self.m, host.strip("[]"), int(port))
+        self.ctx = zmq.Context.instance()
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.SNDHWM, 1000)
+        self.pub.bind(self.config["alerts"]["endpoint"])
+        self.alerts: dict[str, dict] = {}
+        self.published = 0
+        self.restarts_seen: dict[str, int] = {}
+        self.last_slow = 0.0
+        self.last_result_ts = self._newest_result_time()
+        if self.last_result_ts:
+            self.m.apply([("set", "pairlane_last_result_timestamp_seconds", None, self.last_result_ts)])
+        self.started = time.time()
+
+    def on_stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        self.pub.close(0)
+
+    def _newest_result_time(self) -> float | None:
+        path = self.config["store"]["path"]
+        if not os.path.exists(path):
+            return None
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.2)
+            try:
+                row = conn.execute("SELECT max(completed_at) FROM backtest_results WHERE status = 'complete'").fetchone()
+            finally:
+                conn.close()
+            return row[0] if row else None
+        except sqlite3.Error:
+            return None
+
+    def inspect(self) -> dict:
+        return {"alerts": {k: v["state"] for k, v in self.alerts.items()}, "alerts_published": self.published,
+                "metrics_endpoint": self.config["metrics"]["listen"],
+                "last_result_timestamp": self.last_result_ts}
+
+    # ----- inputs ----------------------------------------------------------------------------------
+    def on_message(self, msg, sender) -> None:
+        if isinstance(msg, MetricUpdates):
+            self.m.apply(msg.updates)
+            for u in msg.updates:
+                if u[1] == "pairlane_last_result_timestamp_seconds":
+                    self.last_result_ts = max(self.last_result_ts or 0, u[3])
+        elif isinstance(msg, Alert):
+            self.set_alert(msg.name, msg.state, msg.severity, msg.reasons)
+        elif isinstance(msg, StatusReply):
+            self._restarts(msg.rows)
+        elif isinstance(msg, AdminCommand):
+            if msg.cmd == "metrics":
+                self.send(sender, AdminReply(msg.token, {"ok": True, "metrics": self.m.snapshot(),
+                                                         "alerts": self.alerts}))
+            else:
+                self.send(sender, AdminReply(msg.token, {"ok": False, "error": f"metrics does not serve {msg.cmd}"}))
+
+    def set_alert(self, name: str, state: str, severity: str, reasons: dict) -> None:
+        prev = self.alerts.get(name, {}).get("state", "cleared")
+        if state == "cleared" and prev == "cleared":
+            return
+        self.alerts[name] = {"state": state, "severity": severity, "reasons": reasons, "ts": time.time()}
+        if state == "raised" and prev != "raised":
+            self.m.apply([("inc", "pairlane_alerts_raised_total", {"name": name}, 1.0)])
+            self.log("ERROR" if severity == "critical" else "WARNING", "alert_raised", alert=name,
+                     reasons=reasons)
+        elif state == "cleared":
+            self.log("INFO", "alert_cleared", alert=name)
+        frame = {"type": "alert", "name": name, "state": state, "severity": severity,
+                 "reasons": reasons, "ts": time.time()}
+        try:
+            self.pub.send(msgpack.packb(frame, use_bin_type=True, default=str), zmq.NOBLOCK)
+            self.published += 1
+        except zmq.ZMQError:
+            pass
+
+    def _restarts(self, rows) -> None:
+        updates = []
+        fatal = []
+        for r in rows:
+            name = r["name"]
+            seen = self.restarts_seen.get(name, 0)
+            if r["restarts"] > seen:
+                updates.append(("inc", "pairlane_actor_restarts_total", {"actor": name}, float(r["restarts"] - seen)))
+            self.restarts_seen[name] = max(seen, r["restarts"])
+            if r["state"] == "FATAL":
+                fatal.append(name)
+        self.m.apply(updates)
+        if fatal:
+            self.set_alert("supervisor_escalated", "raised", "critical", {"fatal": fatal})
+        elif self.alerts.get("supervisor_escalated", {}).get("state") == "raised":
+            self.set_alert("supervisor_escalated", "cleared", "critical", {})
+
+    def note_escalation(self, name: str, reason: str) -> None:
+        self.set_alert("supervisor_escalated", "raised", "critical", {"supervisor": name, "reason": reason})
+
+    # ----- periodic ----------------------------------------------------------------------------------
+    def tick(self) -> None:
+        now = time.time()
+        if now - self.last_slow < SLOW_TICK_S:
+            return
+        self.last_slow = now
+        self.tell("root", StatusRequest(0))
+        self.m.track_db_files(self.config["store"]["path"], now)
+        self._check_stall(now)
+        self._check_disk()
+
+    def _check_stall(self, now: float) -> None:
+        limit = self.config["alerts"]["ingest_stall_s"]
+        last = self.last_result_ts or self.started
+        stalled = now - last > limit
+        if stalled:
+            self.set_alert("ingest_stalled", "raised", "warning",
+                           {"seconds_since_last_result": round(now - last, 1), "limit_s": limit})
+        elif self.alerts.get("ingest_stalled", {}).get("state") == "raised":
+            self.set_alert("ingest_stalled", "cleared", "warning", {})
+
+    def _check_disk(self) -> None:
+        reasons = {}
+        store, dlq = self.config["store"], self.config["dlq"]
+        db = sum(os.path.getsize(p) for p in (store["path"], store["path"] + "-wal") if os.path.exists(p))
+        if store["max_bytes"] and db >= 0.9 * store["max_bytes"]:
+            reasons["store"] = f"{db} of {store['max_bytes']} bytes"
+        spool = 0
+        if os.path.isdir(dlq["path"]):
+            for e in os.scandir(dlq["path"]):
+                if e.is_file():
+                    spool += e.stat().st_size
+        if dlq["max_bytes"] and spool >= 0.9 * dlq["max_bytes"]:
+            reasons["spool"] = f"{spool} of {dlq['max_bytes']} bytes"
+        for what, path in (("store_disk", os.path.dirname(store["path"])), ("spool_disk", dlq["path"])):
+            try:
+                du = shutil.disk_usage(path)
+                if du.free < 0.1 * du.total:
+                    reasons[what] = f"{du.free} bytes free of {du.total}"
+            except OSError:
+                pass
+        if reasons:
+            self.set_alert("disk_low", "raised", "critical", reasons)
+        elif self.alerts.get("disk_low", {}).get("state") == "raised":
+            self.set_alert("disk_low", "cleared", "critical", {})
+
+    def flush_metrics(self) -> None:  # our own batch goes straight into the registry
+        if len(self.metrics):
+            self.m.apply(self.metrics.drain())

@@ -1,0 +1,181 @@
+"""The writer actor: the only writing SQLite connection.
+
+Owns: committing chunks, live trades, result statuses and pair slots through
+`pairlane.store`, answering the assembler's lookups, and routing every batch
+the database does not take to the dlq actor (or, when there is none, telling
+the producer `unavailable`). A chunk's raw frame is decoded here, once, right
+before its rows are inserted. Never retries or sleeps in a handler (the
+busy timeout is short; the dlq retries), so it always meets its heartbeat.
+"""
+from __future__ import annotations
+
+import time
+
+from pairlane import codec
+from pairlane.store import Store, StoreError
+
+from .base import PairlaneActor
+from .messages import (AdminCommand, AdminReply, BeginRequest, ChunkDurable, ChunkRejected, LegacyResult,
+                       LiveDone, Lookup, LookupReply, ReplaceSlots, RetryDone, SetStatus, SlotsWritten,
+                       SpoolBatch, SweepStale, WriteChunk, WriteLive)
+
+MAX_DEFERRED = 10000
+
+
+class Writer(PairlaneActor):
+    def on_start(self) -> None:
+        s = self.config["store"]
+        self.store = Store(s["path"], max_bytes=s["max_bytes"], busy_timeout_ms=s["busy_timeout_ms"])
+        self.deferred: list = []       # status changes that failed: retried every tick
+        self.spooled = 0
+        self.rejected = 0
+        self.failures = 0
+        try:
+            self.store.open()
+        except StoreError as exc:
+            self.log("ERROR", "store_open_failed", error=exc, reason=exc.reason)
+
+    def on_stop(self) -> None:
+        self.store.close()
+
+    def inspect(self) -> dict:
+        st = self.store
+        return {"rows_written": st.rows_written, "commits": st.commits, "last_commit_at": st.last_commit_at,
+                "last_error": st.last_error, "failures": self.failures, "spooled_batches": self.spooled,
+                "rejected_batches": self.rejected, "deferred_status_changes": len(self.deferred),
+                "db_bytes": st.file_sizes(), "path": st.path, "max_bytes": st.max_bytes}
+
+    def on_message(self, msg, sender) -> None:
+        if isinstance(msg, WriteChunk):
+            self._write_chunk(msg, sender)
+        elif isinstance(msg, WriteLive):
+            self._write_live(msg, sender)
+        elif isinstance(msg, Lookup):
+            try:
+                row = self.store.lookup(msg.request_id)
+                self.send(sender, LookupReply(msg.request_id, row))
+            except StoreError as exc:
+                self.send(sender, LookupReply(msg.request_id, None, str(exc)))
+        elif isinstance(msg, BeginRequest):
+            self._status_change(("begin", msg.meta))
+        elif isinstance(msg, SetStatus):
+            self._status_change(("status", msg.request_id, msg.status, msg.error))
+        elif isinstance(msg, LegacyResult):
+            self._status_change(("legacy", msg.meta, msg.status))
+        elif isinstance(msg, SweepStale):
+            try:
+                ids = self.store.abandon_stale(msg.older_than, set(msg.active))
+                for rid in ids:
+                    self.log("WARNING", "stale_request_abandoned", request_id=rid)
+                    self.metrics.inc("pairlane_results_total", outcome="abandoned")
+            except StoreError:
+                pass
+        elif isinstance(msg, ReplaceSlots):
+            try:
+                self.store.replace_pair_slots(list(msg.slots), msg.evaluated_at)
+                self.send(sender, SlotsWritten(msg.token, True))
+            except StoreError as exc:
+                self.send(sender, SlotsWritten(msg.token, False, str(exc)))
+        elif isinstance(msg, AdminCommand):
+            self.send(sender, AdminReply(msg.token, self._admin(msg)))
+
+    # ----- writes -------------------------------------------------------------------------------
+    def _write_chunk(self, w: WriteChunk, sender) -> None:
+        t0 = time.perf_counter()
+        try:
+            trades = codec.decode_chunk_payload(w.raw)
+            status = self.store.write_chunk(w.meta, w.seq, trades, w.nrows)
+        except StoreError as exc:
+            return self._failed(w, sender, exc)
+        self.metrics.observe("pairlane_sqlite_write_seconds", time.perf_counter() - t0)
+        if status not in ("duplicate", "discarded"):
+            self.metrics.inc("pairlane_sqlite_rows_written_total", w.nrows)
+        if status == "complete":
+            self.metrics.set("pairlane_last_result_timestamp_seconds", time.time())
+        if w.item_id is not None:
+            self.send(sender, RetryDone(w.item_id, True))
+            if status == "complete":
+                self.log("INFO", "result_complete_from_dlq", request_id=w.meta["request_id"])
+        if w.reply_to is not None:
+            self.send(w.reply_to, ChunkDurable(w.meta["request_id"], w.seq, "db", status, w.nrows))
+
+    def _write_live(self, w: WriteLive, sender) -> None:
+        t0 = time.perf_counter()
+        try:
+            trades = codec.decode_chunk_payload(w.raw)
+            status = self.store.write_live(w.batch_id, trades, w.nrows)
+        except StoreError as exc:
+            return self._failed(w, sender, exc)
+        self.metrics.observe("pairlane_sqlite_write_seconds", time.perf_counter() - t0)
+        if status == "stored":
+            self.metrics.inc("pairlane_sqlite_rows_written_total", w.nrows)
+        if w.item_id is not None:
+            self.send(sender, RetryDone(w.item_id, True))
+        if w.reply_to is not None:
+            self.send(w.reply_to, LiveDone(w.batch_id, w.nrows, "db", status))
+
+    def _failed(self, w, sender, exc: StoreError) -> None:
+        self.failures += 1
+        self.log("WARNING", "write_failed", request_id=getattr(w, "meta", {}).get("request_id", getattr(w, "batch_id", None)),
+                 seq=getattr(w, "seq", None), reason=exc.reason, error=exc)
+        if w.item_id is not None:  # a dlq retry: the item stays in the spool
+            self.send(sender, RetryDone(w.item_id, False, exc.reason, str(exc)))
+            return
+        dlq = self.peer("dlq")
+        if dlq is not None:
+            self.spooled += 1
+            self.send(dlq, SpoolBatch(w, exc.reason, str(exc)))
+            return
+        self.rejected += 1
+        msg = f"the database cannot take data ({exc.reason}: {exc}) and the dead-letter queue is not running"
+        if isinstance(w, WriteChunk):
+            self.send(w.reply_to, ChunkRejected(w.meta["request_id"], w.seq, "unavailable", msg, 5.0))
+        else:
+            self.send(w.reply_to, LiveDone(w.batch_id, w.nrows, "", "", "unavailable", msg, 5.0))
+
+    def _status_change(self, change: tuple, retrying: bool = False) -> bool:
+        try:
+            if change[0] == "begin":
+                self.store.begin(change[1])
+            elif change[0] == "status":
+                self.store.set_status(change[1], change[2], change[3])
+            elif change[0] == "legacy":
+                self.store.write_result_without_trades(change[1], change[2])
+            return True
+        except StoreError as exc:
+            if not retrying:
+                self.log("WARNING", "status_change_deferred", change=change[0], reason=exc.reason, error=exc)
+                if len(self.deferred) < MAX_DEFERRED:
+                    self.deferred.append(change)
+            return False
+
+    def tick(self) -> None:
+        if self.deferred:
+            pending, self.deferred = self.deferred, []
+            for i, change in enumerate(pending):
+                if not self._status_change(change, retrying=True):
+                    self.deferred = pending[i:] + self.deferred
+                    break
+        if self.store.conn is None:
+            try:
+                self.store.open()
+            except StoreError:
+                pass
+
+    # ----- admin ---------------------------------------------------------------------------------
+    def _admin(self, cmd: AdminCommand) -> dict:
+        try:
+            if cmd.cmd == "result":
+                rid = cmd.args.get("request_id")
+                if not isinstance(rid, str):
+                    return {"ok": False, "error": "result needs args.request_id"}
+                info = self.store.result_info(rid)
+                if info is None:
+                    return {"ok": False, "error": f"no result with request_id {rid!r}"}
+                return {"ok": True, "result": info}
+            if cmd.cmd == "verify":
+                problems = self.store.verify(self.config["gateway"]["assembly_timeout_s"])
+                return {"ok": True, "problems": problems}
+        except StoreError as exc:
+            return {"ok": False, "error": f"database unavailable: {exc}"}
+        return {"ok": False, "error": f"writer does not serve {cmd.cmd!r}"}

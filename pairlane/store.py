@@ -1,0 +1,372 @@
+"""The SQLite store: schema, and every write pairlane makes (PROTOCOL.md section 3).
+
+Owns: the one writing connection's behaviour (WAL, synchronous=FULL,
+BEGIN IMMEDIATE, short busy timeout, `store.max_bytes` as max_page_count),
+idempotent chunk commits (a chunk is its rows plus a `backtest_chunks`
+record, in one transaction, so a duplicate never makes duplicate rows), the
+result status machine (a result becomes `complete` in the transaction that
+commits its last rows; `failed` when the rows do not add up), abandonment,
+live trades idempotent by batch_id, pair slot replacement, and `verify`.
+Every sqlite3 failure surfaces as `StoreError` with a reason (locked, full,
+io, sqlite): the caller spools the batch; nothing here retries or sleeps.
+Never used from more than one thread or process at a time.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+
+from . import codec
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS backtest_results(
+    request_id TEXT PRIMARY KEY, strategy_name TEXT NOT NULL, status TEXT NOT NULL,
+    total_trades INTEGER NOT NULL, total_chunks INTEGER NOT NULL DEFAULT 1,
+    sharpe REAL, profit_factor REAL, win_rate REAL, max_dd REAL, reported_trades INTEGER,
+    symbol TEXT, timeframe INTEGER, rank TEXT, oos_kind TEXT, truncated INTEGER NOT NULL DEFAULT 0,
+    error TEXT, source TEXT NOT NULL DEFAULT 'zmq',
+    received_at REAL, completed_at REAL, updated_at REAL);
+CREATE INDEX IF NOT EXISTS idx_results_strategy ON backtest_results(strategy_name, completed_at);
+CREATE INDEX IF NOT EXISTS idx_results_status ON backtest_results(status);
+CREATE TABLE IF NOT EXISTS backtest_chunks(
+    request_id TEXT NOT NULL, seq INTEGER NOT NULL, rows INTEGER NOT NULL, committed_at REAL,
+    PRIMARY KEY(request_id, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS backtest_trade_logs(
+    request_id TEXT NOT NULL, strategy_name TEXT NOT NULL, seq INTEGER NOT NULL,
+    timestamp INTEGER NOT NULL, pnl REAL NOT NULL, symbol TEXT, direction TEXT,
+    entry_price REAL, exit_price REAL, sl REAL, tp REAL, volume REAL, hold_time INTEGER,
+    rank TEXT, timeframe INTEGER, category TEXT, regime TEXT, oos_kind TEXT);
+CREATE INDEX IF NOT EXISTS idx_btl_request ON backtest_trade_logs(request_id, seq);
+CREATE INDEX IF NOT EXISTS idx_btl_strategy ON backtest_trade_logs(strategy_name, timestamp);
+CREATE TABLE IF NOT EXISTS trade_logs(
+    timestamp INTEGER NOT NULL, strategy_name TEXT NOT NULL, symbol TEXT, direction TEXT,
+    category TEXT, regime TEXT, pnl REAL NOT NULL, hold_time INTEGER, pair_id TEXT,
+    execution_mode TEXT, batch_id TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS idx_trade_logs_pair ON trade_logs(pair_id);
+CREATE INDEX IF NOT EXISTS idx_trade_logs_batch ON trade_logs(batch_id);
+CREATE TABLE IF NOT EXISTS live_batches(batch_id TEXT PRIMARY KEY, rows INTEGER NOT NULL, committed_at REAL);
+CREATE TABLE IF NOT EXISTS pair_slots(
+    pair_id TEXT PRIMARY KEY, strategy_a TEXT NOT NULL, strategy_b TEXT NOT NULL,
+    weight_a REAL, weight_b REAL, corr REAL, sharpe REAL, profit_factor REAL, score REAL,
+    evaluated_at REAL);
+CREATE TABLE IF NOT EXISTS pair_slots_history(
+    pair_id TEXT NOT NULL, strategy_a TEXT NOT NULL, strategy_b TEXT NOT NULL,
+    weight_a REAL, weight_b REAL, corr REAL, sharpe REAL, profit_factor REAL, score REAL,
+    evaluated_at REAL);
+CREATE INDEX IF NOT EXISTS idx_pair_history_time ON pair_slots_history(evaluated_at);
+"""
+
+INSERT_TRADES = (f"INSERT INTO backtest_trade_logs({', '.join(codec.TRADE_LOG_COLUMNS)}) "
+                 f"VALUES ({', '.join('?' * len(codec.TRADE_LOG_COLUMNS))})")
+INSERT_LIVE = (f"INSERT INTO trade_logs({', '.join(codec.LIVE_COLUMNS)}, batch_id) "
+               f"VALUES ({', '.join('?' * (len(codec.LIVE_COLUMNS) + 1))})")
+SLOT_COLUMNS = ("pair_id", "strategy_a", "strategy_b", "weight_a", "weight_b", "corr", "sharpe",
+                "profit_factor", "score", "evaluated_at")
+VISIBLE_STATUSES = ("receiving", "spooled", "complete")
+
+
+class StoreError(Exception):
+    """A write that did not commit. reason: locked | full | io | sqlite."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def classify(exc: BaseException) -> str:
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return "locked"
+    if "full" in text or "no space" in text:
+        return "full"
+    if "disk i/o" in text or "readonly" in text or "unable to open" in text:
+        return "io"
+    return "sqlite"
+
+
+def connect(path: str, *, max_bytes: int = 0, busy_timeout_ms: int = 200,
+            synchronous: str = "FULL", readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                               check_same_thread=False)
+    else:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        if max_bytes:
+            page = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page)}")
+    return conn
+
+
+def meta_from_message(m: dict, source: str = "zmq") -> dict:
+    """The results-row fields of a begin/result message (small, picklable)."""
+    metrics = m.get("metrics") or {}
+    return {"request_id": m["request_id"], "strategy_name": m["strategy_name"],
+            "total_trades": int(m["total_trades"]), "total_chunks": int(m.get("total_chunks") or 1),
+            "sharpe": metrics.get("sharpe"), "profit_factor": metrics.get("profit_factor"),
+            "win_rate": metrics.get("win_rate"), "max_dd": metrics.get("max_dd"),
+            "reported_trades": metrics.get("trades"),
+            "symbol": m.get("symbol"), "timeframe": m.get("timeframe"), "rank": m.get("rank"),
+            "oos_kind": m.get("oos_kind"), "truncated": int(bool(m.get("truncated", False))),
+            "error": m.get("error"), "source": source}
+
+
+class Store:
+    def __init__(self, path: str, *, max_bytes: int = 0, busy_timeout_ms: int = 200,
+                 synchronous: str = "FULL"):
+        self.path = path
+        self.max_bytes = max_bytes
+        self.busy_timeout_ms = busy_timeout_ms
+        self.synchronous = synchronous
+        self.conn: sqlite3.Connection | None = None
+        self.rows_written = 0
+        self.commits = 0
+        self.last_commit_at: float | None = None
+        self.last_error: str | None = None
+
+    # ----- connection ----------------------------------------------------------------------
+    def open(self) -> None:
+        """Open and create the schema. Raises StoreError (the daemon still starts; writes spool)."""
+        try:
+            if self.conn is None:
+                self.conn = connect(self.path, max_bytes=self.max_bytes, busy_timeout_ms=self.busy_timeout_ms,
+                                    synchronous=self.synchronous)
+            self.conn.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(classify(exc), f"cannot open {self.path}: {exc}")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            finally:
+                self.conn = None
+
+    def _tx(self, fn, *args):
+        """Run fn(conn, *args) inside BEGIN IMMEDIATE .. COMMIT; StoreError on any sqlite failure."""
+        if self.conn is None:
+            self.open()
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            self.last_error = str(exc)
+            raise StoreError(classify(exc), f"BEGIN IMMEDIATE failed: {exc}")
+        try:
+            out = fn(conn, *args)
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            if isinstance(exc, sqlite3.Error):
+                self.last_error = str(exc)
+                raise StoreError(classify(exc), str(exc))
+            raise
+        self.commits += 1
+        self.last_commit_at = time.time()
+        return out
+
+    # ----- results -------------------------------------------------------------------------
+    @staticmethod
+    def _insert_result(conn, meta: dict, now: float) -> None:
+        conn.execute(
+            "INSERT OR IGNORE INTO backtest_results(request_id, strategy_name, status, total_trades, "
+            "total_chunks, sharpe, profit_factor, win_rate, max_dd, reported_trades, symbol, timeframe, "
+            "rank, oos_kind, truncated, error, source, received_at, updated_at) "
+            "VALUES (?, ?, 'receiving', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (meta["request_id"], meta["strategy_name"], meta["total_trades"], meta["total_chunks"],
+             meta.get("sharpe"), meta.get("profit_factor"), meta.get("win_rate"), meta.get("max_dd"),
+             meta.get("reported_trades"), meta.get("symbol"), meta.get("timeframe"), meta.get("rank"),
+             meta.get("oos_kind"), meta.get("truncated", 0), meta.get("error"), meta.get("source", "zmq"),
+             now, now))
+
+    def lookup(self, request_id: str) -> dict | None:
+        """The result row (as a dict) plus `durable`: {seq: rows} committed in the database."""
+        if self.conn is None:
+            self.open()
+        try:
+            cur = self.conn.execute("SELECT * FROM backtest_results WHERE request_id = ?", (request_id,))
+            row = cur.fetchone()
+            if row is None:
+                return None
+            out = dict(zip([d[0] for d in cur.description], row))
+            out["durable"] = dict(self.conn.execute(
+                "SELECT seq, rows FROM backtest_chunks WHERE request_id = ?", (request_id,)).fetchall())
+            return out
+        except sqlite3.Error as exc:
+            raise StoreError(classify(exc), str(exc))
+
+    def begin(self, meta: dict) -> None:
+        """Record a new (or restarted) request as `receiving`. A failed or abandoned one starts over."""
+        def tx(conn):
+            now = time.time()
+            row = conn.execute("SELECT status FROM backtest_results WHERE request_id = ?",
+                               (meta["request_id"],)).fetchone()
+            if row is not None and row[0] in ("failed", "abandoned"):
+                self._drop_rows(conn, meta["request_id"])
+                conn.execute("DELETE FROM backtest_results WHERE request_id = ?", (meta["request_id"],))
+            self._insert_result(conn, meta, now)
+        self._tx(tx)
+
+    @staticmethod
+    def _drop_rows(conn, request_id: str) -> None:
+        conn.execute("DELETE FROM backtest_trade_logs WHERE request_id = ?", (request_id,))
+        conn.execute("DELETE FROM backtest_chunks WHERE request_id = ?", (request_id,))
+
+    def write_chunk(self, meta: dict, seq: int, trades: dict, nrows: int) -> str:
+        """Commit one chunk. Returns the result's status after the commit: receiving | complete |
+        failed, or `duplicate` (seq already committed), or `discarded` (result abandoned/failed)."""
+        rid = meta["request_id"]
+
+        def tx(conn):
+            now = time.time()
+            self._insert_result(conn, meta, now)
+            status = conn.execute("SELECT status FROM backtest_results WHERE request_id = ?", (rid,)).fetchone()[0]
+            if status in ("abandoned", "failed"):
+                return "discarded"
+            if conn.execute("SELECT 1 FROM backtest_chunks WHERE request_id = ? AND seq = ?",
+                            (rid, seq)).fetchone():
+                return "duplicate"
+            if nrows:
+                conn.executemany(INSERT_TRADES, codec.trade_log_rows(trades, rid, meta["strategy_name"], seq, nrows))
+            conn.execute("INSERT INTO backtest_chunks(request_id, seq, rows, committed_at) VALUES (?, ?, ?, ?)",
+                         (rid, seq, nrows, now))
+            return self._settle(conn, rid, now)
+
+        out = self._tx(tx)
+        if out not in ("duplicate", "discarded"):
+            self.rows_written += nrows
+        return out
+
+    def _settle(self, conn, rid: str, now: float) -> str:
+        total_trades, total_chunks = conn.execute(
+            "SELECT total_trades, total_chunks FROM backtest_results WHERE request_id = ?", (rid,)).fetchone()
+        n, rows = conn.execute("SELECT count(*), coalesce(sum(rows), 0) FROM backtest_chunks "
+                               "WHERE request_id = ?", (rid,)).fetchone()
+        if n < total_chunks:
+            conn.execute("UPDATE backtest_results SET updated_at = ? WHERE request_id = ?", (now, rid))
+            return "receiving"
+        if rows == total_trades:
+            conn.execute("UPDATE backtest_results SET status = 'complete', completed_at = ?, updated_at = ? "
+                         "WHERE request_id = ?", (now, now, rid))
+            return "complete"
+        self._drop_rows(conn, rid)
+        conn.execute("UPDATE backtest_results SET status = 'failed', updated_at = ?, error = ? "
+                     "WHERE request_id = ?", (now, f"rows add up to {rows}, total_trades is {total_trades}", rid))
+        return "failed"
+
+    def set_status(self, request_id: str, status: str, error: str | None = None) -> None:
+        """`abandoned`/`failed` also remove the result's rows; `spooled` only from `receiving`."""
+        def tx(conn):
+            now = time.time()
+            if status in ("abandoned", "failed"):
+                self._drop_rows(conn, request_id)
+                conn.execute("UPDATE backtest_results SET status = ?, updated_at = ?, error = coalesce(?, error) "
+                             "WHERE request_id = ? AND status != 'complete'", (status, now, error, request_id))
+            elif status == "spooled":
+                conn.execute("UPDATE backtest_results SET status = 'spooled', updated_at = ? "
+                             "WHERE request_id = ? AND status = 'receiving'", (now, request_id))
+            else:
+                raise ValueError(status)
+        self._tx(tx)
+
+    def write_result_without_trades(self, meta: dict, status: str) -> None:
+        """A legacy result with no trade list (`complete`, 0 trades) or with an error (`failed`)."""
+        def tx(conn):
+            now = time.time()
+            self._insert_result(conn, meta, now)
+            conn.execute("UPDATE backtest_results SET status = ?, completed_at = ?, updated_at = ? "
+                         "WHERE request_id = ? AND status = 'receiving'", (status, now, now, meta["request_id"]))
+        self._tx(tx)
+
+    def abandon_stale(self, older_than: float, active: set) -> list[str]:
+        """Abandon `receiving` results not touched since `older_than` and not in `active`."""
+        def tx(conn):
+            ids = [r[0] for r in conn.execute(
+                "SELECT request_id FROM backtest_results WHERE status = 'receiving' AND updated_at < ?",
+                (older_than,)) if r[0] not in active]
+            now = time.time()
+            for rid in ids:
+                self._drop_rows(conn, rid)
+                conn.execute("UPDATE backtest_results SET status = 'abandoned', updated_at = ? "
+                             "WHERE request_id = ?", (now, rid))
+            return ids
+        return self._tx(tx)
+
+    # ----- live trades ---------------------------------------------------------------------
+    def write_live(self, batch_id: str, trades: dict, nrows: int) -> str:
+        def tx(conn):
+            if conn.execute("SELECT 1 FROM live_batches WHERE batch_id = ?", (batch_id,)).fetchone():
+                return "duplicate"
+            if nrows:
+                conn.executemany(INSERT_LIVE, codec.live_rows(trades, batch_id, nrows))
+            conn.execute("INSERT INTO live_batches(batch_id, rows, committed_at) VALUES (?, ?, ?)",
+                         (batch_id, nrows, time.time()))
+            return "stored"
+        out = self._tx(tx)
+        if out == "stored":
+            self.rows_written += nrows
+        return out
+
+    # ----- pairs ---------------------------------------------------------------------------
+    def replace_pair_slots(self, slots: list[dict], evaluated_at: float) -> None:
+        cols = ", ".join(SLOT_COLUMNS)
+        marks = ", ".join("?" * len(SLOT_COLUMNS))
+        rows = [tuple(s[c] if c != "evaluated_at" else evaluated_at for c in SLOT_COLUMNS) for s in slots]
+
+        def tx(conn):
+            conn.execute("DELETE FROM pair_slots")
+            conn.executemany(f"INSERT INTO pair_slots({cols}) VALUES ({marks})", rows)
+            conn.executemany(f"INSERT INTO pair_slots_history({cols}) VALUES ({marks})", rows)
+        self._tx(tx)
+
+    # ----- operator views -------------------------------------------------------------------
+    def result_info(self, request_id: str) -> dict | None:
+        row = self.lookup(request_id)
+        if row is None:
+            return None
+        durable = row.pop("durable")
+        row["chunks_durable"] = len(durable)
+        row["rows_stored"] = self.conn.execute(
+            "SELECT count(*) FROM backtest_trade_logs WHERE request_id = ?", (request_id,)).fetchone()[0]
+        return row
+
+    def verify(self, assembly_timeout_s: float, now: float | None = None) -> list[dict]:
+        now = time.time() if now is None else now
+        if self.conn is None:
+            self.open()
+        c = self.conn
+        problems = []
+        for rid, total, n in c.execute(
+                "SELECT r.request_id, r.total_trades, (SELECT count(*) FROM backtest_trade_logs t "
+                "WHERE t.request_id = r.request_id) FROM backtest_results r WHERE r.status = 'complete'"):
+            if n != total:
+                problems.append({"kind": "row_count", "request_id": rid,
+                                 "detail": f"{n} rows stored, total_trades is {total}"})
+        for (rid,) in c.execute(
+                "SELECT DISTINCT t.request_id FROM backtest_trade_logs t LEFT JOIN backtest_results r "
+                "ON r.request_id = t.request_id WHERE r.request_id IS NULL OR r.status NOT IN "
+                "('receiving', 'spooled', 'complete')"):
+            problems.append({"kind": "orphan_rows", "request_id": rid,
+                             "detail": "trade rows without a live result"})
+        for rid, upd in c.execute("SELECT request_id, updated_at FROM backtest_results "
+                                  "WHERE status = 'receiving' AND updated_at < ?", (now - assembly_timeout_s,)):
+            problems.append({"kind": "stale_receiving", "request_id": rid,
+                             "detail": f"receiving, idle for {now - upd:.0f}s (timeout {assembly_timeout_s:g}s)"})
+        return problems
+
+    def file_sizes(self) -> dict:
+        out = {}
+        for k, p in (("main", self.path), ("wal", self.path + "-wal")):
+            try:
+                out[k] = os.path.getsize(p)
+            except OSError:
+                out[k] = 0
+        return out

@@ -1,0 +1,245 @@
+"""Test harness: a real pairlane daemon on free ports in a temp dir.
+
+Owns: writing a config, starting `python run.py --config`, waiting until the
+tree is ready, admin calls, finding every process of the daemon (main + the
+actor system's process group), and tearing it all down, even on failure,
+checking nothing is left behind.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import zmq
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+def write_toml(path: Path, cfg: dict) -> None:
+    lines = []
+    for sect, kv in cfg.items():
+        lines.append(f"[{sect}]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in kv.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def base_config(tmp: Path) -> dict:
+    return {
+        "daemon": {"actor_port": free_port()},
+        "gateway": {"endpoint": f"tcp://127.0.0.1:{free_port()}",
+                    "legacy_endpoint": f"tcp://127.0.0.1:{free_port()}"},
+        "admin": {"endpoint": f"tcp://127.0.0.1:{free_port()}", "allow_fault_injection": True},
+        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        "alerts": {"endpoint": f"tcp://127.0.0.1:{free_port()}"},
+        "store": {"path": str(tmp / "data" / "pairlane.db")},
+        "dlq": {"path": str(tmp / "data" / "dlq")},
+    }
+
+
+def merge(a: dict, b: dict) -> dict:
+    out = {k: dict(v) for k, v in a.items()}
+    for sect, kv in (b or {}).items():
+        out.setdefault(sect, {}).update(kv)
+    return out
+
+
+def proc_pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            data = fh.read()
+        return data[data.rfind(")") + 2] not in "ZX"
+    except OSError:
+        return False
+
+
+def group_pids(pgid: int) -> list[int]:
+    out = []
+    for e in os.listdir("/proc"):
+        if e.isdigit() and proc_pgid(int(e)) == pgid and alive(int(e)):
+            out.append(int(e))
+    return out
+
+
+class Daemon:
+    def __init__(self, tmp: Path, overrides: dict | None = None, name: str = "d"):
+        self.tmp = Path(tmp)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.cfg = merge(base_config(self.tmp), overrides or {})
+        self.config_path = self.tmp / f"{name}.toml"
+        write_toml(self.config_path, self.cfg)
+        self.log_path = self.tmp / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+        self.pgid: int | None = None
+        self.known_pids: set[int] = set()
+
+    # ----- lifecycle --------------------------------------------------------------------------
+    def start(self, wait: bool = True, timeout: float = 30.0) -> "Daemon":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), "--config", str(self.config_path)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=str(self.tmp))
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            last = self.admin("status", timeout=2.0)
+            if last and last.get("ok") and last.get("ready"):
+                self._learn_pids(last)
+                return last
+            time.sleep(0.1)
+        raise AssertionError(f"daemon not ready in {timeout}s; last status {last}\n{self.log()}")
+
+    def _learn_pids(self, status: dict) -> None:
+        for a in status.get("actors", []):
+            if a.get("pid"):
+                self.known_pids.add(a["pid"])
+                if self.pgid is None:
+                    self.pgid = proc_pgid(a["pid"])
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-20000:]
+        except OSError:
+            return ""
+
+    def all_pids(self) -> list[int]:
+        pids = set()
+        if self.proc is not None and self.proc.poll() is None:
+            pids.add(self.proc.pid)
+        if self.pgid:
+            pids.update(group_pids(self.pgid))
+        pids.update(p for p in self.known_pids if alive(p))
+        return sorted(pids)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+    def cleanup(self) -> list[int]:
+        """Kill whatever is left; returns the pids that were still alive (should be none)."""
+        leftover = []
+        if self.proc is not None and self.proc.poll() is None:
+            leftover.append(self.proc.pid)
+            self.proc.kill()
+            self.proc.wait(5)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.all_pids():
+            time.sleep(0.1)
+        for pid in self.all_pids():
+            leftover.append(pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if getattr(self, "_log", None):
+            self._log.close()
+        return leftover
+
+    # ----- admin --------------------------------------------------------------------------------
+    @property
+    def admin_endpoint(self) -> str:
+        return self.cfg["admin"]["endpoint"]
+
+    @property
+    def gateway_endpoint(self) -> str:
+        return self.cfg["gateway"]["endpoint"]
+
+    @property
+    def db_path(self) -> str:
+        return self.cfg["store"]["path"]
+
+    def admin(self, cmd: str, args: dict | None = None, timeout: float = 10.0, token: str = "") -> dict | None:
+        ctx = zmq.Context.instance()
+        s = ctx.socket(zmq.REQ)
+        s.setsockopt(zmq.LINGER, 0)
+        try:
+            s.connect(self.admin_endpoint)
+            s.send(msgpack.packb({"cmd": cmd, "args": args or {}, "token": token or self.cfg["admin"].get("token", "")}))
+            if not s.poll(int(timeout * 1000)):
+                return None
+            return msgpack.unpackb(s.recv(), raw=False, strict_map_key=False)
+        finally:
+            s.close(0)
+
+    def status(self) -> dict:
+        st = self.admin("status")
+        assert st and st.get("ok"), st
+        self._learn_pids(st)
+        return st
+
+    def actor(self, name: str) -> dict:
+        for a in self.status()["actors"]:
+            if a["name"] == name:
+                return a
+        raise KeyError(name)
+
+    def wait_for(self, pred, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                last = pred()
+            except (AssertionError, KeyError):
+                last = None
+            if last:
+                return last
+            time.sleep(interval)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{self.log()[-4000:]}")
+
+    def wait_running(self, name: str, restarts: int | None = None, timeout: float = 10.0) -> dict:
+        def ok():
+            a = self.actor(name)
+            if a["state"] == "RUNNING" and (restarts is None or a["restarts"] >= restarts):
+                return a
+            return None
+        return self.wait_for(ok, timeout, what=f"{name} RUNNING with restarts>={restarts}")
+
+    def run_cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "run.py"), *args], capture_output=True, text=True,
+                              timeout=timeout, cwd=str(self.tmp))
+
+    def admin_cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        return self.run_cli("admin", "--config", str(self.config_path), *args, timeout=timeout)
