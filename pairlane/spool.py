@@ -376,6 +376,11 @@ class Spool:
         item = _item_from_header(header, size, payload)
         return item
 
+    def header(self, id: str) -> SpoolItem:
+        """Header-only copy of one item (no disk read); KeyError when absent."""
+        self._require(id)
+        return _copy(self._index[id])
+
     def items(self) -> list[SpoolItem]:
         """Header-only copies of every item, ordered by id (oldest first)."""
         return [_copy(self._index[i]) for i in sorted(self._index)]

@@ -1,0 +1,282 @@
+"""`python run.py send ...`: send one backtest result to a running pairlane.
+
+Owns: the command line of the producer tool (arguments, reading the gateway
+endpoint and max_message_bytes from a config file, progress bar, output and
+exit codes). The protocol itself lives in `pairlane.client`.
+
+Never does: start or stop the daemon, touch its database, or validate the
+daemon's whole configuration (only the two gateway keys it needs are read).
+
+Exit codes: 0 stored; 1 the server refused or did not answer (SendError);
+2 bad arguments, config or input file; 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+import tomllib
+import uuid
+from typing import Any, TextIO
+
+import numpy as np
+
+from pairlane.client import Producer, SendError, load_file, synthetic_columns
+from pairlane.client import log as client_log
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5590"
+DEFAULT_MAX_MESSAGE_BYTES = 1048576
+_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+EPILOG = """\
+examples:
+  # 100,000 synthetic trades to the default endpoint (tcp://127.0.0.1:5590)
+  python run.py send --synthetic 100000
+
+  # the same data again (same --seed) under a fixed id: the second send
+  # returns the first one's `stored` reply and stores nothing twice
+  python run.py send --synthetic 5000 --seed 7 --strategy S-7 --request-id bt-7
+
+  # a file; endpoint and max_message_bytes come from the daemon's config
+  python run.py send --config config/local.toml --file results/S-42.json
+
+  # a CSV (needs a header with at least timestamp,pnl) with its metadata
+  python run.py send --file trades.csv --strategy S-42 --symbol USDJPY \\
+      --timeframe 60 --rank A --json
+
+file formats:
+  .json / .msgpack  a list of trade maps, or {"trades": [...] or {column: [...]},
+                    "strategy_name": ..., "metrics": {...}, "symbol": ...,
+                    "timeframe": ..., "rank": ..., "oos_kind": ..., "request_id": ...}
+  .csv              header row with timestamp,pnl and optionally symbol,
+                    direction, entry_price, exit_price, sl, tp, volume,
+                    hold_time, timeframe, rank, category, regime, oos_kind
+  timestamps are Unix seconds (UTC); empty cells / null mean "missing".
+
+resuming: a send that fails (exit 1) or is interrupted can simply be run
+again with the same --request-id: chunks the daemon already made durable are
+not stored twice.
+
+exit codes: 0 stored, 1 refused by the daemon or no answer after retries,
+2 bad arguments or input file, 130 interrupted.
+"""
+
+
+class _UsageError(Exception):
+    """Bad arguments, config or input: exit 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run.py send",
+        description="Send one backtest result (synthetic or from a file) to a running\n"
+                    "pairlane daemon over its ingest protocol (PROTOCOL.md section 1) and\n"
+                    "wait until it is stored: durable in the database or the dead-letter spool.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_argument_group("what to send (--synthetic or --file)")
+    src = what.add_mutually_exclusive_group(required=True)
+    src.add_argument("--synthetic", type=int, metavar="N",
+                     help="generate N plausible trades (the same for the same --seed and strategy name)")
+    src.add_argument("--file", metavar="PATH", help="read trades from a .json, .msgpack or .csv file")
+    what.add_argument("--seed", type=int, default=0, help="seed for --synthetic (default: 0)")
+    where = p.add_argument_group("where to")
+    where.add_argument("--endpoint", help="gateway endpoint (default: gateway.endpoint from "
+                       f"--config, else {DEFAULT_ENDPOINT})")
+    where.add_argument("--config", metavar="FILE",
+                       help="the daemon's TOML config; gateway.endpoint and "
+                            "gateway.max_message_bytes are taken from it "
+                            f"(defaults: {DEFAULT_ENDPOINT}, {DEFAULT_MAX_MESSAGE_BYTES})")
+    ident = p.add_argument_group("result identity")
+    ident.add_argument("--request-id", help="1-128 chars of [A-Za-z0-9._:-] (default: the file's "
+                       "request_id, else a new send-<uuid>); reuse it to resume or resend")
+    ident.add_argument("--strategy", metavar="NAME", help="strategy name (default: the file's "
+                       "strategy_name; synthetic-<seed> for --synthetic)")
+    ident.add_argument("--symbol", help="result symbol (overrides the file's)")
+    ident.add_argument("--timeframe", type=int, help="result timeframe (overrides the file's)")
+    ident.add_argument("--rank", help="result rank, e.g. S, A, B (overrides the file's)")
+    ident.add_argument("--oos-kind", help="out-of-sample kind (overrides the file's)")
+    beh = p.add_argument_group("behaviour and output")
+    beh.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="wait this long for a reply before resuming (default: 30)")
+    beh.add_argument("--retries", type=int, default=5,
+                     help="resumes in a row without progress before giving up (default: 5)")
+    beh.add_argument("--json", action="store_true", help="print the daemon's stored reply as JSON")
+    beh.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
+    return p
+
+
+def _read_config(path: str) -> tuple[str | None, int | None]:
+    try:
+        with open(path, "rb") as fh:
+            cfg = tomllib.load(fh)
+    except OSError as e:
+        raise _UsageError(f"cannot read config {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise _UsageError(f"config {path} is not valid TOML: {e}") from None
+    gw = cfg.get("gateway", {})
+    if not isinstance(gw, dict):
+        raise _UsageError(f"config {path}: 'gateway' must be a table")
+    endpoint, mmb = gw.get("endpoint"), gw.get("max_message_bytes")
+    if endpoint is not None and not isinstance(endpoint, str):
+        raise _UsageError(f"config {path}: gateway.endpoint must be a string")
+    if mmb is not None and (not isinstance(mmb, int) or isinstance(mmb, bool) or mmb < 1024):
+        raise _UsageError(f"config {path}: gateway.max_message_bytes must be an integer >= 1024")
+    return endpoint, mmb
+
+
+class _Progress:
+    """A one-line text progress bar on a TTY stream, redrawn at most 10 times a second."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.t0 = time.monotonic()
+        self.last = 0.0
+        self.drawn = False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.1 and done < total:
+            return
+        self.last = now
+        frac = done / total if total else 1.0
+        fill = int(self.WIDTH * frac)
+        rate = done / max(now - self.t0, 1e-9)
+        self.stream.write(f"\r[{'#' * fill}{'.' * (self.WIDTH - fill)}] {done:,}/{total:,} "
+                          f"{frac * 100:5.1f}% {rate:,.0f} rows/s ")
+        self.stream.flush()
+        self.drawn = True
+
+    def finish(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class _StderrLog(logging.Handler):
+    """Shows the client's resume warnings on stderr, below the progress bar."""
+
+    def __init__(self, bar: _Progress | None, quiet: bool) -> None:
+        super().__init__(logging.ERROR if quiet else logging.WARNING)
+        self.bar = bar
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.bar is not None and self.bar.drawn:
+            sys.stderr.write("\n")
+            self.bar.drawn = False
+        sys.stderr.write(f"run.py send: {record.getMessage()}\n")
+        sys.stderr.flush()
+
+
+def _source(args: argparse.Namespace) -> tuple[dict, dict[str, Any], str]:
+    """(columns, meta, strategy name) from --synthetic or --file."""
+    if args.synthetic is not None:
+        if args.synthetic < 0:
+            raise _UsageError("--synthetic N needs N >= 0")
+        strategy = args.strategy or f"synthetic-{args.seed}"
+        # the name is mixed into the seed: two strategies never send identical series
+        cols = synthetic_columns(args.synthetic, seed=args.seed, strategy=strategy)
+        return cols, {"metrics": _metrics(cols["pnl"])}, strategy
+    try:
+        cols, meta = load_file(args.file)
+    except OSError as e:
+        raise _UsageError(f"cannot read {args.file}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
+    strategy = args.strategy or meta.get("strategy_name", "")
+    if not strategy:
+        raise _UsageError(f"{args.file} names no strategy_name; pass --strategy NAME")
+    return cols, meta, strategy
+
+
+def _metrics(pnl: np.ndarray) -> dict[str, float | int]:
+    """Summary metrics of a pnl series (sent with synthetic results)."""
+    n = len(pnl)
+    if n == 0:
+        return {"sharpe": 0.0, "profit_factor": 0.0, "win_rate": 0.0, "max_dd": 0.0, "trades": 0}
+    sd = float(pnl.std())
+    gains, losses = float(pnl[pnl > 0].sum()), float(-pnl[pnl < 0].sum())
+    equity = np.cumsum(pnl)
+    max_dd = float(np.max(np.maximum.accumulate(np.maximum(equity, 0.0)) - equity))
+    return {"sharpe": float(pnl.mean()) / sd if sd else 0.0,
+            "profit_factor": gains / losses if losses else 0.0,
+            "win_rate": float((pnl > 0).mean()), "max_dd": max_dd, "trades": n}
+
+
+def main(argv: list[str]) -> int:
+    """Run `send` with argv (the arguments after `send`); returns the exit code."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, message already printed)
+        return int(e.code or 0)
+    try:
+        return _run(args)
+    except _UsageError as e:
+        print(f"run.py send: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    endpoint, max_bytes = None, None
+    if args.config:
+        endpoint, max_bytes = _read_config(args.config)
+    endpoint = args.endpoint or endpoint or DEFAULT_ENDPOINT
+    max_bytes = max_bytes or DEFAULT_MAX_MESSAGE_BYTES
+    if args.timeout <= 0:
+        raise _UsageError("--timeout must be > 0")
+    if args.retries < 0:
+        raise _UsageError("--retries must be >= 0")
+    cols, meta, strategy = _source(args)
+    if len(strategy) > 256:
+        raise _UsageError("--strategy must be at most 256 characters")
+    request_id = args.request_id or meta.get("request_id") or f"send-{uuid.uuid4().hex}"
+    if not _ID_RE.match(request_id):
+        raise _UsageError(f"request id {request_id!r} must be 1-128 characters of [A-Za-z0-9._:-]")
+    for key in ("symbol", "timeframe", "rank", "oos_kind"):
+        if getattr(args, key) is not None:
+            meta[key] = getattr(args, key)
+    n = len(cols["pnl"])
+
+    bar = _Progress(sys.stderr) if (not args.quiet and sys.stderr.isatty()) else None
+    t0 = time.monotonic()
+    try:
+        producer = Producer(endpoint, timeout_s=args.timeout, retries=args.retries,
+                            max_message_bytes=max_bytes)
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
+    handler = _StderrLog(bar, args.quiet)
+    client_log.addHandler(handler)
+    try:
+        reply = producer.send_result(request_id, strategy, cols, meta=meta, progress=bar)
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
+    except SendError as e:
+        if bar:
+            bar.finish()
+        print(f"run.py send: failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if bar:
+            bar.finish()
+        print(f"run.py send: interrupted; run again with --request-id {request_id} to resume",
+              file=sys.stderr)
+        return 130
+    finally:
+        client_log.removeHandler(handler)
+        producer.close()
+    if bar:
+        bar.finish()
+    elapsed = time.monotonic() - t0
+    if args.json:
+        print(json.dumps(reply, sort_keys=True, default=repr))
+    elif not args.quiet:
+        trades = reply.get("trades", n)
+        rate = (trades if isinstance(trades, int) else n) / max(elapsed, 1e-9)
+        print(f"stored request_id={reply.get('request_id', request_id)} trades={trades} "
+              f"location={reply.get('location', '?')} in {elapsed:.2f}s ({rate:,.0f} trades/s)")
+    return 0
