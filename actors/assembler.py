@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from pairlane import codec
 from pairlane.store import meta_from_message
@@ -37,6 +38,7 @@ class Req:
     inflight: dict = field(default_factory=dict)       # seq -> (rows, sent_at)
     status: str = "receiving"                          # receiving | complete | failed
     end_waiting: bytes | None = None
+    reply_to: Any = None                               # None: the gateway; else the legacy actor
     began_at: float = field(default_factory=time.time)
     last_activity: float = field(default_factory=time.monotonic)
 
@@ -71,6 +73,8 @@ class Assembler(PairlaneActor):
         self.inventory: dict[str, dict] = {}                # rid -> {seq: rows} held by the dlq
         self.replies: list = []
         self.resolved: list = []
+        self.side_replies: list = []                        # (actor, identity, reply) not via the gateway
+        self.reply_targets: dict = {}                       # identity -> actor, for non-ZMQ producers
         self.writer = self.peer("writer")
         self.dlq = self.peer("dlq")
         self.stats = collections.Counter()
@@ -89,7 +93,11 @@ class Assembler(PairlaneActor):
 
     # ----- plumbing ----------------------------------------------------------------------------
     def _reply(self, identity: bytes, reply: dict) -> None:
-        self.replies.append((identity, reply))
+        target = self.reply_targets.get(identity)
+        if target is not None:
+            self.side_replies.append((target, identity, reply))
+        else:
+            self.replies.append((identity, reply))
 
     def _err(self, identity: bytes, code: str, message: str, rid: str | None, retry: float | None = None) -> None:
         self._reply(identity, codec.error_reply(code, message, rid, retry))
@@ -99,6 +107,9 @@ class Assembler(PairlaneActor):
             self.tell("gateway", Outbound(tuple(self.replies), tuple(self.resolved)))
         self.replies = []
         self.resolved = []
+        for target, identity, reply in self.side_replies:
+            self.send(target, Outbound(((identity, reply),), ()))
+        self.side_replies = []
 
     def on_directory(self) -> None:
         writer, dlq = self.peer("writer"), self.peer("dlq")
@@ -150,6 +161,10 @@ class Assembler(PairlaneActor):
         t = m["type"]
         rid = m["request_id"]
         self.stats[f"in_{t}"] += 1
+        if inb.reply_to is not None:
+            self.reply_targets[inb.identity] = inb.reply_to
+            if len(self.reply_targets) > 1000:
+                self.reply_targets.pop(next(iter(self.reply_targets)))
         if t == "live_trades":
             if self.writer is None:
                 self.resolved.append((rid, -1))
@@ -185,7 +200,9 @@ class Assembler(PairlaneActor):
         return (meta["strategy_name"], meta["total_trades"], meta["total_chunks"])
 
     def _on_begin(self, inb: Inbound, rid: str, row: dict | None = None, looked_up: bool = False) -> None:
-        meta = meta_from_message(inb.msg)
+        meta = meta_from_message(inb.msg, inb.origin)
+        if inb.origin != "legacy":
+            meta["truncated"] = 0
         req = self.reqs.get(rid)
         if req is not None:
             if not req.same(meta):
@@ -226,7 +243,7 @@ class Assembler(PairlaneActor):
             self.send(self.writer, BeginRequest(meta))
         if req.kind == "result":
             return self._on_chunk(Inbound(inb.identity, dict(inb.msg, seq=0), inb.raw, inb.nrows, inb.bad,
-                                          inb.received_at), rid)
+                                          inb.received_at, inb.origin, inb.reply_to), rid)
         self._reply(inb.identity, {"type": "credit", "request_id": rid, "credit": req.window})
         self._settle(req)
 

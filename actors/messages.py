@@ -64,6 +64,8 @@ class Inbound:
     nrows: int = 0
     bad: tuple | None = None
     received_at: float = 0.0
+    origin: str = "zmq"          # zmq | legacy (only legacy may set `truncated`)
+    reply_to: Any = None         # None: replies go to the gateway (ZMQ identity); else this actor
 
 
 @dataclass(frozen=True)

@@ -22,37 +22,28 @@ def build_tree(cfg: dict) -> ChildSpec:
 
     from .admin import Admin
     from .assembler import Assembler
+    from .dlq import DLQ
     from .gateway import Gateway
+    from .legacy import Legacy
     from .metrics import MetricsActor
+    from .pairs import PairsActor
     from .writer import Writer
 
-    store = [ChildSpec("writer", Writer, Restart.PERMANENT, shutdown_s=10.0)]
-    try:
-        from .dlq import DLQ
-        store.append(ChildSpec("dlq", DLQ, Restart.PERMANENT, shutdown_s=10.0))
-    except ImportError:
-        pass
+    slow_hb = max(10.0, cfg["supervision"]["heartbeat_timeout_s"])
+    store = [ChildSpec("writer", Writer, Restart.PERMANENT, shutdown_s=10.0),
+             ChildSpec("dlq", DLQ, Restart.PERMANENT, shutdown_s=10.0)]
     ingest = [ChildSpec("assembler", Assembler, Restart.PERMANENT, shutdown_s=5.0),
               ChildSpec("gateway", Gateway, Restart.PERMANENT, shutdown_s=5.0)]
     if cfg["gateway"]["legacy_endpoint"]:
-        try:
-            from .legacy import Legacy
-            ingest.append(ChildSpec("legacy", Legacy, Restart.PERMANENT, shutdown_s=5.0,
-                                    heartbeat_timeout_s=max(10.0, cfg["supervision"]["heartbeat_timeout_s"])))
-        except ImportError:
-            pass
+        ingest.append(ChildSpec("legacy", Legacy, Restart.PERMANENT, shutdown_s=5.0))
     children = [
         ChildSpec("metrics", MetricsActor, Restart.PERMANENT, shutdown_s=5.0),
         ChildSpec("store", Supervisor, Restart.PERMANENT, shutdown_s=30.0, children=tuple(store),
                   strategy=Strategy.REST_FOR_ONE),
         ChildSpec("ingest", Supervisor, Restart.PERMANENT, shutdown_s=20.0, children=tuple(ingest),
                   strategy=Strategy.REST_FOR_ONE),
+        # pair evaluation of thousands of strategies is legitimate long work: a longer deadline
+        ChildSpec("pairs", PairsActor, Restart.PERMANENT, shutdown_s=5.0, heartbeat_timeout_s=slow_hb),
+        ChildSpec("admin", Admin, Restart.PERMANENT, shutdown_s=2.0),
     ]
-    try:
-        from .pairs import PairsActor
-        children.append(ChildSpec("pairs", PairsActor, Restart.PERMANENT, shutdown_s=5.0,
-                                  heartbeat_timeout_s=max(10.0, cfg["supervision"]["heartbeat_timeout_s"])))
-    except ImportError:
-        pass
-    children.append(ChildSpec("admin", Admin, Restart.PERMANENT, shutdown_s=2.0))
     return ChildSpec("root", RootSupervisor, children=tuple(children), strategy=Strategy.ONE_FOR_ONE)
