@@ -44,7 +44,8 @@ contract is silent:
 Performance: per-pair sums over union-aligned, zero-filled series are matrix
 products over the buckets two strategies share (dense BLAS for buckets shared
 by many strategies, enumeration for buckets shared by few), computed in row
-blocks so memory stays O(block * n). Correlation, weights and Sharpe of every
+blocks of about 2**18 pairs, so memory stays near O(n * buckets + 2**18)
+rather than O(n**2). Correlation, weights and Sharpe of every
 pair come from those moments. The profit factor needs per-bucket signs; it is
 computed exactly only for pairs whose score upper bound (Sharpe exact, PF
 bounded through Hoelder's inequality sum|p| >= (sum p^2)^1.5 / (sum p^4)^0.5)
@@ -92,7 +93,7 @@ _MASK64 = 0xFFFFFFFFFFFFFFFF
 
 _FLAT_REL = 1e-12  # composite bucket / variance treated as exactly flat below this
 _BOUND_SLACK = 1e-6  # relative slack on the PF bound (keeps pruning exact under rounding)
-_BLOCK_ELEMS = 1 << 20  # row-block size target (rows * n)
+_BLOCK_ELEMS = 1 << 18  # row-block size target (rows * n)
 _BATCH_ELEMS = 1 << 20  # exact-PF batch size target (pairs * series length)
 _DENSE_MIN_SHARE = 64  # a bucket shared by at least this many strategies goes to BLAS
 
