@@ -25,7 +25,9 @@ from pairlane.store import meta_from_message
 from .base import PairlaneActor
 from .messages import Inbound, LegacyResult, Outbound
 
-ROWS_PER_CHUNK = 8192
+ROWS_PER_CHUNK = 4096
+# at most this many legacy chunks wait at the writer, so small native results are not stuck behind them
+MAX_WINDOW = 2
 RETRY_S = 1.0
 MAX_ATTEMPTS = 30
 
@@ -219,7 +221,7 @@ class Legacy(PairlaneActor):
                 continue
             t = reply.get("type")
             if t == "credit" and "seq" not in reply:
-                self.job["window"] = reply["credit"]
+                self.job["window"] = min(MAX_WINDOW, reply["credit"])
                 self.job["end_sent"] = False
                 self._pump()
             elif t == "credit":

@@ -1,4 +1,4 @@
-"""Test harness: a real pairlane daemon on free ports in a temp dir.
+"""A real pairlane daemon on free ports in a temp dir, for tests, `bench` and `chaos`.
 
 Owns: writing a config, starting `python run.py --config`, waiting until the
 tree is ready, admin calls, finding every process of the daemon (main + the

@@ -209,6 +209,7 @@ _T2_RUN = re.compile(
 )
 _T2_ITEM = re.compile(_T2_ENTRY.replace(b"{G}", b"(") + rb"|(\))", re.S)
 _isfinite = math.isfinite
+_MISSING = object()
 
 
 class _TradeBlock:
@@ -301,9 +302,6 @@ def _tier2(buf: bytes, tok: int):
     return _TradeBlock(j, cols, tok), end
 
 
-_MISSING = object()
-
-
 def _prepare(data: bytes | str, max_bytes: int) -> bytes:
     if isinstance(data, str):
         if len(data) > max_bytes:
@@ -366,6 +364,8 @@ def _read(buf: bytes, max_depth: int, max_atoms: int | None, fast: bool, positio
             kind = m.lastgroup
             if kind == "open":
                 tok = m.start("open")
+                if cur is None and root is not _NOTHING:
+                    raise SexprError("data after the top-level expression", tok)
                 if fast and cur is not None and tok >= no_fast_before:
                     at_list = (type(cur[0]) is Symbol and _norm_key(cur[0]) == "trade_list"
                                if cur else False)

@@ -1,0 +1,220 @@
+"""`python run.py bench`: pairlane's speed, as ratios against a raw floor measured in the same run.
+
+Owns: starting a throwaway daemon on free ports in a temp dir, measuring
+ingest through it (send -> stored) beside the floors (plain msgpack decode of
+the same frames; plain sqlite3 executemany of the same rows into a fresh
+database with the same schema and indexes, same pragmas), daemon RSS growth
+during a large result, the legacy S-expression path, small-result latency
+while a legacy parse runs, and pair evaluation. These machines are shared and
+noisy: it reports medians and ratios, never a single absolute time as a
+verdict. Never runs in the test suite.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import zmq
+
+
+def _rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def _frames(n: int, seed: int, max_bytes: int):
+    from pairlane import client
+    cols = client.synthetic_columns(n, seed=seed)
+    plan = client.plan_chunks(cols, max_bytes)
+    return cols, [client.encode_chunk("floor", i, cols, a, b) for i, (a, b) in enumerate(plan)]
+
+
+def floor_decode(frames: list[bytes], n: int) -> float:
+    t = time.perf_counter()
+    for f in frames:
+        msgpack.unpackb(f, raw=False)
+    return n / (time.perf_counter() - t)
+
+
+def floor_sqlite(frames: list[bytes], n: int, tmp: str) -> float:
+    """Plain executemany of the same rows (built beforehand, not timed), one transaction."""
+    from pairlane import codec, store
+    rows = []
+    for i, f in enumerate(frames):
+        tr = msgpack.unpackb(f, raw=False)["trades"]
+        k = len(tr["timestamp"]) // 8 if isinstance(tr["timestamp"], bytes) else len(tr["timestamp"])
+        rows.extend(codec.trade_log_rows(tr, "floor", "S", i, k))
+    path = os.path.join(tmp, f"floor-{time.monotonic_ns()}.db")
+    conn = store.connect(path)
+    conn.executescript(store.SCHEMA)
+    t = time.perf_counter()
+    conn.execute("BEGIN IMMEDIATE")
+    conn.executemany(store.INSERT_TRADES, rows)
+    conn.execute("COMMIT")
+    dt = time.perf_counter() - t
+    conn.close()
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.unlink(path + suffix)
+        except OSError:
+            pass
+    return n / dt
+
+
+def send_one(endpoint: str, rid: str, cols: dict, max_bytes: int) -> float:
+    from pairlane.client import Producer
+    with Producer(endpoint, timeout_s=60, max_message_bytes=max_bytes) as p:
+        t = time.perf_counter()
+        reply = p.send_result(rid, f"bench-{rid}", cols)
+        dt = time.perf_counter() - t
+    assert reply.get("type") == "stored", reply
+    return dt
+
+
+def progress(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"  .. {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="run.py bench", description=__doc__.split("\n\n")[0],
+                                 epilog="Ratios compare pairlane with a floor measured in the same run; "
+                                        "medians over --repeat runs.")
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each small measurement (median)")
+    ap.add_argument("--big", type=int, default=1_000_000, help="trades in the large result (RSS check)")
+    ap.add_argument("--small", type=int, default=100_000, help="trades in the ingest ratio result")
+    ap.add_argument("--skip-big", action="store_true", help="skip the large result")
+    ap.add_argument("--quiet", action="store_true")
+    ns = ap.parse_args(argv)
+    from pairlane import pairs, sexpr
+    from pairlane.client import synthetic_columns
+    from pairlane.harness import Daemon
+
+    out: dict = {"repeat": ns.repeat}
+    tmp = tempfile.mkdtemp(prefix="pairlane-bench-")
+    d = Daemon(Path(tmp) / "daemon", {"pairs": {"interval_s": 3600.0}})
+    max_bytes = d.cfg.get("gateway", {}).get("max_message_bytes", 1 << 20)
+    try:
+        progress("starting a daemon", ns.quiet)
+        d.start()
+        ep = d.gateway_endpoint
+        # --- ingest ratio ---------------------------------------------------------------------------------
+        n = ns.small
+        cols, frames = _frames(n, 1, max_bytes)
+        dec, flo, ours = [], [], []
+        for i in range(ns.repeat):
+            progress(f"ingest {n:,} trades, run {i + 1}/{ns.repeat}", ns.quiet)
+            dec.append(floor_decode(frames, n))
+            flo.append(floor_sqlite(frames, n, tmp))
+            ours.append(n / send_one(ep, f"b{n}-{i}", cols, max_bytes))
+        out["ingest"] = {"trades": n, "floor_msgpack_decode_tps": statistics.median(dec),
+                         "floor_sqlite_executemany_tps": statistics.median(flo),
+                         "pairlane_send_to_stored_tps": statistics.median(ours),
+                         "ratio_vs_executemany": statistics.median(o / f for o, f in zip(ours, flo)),
+                         "ratio_vs_decode": statistics.median(o / f for o, f in zip(ours, dec))}
+        # --- large result: RSS ----------------------------------------------------------------------------
+        if not ns.skip_big:
+            progress(f"ingest {ns.big:,} trades (RSS)", ns.quiet)
+            big = synthetic_columns(ns.big, seed=2)
+            pids = d.all_pids()
+            before = _rss_bytes(pids)
+            peak = [before]
+            stop = threading.Event()
+
+            def sample():
+                while not stop.is_set():
+                    peak[0] = max(peak[0], _rss_bytes(d.all_pids()))
+                    time.sleep(0.05)
+            th = threading.Thread(target=sample, daemon=True)
+            th.start()
+            dt = send_one(ep, "big", big, max_bytes)
+            stop.set()
+            th.join()
+            after = _rss_bytes(d.all_pids())
+            out["large"] = {"trades": ns.big, "pairlane_tps": ns.big / dt, "rss_before_bytes": before,
+                            "rss_after_bytes": after, "rss_peak_bytes": peak[0],
+                            "rss_growth_peak_mib": (peak[0] - before) / 2**20,
+                            "rss_growth_after_mib": (after - before) / 2**20}
+            del big
+        # --- legacy path + small-result latency ------------------------------------------------------------
+        progress("legacy 100k-trade S-expression with small results alongside", ns.quiet)
+        leg = []
+        lat: list[float] = []
+        for i in range(ns.repeat):
+            msg = sexpr.synthetic(100_000, style="dotted", seed=i, request_id=f"leg{i}", strategy_name=f"leg{i}")
+            ctx = zmq.Context.instance()
+            push = ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 2000)
+            push.connect(d.cfg["gateway"]["legacy_endpoint"])
+            t0 = time.perf_counter()
+            push.send(msg)
+            import sqlite3
+            conn = sqlite3.connect(d.db_path, timeout=5)
+            small = synthetic_columns(10, seed=99)
+            k = 0
+            done = None
+            while time.perf_counter() - t0 < 120:
+                lat.append(send_one(ep, f"small-{i}-{k}", small, max_bytes))
+                k += 1
+                row = conn.execute("SELECT status FROM backtest_results WHERE request_id = ?", (f"leg{i}",)).fetchone()
+                if row and row[0] == "complete":
+                    done = time.perf_counter() - t0
+                    break
+            conn.close()
+            push.close()
+            if done is None:
+                raise RuntimeError("legacy result not stored within 120 s")
+            leg.append(100_000 / done)
+        lat.sort()
+        out["legacy"] = {"trades": 100_000, "tps_median": statistics.median(leg),
+                         "small_results_during": len(lat),
+                         "small_latency_p50_ms": 1000 * lat[len(lat) // 2],
+                         "small_latency_p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+                         "small_latency_max_ms": 1000 * lat[-1]}
+        # --- pairs ------------------------------------------------------------------------------------------
+        progress("pair evaluation", ns.quiet)
+        out["pairs"] = {f"strategies_{k}_seconds": statistics.median(pairs.bench(k, seed=s) for s in range(ns.repeat))
+                        for k in (500, 2000)}
+    finally:
+        d.stop(30)
+        left = d.cleanup()
+        if left:
+            print(f"warning: killed leftover processes {left}", file=sys.stderr)
+    if ns.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    ing = out["ingest"]
+    print(f"ingest {ing['trades']:,} trades (median of {ns.repeat}):")
+    print(f"  floor: msgpack decode        {ing['floor_msgpack_decode_tps']:>14,.0f} trades/s")
+    print(f"  floor: sqlite executemany    {ing['floor_sqlite_executemany_tps']:>14,.0f} trades/s")
+    print(f"  pairlane send -> stored      {ing['pairlane_send_to_stored_tps']:>14,.0f} trades/s")
+    print(f"  ratio vs executemany floor   {ing['ratio_vs_executemany']:>14.2f}x   (target >= 0.70)")
+    if "large" in out:
+        lg = out["large"]
+        print(f"large result {lg['trades']:,} trades: {lg['pairlane_tps']:,.0f} trades/s; daemon RSS growth "
+              f"peak {lg['rss_growth_peak_mib']:.1f} MiB, after {lg['rss_growth_after_mib']:.1f} MiB (target < 64)")
+    le = out["legacy"]
+    print(f"legacy 100k-trade S-expression: {le['tps_median']:,.0f} trades/s (target >= 50,000)")
+    print(f"  small results alongside: {le['small_results_during']}, p50 {le['small_latency_p50_ms']:.1f} ms, "
+          f"p99 {le['small_latency_p99_ms']:.1f} ms (target < 100), max {le['small_latency_max_ms']:.1f} ms")
+    pr = out["pairs"]
+    print(f"pairs: 500 strategies {pr['strategies_500_seconds']:.3f} s (target < 1), "
+          f"2000 strategies {pr['strategies_2000_seconds']:.3f} s")
+    return 0
