@@ -104,6 +104,19 @@ class Daemon:
         self.pgid: int | None = None
         self.known_pids: set[int] = set()
 
+    @classmethod
+    def attach(cls, cfg: dict, config_path: str) -> "Daemon":
+        """A handle on a daemon someone else started (admin and checks only; no start/stop)."""
+        d = cls.__new__(cls)
+        d.tmp = Path(config_path).resolve().parent
+        d.cfg = cfg
+        d.config_path = Path(config_path)
+        d.log_path = d.tmp / "attached.log"
+        d.proc = None
+        d.pgid = None
+        d.known_pids = set()
+        return d
+
     # ----- lifecycle --------------------------------------------------------------------------
     def start(self, wait: bool = True, timeout: float = 30.0) -> "Daemon":
         self._log = open(self.log_path, "ab")
@@ -243,3 +256,4 @@ class Daemon:
 
     def admin_cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
         return self.run_cli("admin", "--config", str(self.config_path), *args, timeout=timeout)
+

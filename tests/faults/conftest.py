@@ -1,0 +1,19 @@
+import pytest
+
+from pairlane.harness import Daemon
+
+FAST = {"supervision": {"heartbeat_timeout_s": 2.0},
+        "dlq": {"retry_min_s": 0.2, "retry_max_s": 1.0},
+        "gateway": {"assembly_timeout_s": 20.0},
+        "pairs": {"interval_s": 2.0}}
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory):
+    """One daemon for a module of fault scenarios that each leave it RUNNING; always torn down."""
+    d = Daemon(tmp_path_factory.mktemp("faults"), FAST)
+    d.start()
+    yield d
+    d.stop(30)
+    left = d.cleanup()
+    assert not left, f"processes left behind: {left}"

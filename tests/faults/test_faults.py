@@ -1,0 +1,246 @@
+"""Fault scenarios: every promise holds while results of 10k-100k trades flow.
+
+Each scenario asserts on SQLite (pairlane.chaos.check): every `stored`
+result complete with its exact row count, no duplicate rows, no partial
+result visible; and every actor RUNNING again, admin answering.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from pairlane import chaos
+from pairlane.chaos import Traffic, check, wait_all_running
+from pairlane.client import Producer, encode_chunk, plan_chunks, synthetic_columns
+
+from .conftest import FAST
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def assert_promises(d, traffic, min_stored=2):
+    traffic.stop()
+    assert len(traffic.stored) >= min_stored, f"too little got through: {len(traffic.stored)} stored, " \
+                                              f"errors {list(traffic.errors.values())[:3]}"
+    res = check(d.db_path, traffic.stored)
+    assert res["lost"] == [], res
+    assert res["wrong_row_counts"] == [], res
+    assert res["duplicate_rows"] == 0, res
+    assert res["partial_visible"] == [], res
+    wait_all_running(d)
+    return res
+
+
+def flowing(d, seed, min_trades=10_000, max_trades=40_000, producers=2):
+    t = Traffic(d.gateway_endpoint, producers=producers, min_trades=min_trades, max_trades=max_trades,
+                seed=seed, prefix=f"f{seed}").start()
+    t.wait_stored(1, timeout=60)
+    return t
+
+
+@pytest.mark.parametrize("name", chaos.ACTORS)
+def test_sigkill_of_each_actor_loses_nothing(shared_daemon, name):
+    d = shared_daemon
+    traffic = flowing(d, seed=hash(name) % 1000)
+    recovery = chaos.kill_actor(d, name)
+    assert recovery < 10, recovery
+    assert chaos.writers_alive(d.db_path) <= 1
+    n = len(traffic.stored)
+    traffic.wait_stored(n + 1, timeout=60)
+    assert_promises(d, traffic)
+    assert d.actor(name)["state"] == "RUNNING"
+
+
+@pytest.mark.parametrize("name", chaos.SUPERVISORS)
+def test_sigkill_of_a_supervisor_restarts_its_subtree_with_one_writer(shared_daemon, name):
+    d = shared_daemon
+    traffic = flowing(d, seed=100 + len(name))
+    writers = []
+    before = {a["name"]: a["pid"] for a in d.status()["actors"]}
+    sup_pid = before[name]
+    import os
+    import signal
+    import threading
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            writers.append(chaos.writers_alive(d.db_path))
+            time.sleep(0.01)
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    os.kill(sup_pid, signal.SIGKILL)
+    children = [a["name"] for a in d.status()["actors"] if a["supervisor"] == name]
+    chaos.wait_all_running(d, old_pids={n: before[n] for n in children + [name]})
+    stop.set()
+    th.join()
+    assert max(writers) <= 1, "two writers were alive at once"
+    traffic.wait_stored(len(traffic.stored) + 1, timeout=60)
+    assert_promises(d, traffic)
+
+
+@pytest.mark.parametrize("name", chaos.ACTORS)
+def test_hang_of_each_actor_is_killed_and_restarted(shared_daemon, name):
+    d = shared_daemon
+    traffic = flowing(d, seed=200 + len(name))
+    recovery = chaos.hang_actor(d, name)
+    assert recovery < 30
+    row = d.actor(name)
+    assert row["restarts"] >= 1 and row["last_exit"].startswith("hung")
+    traffic.wait_stored(len(traffic.stored) + 1, timeout=60)
+    assert_promises(d, traffic)
+
+
+def test_database_locked_while_results_flow(make_daemon):
+    d = make_daemon(FAST)
+    traffic = flowing(d, seed=300)
+    lock = chaos.DbLock(d.db_path)
+    n = len(traffic.stored)
+    traffic.wait_stored(n + 2, timeout=60)   # results still get `stored` (spooled) under the lock
+    locations = [r["location"] for _, r in list(traffic.stored.values())[n:]]
+    lock.release()
+    assert "dlq" in locations, locations
+    assert_promises(d, traffic)
+    assert d.admin("inspect", {"actor": "dlq"})["state"]["depth"] == 0
+
+
+def test_disk_full_then_space_returns(make_daemon, tmp_path):
+    store = tmp_path / "full" / "p.db"
+    dlq = tmp_path / "full" / "dlq"
+    cfg = dict(FAST, store={"path": str(store), "max_bytes": 3_000_000}, dlq={"path": str(dlq), "retry_min_s": 0.2,
+                                                                            "retry_max_s": 1.0})
+    d = make_daemon(cfg, name="full1")
+    traffic = flowing(d, seed=400)
+    traffic.wait_stored(4, timeout=90)
+    traffic.stop()
+    spooled = [rid for rid, (_, r) in traffic.stored.items() if r["location"] == "dlq"]
+    assert spooled, "the cap never filled"
+    d.stop()
+    d.cleanup()
+    cfg["store"] = {"path": str(store), "max_bytes": 0}
+    d2 = make_daemon(cfg, name="full2")
+    res = check(d2.db_path, traffic.stored)
+    assert res["lost"] == [] and res["wrong_row_counts"] == [] and res["duplicate_rows"] == 0, res
+
+
+def test_spool_full_too_answers_unavailable_and_retry_succeeds(make_daemon, tmp_path):
+    store = tmp_path / "sf" / "p.db"
+    dlq = tmp_path / "sf" / "dlq"
+    cfg = dict(FAST, store={"path": str(store), "max_bytes": 1_000_000},
+               dlq={"path": str(dlq), "max_bytes": 1_000_000, "retry_min_s": 0.2, "retry_max_s": 1.0})
+    d = make_daemon(cfg, name="sf1")
+    cols = synthetic_columns(60_000, seed=5)
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(d.gateway_endpoint)
+    plan = plan_chunks(cols, d.cfg.get("gateway", {}).get("max_message_bytes", 1 << 20))
+    s.send(msgpack.packb({"type": "begin", "request_id": "sf", "strategy_name": "S", "total_trades": 60_000,
+                          "total_chunks": len(plan)}))
+    assert msgpack.unpackb(s.recv())["type"] == "credit"
+    codes = []
+    for seq, (a, b) in enumerate(plan):
+        s.send(encode_chunk("sf", seq, cols, a, b))
+        if not s.poll(10000):
+            break
+        codes.append(msgpack.unpackb(s.recv()))
+    s.close(0)
+    errs = [r for r in codes if r.get("type") == "error"]
+    assert errs and errs[0]["code"] == "unavailable" and errs[0]["retry_after_s"] > 0, codes
+    d.stop()
+    d.cleanup()
+    cfg["store"] = {"path": str(store), "max_bytes": 0}
+    cfg["dlq"] = {"path": str(dlq), "max_bytes": 0, "retry_min_s": 0.2, "retry_max_s": 1.0}
+    d2 = make_daemon(cfg, name="sf2")
+    with Producer(d2.gateway_endpoint, timeout_s=5) as p:
+        reply = p.send_result("sf", "S", cols)
+    assert reply["type"] == "stored"
+    res = check(d2.db_path, {"sf": (60_000, reply)})
+    assert res["lost"] == [] and res["wrong_row_counts"] == [] and res["duplicate_rows"] == 0, res
+
+
+def test_producers_die_resend_duplicate_and_reorder(shared_daemon):
+    d = shared_daemon
+    traffic = flowing(d, seed=500)
+    cols = synthetic_columns(30_000, seed=9)
+    plan = plan_chunks(cols, 1 << 20)
+    ctx = zmq.Context.instance()
+    # a producer that dies mid-transfer (never comes back): its rows must vanish after the timeout
+    dead = ctx.socket(zmq.DEALER)
+    dead.setsockopt(zmq.LINGER, 0)
+    dead.connect(d.gateway_endpoint)
+    dead.send(msgpack.packb({"type": "begin", "request_id": "dies", "strategy_name": "D", "total_trades": 30_000,
+                             "total_chunks": len(plan)}))
+    dead.recv()
+    dead.send(encode_chunk("dies", 0, cols, *plan[0]))
+    dead.recv()
+    dead.close(0)
+    # one that sends every chunk twice, in reverse order, then resends everything after `stored`
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(d.gateway_endpoint)
+    s.send(msgpack.packb({"type": "begin", "request_id": "dupes", "strategy_name": "D", "total_trades": 30_000,
+                          "total_chunks": len(plan)}))
+    window = msgpack.unpackb(s.recv())["credit"]
+    order = list(reversed(range(len(plan))))
+    acked = set()
+    i = 0
+    while len(acked) < len(plan):
+        while i < len(order) and i - len(acked) < window:
+            frame = encode_chunk("dupes", order[i], cols, *plan[order[i]])
+            s.send(frame)
+            s.send(frame)
+            i += 1
+        assert s.poll(20000)
+        r = msgpack.unpackb(s.recv())
+        if r.get("type") == "credit" and "seq" in r:
+            acked.add(r["seq"])
+    s.send(msgpack.packb({"type": "end", "request_id": "dupes"}))
+    while True:
+        assert s.poll(20000)
+        r = msgpack.unpackb(s.recv())
+        if r.get("type") != "credit":
+            break
+    assert r["type"] == "stored", r
+    s.close(0)
+    with Producer(d.gateway_endpoint, timeout_s=5) as p:
+        again = p.send_result("dupes", "D", cols)
+    assert again["type"] == "stored"
+    stored = dict(traffic.stored)
+    assert_promises(d, traffic)
+    res = check(d.db_path, {"dupes": (30_000, again), **stored})
+    assert res["duplicate_rows"] == 0 and res["wrong_row_counts"] == [], res
+    time.sleep(FAST["gateway"]["assembly_timeout_s"] + 3)
+    import sqlite3
+    conn = sqlite3.connect(d.db_path)
+    st = conn.execute("SELECT status FROM backtest_results WHERE request_id = 'dies'").fetchone()
+    rows = conn.execute("SELECT count(*) FROM backtest_trade_logs WHERE request_id = 'dies'").fetchone()[0]
+    conn.close()
+    assert st is None or st[0] == "abandoned", st
+    assert rows == 0
+
+
+def test_fuzz_mixed_into_good_traffic(shared_daemon):
+    d = shared_daemon
+    traffic = flowing(d, seed=600)
+    restarts = {a["name"]: a["restarts"] for a in d.status()["actors"]}
+    chaos.fuzz(d, 1500, seed=1)
+    traffic.wait_stored(len(traffic.stored) + 1, timeout=60)
+    assert_promises(d, traffic)
+    assert {a["name"]: a["restarts"] for a in d.status()["actors"]} == restarts, "garbage restarted an actor"
+
+
+def test_daemon_sigkill_and_restart_mid_traffic(make_daemon):
+    d = make_daemon(FAST)
+    traffic = flowing(d, seed=700, producers=2)
+    chaos.fuzz(d, 100, seed=2)
+    lock = chaos.DbLock(d.db_path)
+    traffic.wait_stored(len(traffic.stored) + 1, timeout=60)
+    lock.release()
+    chaos.restart_daemon(d)
+    traffic.wait_stored(len(traffic.stored) + 2, timeout=90)
+    assert_promises(d, traffic)
