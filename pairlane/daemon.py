@@ -58,8 +58,8 @@ class Daemon:
     def preflight(self) -> None:
         cfgmod.check_ports_free(self.cfg)
         try:
-            self.locks.append(InstanceLock(self.cfg["store"]["path"] + ".lock", f"store {self.cfg['store']['path']}").acquire())
-            self.locks.append(InstanceLock(os.path.join(self.cfg["dlq"]["path"], ".lock"), f"spool {self.cfg['dlq']['path']}").acquire())
+            self.locks.append(InstanceLock(self.cfg["store"]["path"] + ".lock", f"config key 'store.path': store {self.cfg['store']['path']}").acquire())
+            self.locks.append(InstanceLock(os.path.join(self.cfg["dlq"]["path"], ".lock"), f"config key 'dlq.path': spool {self.cfg['dlq']['path']}").acquire())
         except LockBusy as exc:
             raise cfgmod.ConfigError(str(exc))
         except OSError as exc:
@@ -75,7 +75,7 @@ class Daemon:
         self.run_dir = run_dir
         self.asys = start_system(self.cfg["daemon"]["actor_port"])
         self.spec = build_tree(self.cfg)
-        self.settings = TreeSettings.from_config(self.cfg["supervision"])
+        self.settings = TreeSettings.from_config(self.cfg["supervision"], event_sink="metrics")
         self.root_cls = RootSupervisor
         self._start_root()
 

@@ -267,6 +267,10 @@ class Store:
         def tx(conn):
             now = time.time()
             if status in ("abandoned", "failed"):
+                row = conn.execute("SELECT status FROM backtest_results WHERE request_id = ?",
+                                   (request_id,)).fetchone()
+                if row is not None and row[0] == "complete":
+                    return  # a stored result is a promise: never dropped here
                 self._drop_rows(conn, request_id)
                 conn.execute("UPDATE backtest_results SET status = ?, updated_at = ?, error = coalesce(?, error) "
                              "WHERE request_id = ? AND status != 'complete'", (status, now, error, request_id))

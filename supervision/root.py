@@ -117,6 +117,12 @@ class RootSupervisor(Supervisor):
         self.send(owner, RestartChild(name))
         return True
 
+    def child_escalated(self, msg) -> None:
+        """A supervisor below gave up; tell the tree's event sink (settings.extra["event_sink"])."""
+        sink = self.directory.get((self.settings.extra or {}).get("event_sink", ""))
+        if sink is not None:
+            self.send(sink, msg)
+
     # ----- endings -------------------------------------------------------------------------------
     def escalate(self, reason: str) -> None:
         log("ERROR", "root_gave_up", actor=self.name, reason=reason)

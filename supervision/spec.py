@@ -66,8 +66,9 @@ class TreeSettings:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, sup: dict) -> "TreeSettings":
+    def from_config(cls, sup: dict, **extra) -> "TreeSettings":
+        """From the [supervision] table; extra: e.g. event_sink = the actor told of escalations."""
         return cls(max_restarts=sup["max_restarts"], window_s=float(sup["window_s"]),
                    backoff_min_s=float(sup["backoff_min_s"]), backoff_max_s=float(sup["backoff_max_s"]),
                    heartbeat_s=float(sup["heartbeat_s"]),
-                   heartbeat_timeout_s=float(sup["heartbeat_timeout_s"]))
+                   heartbeat_timeout_s=float(sup["heartbeat_timeout_s"]), extra=dict(extra))

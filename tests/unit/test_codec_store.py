@@ -1,0 +1,224 @@
+"""Pure-logic tests of the wire codec and the SQLite store (no daemon)."""
+from __future__ import annotations
+
+import math
+import sqlite3
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from pairlane import codec
+from pairlane.store import Store, StoreError, meta_from_message
+
+LIM = codec.Limits(max_message_bytes=1 << 16, max_result_trades=1000)
+
+
+def frame(m):
+    return [msgpack.packb(m, use_bin_type=True)]
+
+
+def begin(**kw):
+    m = {"type": "begin", "request_id": "r1", "strategy_name": "S", "total_trades": 10, "total_chunks": 2}
+    m.update(kw)
+    return m
+
+
+@pytest.mark.parametrize("m, code", [
+    (begin(request_id="bad id"), "malformed"),
+    (begin(request_id="x" * 129), "malformed"),
+    (begin(strategy_name=""), "malformed"),
+    (begin(total_trades=True), "malformed"),
+    (begin(total_chunks=0), "malformed"),
+    (begin(total_chunks=11), "malformed"),
+    (begin(total_trades=1001), "too_large"),
+    (begin(metrics={"sharpe": "x"}), "malformed"),
+    ({"type": "nope", "request_id": "r"}, "malformed"),
+    ({"type": "chunk", "request_id": "r", "seq": 0, "trades": {"pnl": [1.0]}}, "malformed"),
+    ({"type": "chunk", "request_id": "r", "seq": -1, "trades": {"timestamp": [1], "pnl": [1.0]}}, "malformed"),
+    ({"type": "live_trades", "batch_id": "b", "trades": {"timestamp": [1], "pnl": [1.0]}}, "malformed"),
+    (begin(v=2), "malformed"),
+])
+def test_decode_frame_rejects_with_the_protocol_code(m, code):
+    with pytest.raises(codec.ProtocolError) as ei:
+        codec.decode_frame(frame(m), LIM)
+    assert ei.value.code == code
+    assert ei.value.reply()["type"] == "error" and "retry_after_s" not in ei.value.reply()
+
+
+def test_frame_level_errors():
+    for frames, code in (([b"\xc1"], "malformed"), ([msgpack.packb([1])], "malformed"),
+                         ([b"a", b"b"], "malformed"), ([b"x" * (LIM.max_message_bytes + 1)], "too_large")):
+        with pytest.raises(codec.ProtocolError) as ei:
+            codec.decode_frame(frames, LIM)
+        assert ei.value.code == code
+
+
+def test_valid_messages_decode():
+    assert codec.decode_frame(frame(begin()), LIM)["total_chunks"] == 2
+    r = codec.decode_frame(frame({"type": "result", "request_id": "r", "strategy_name": "S", "total_trades": 1,
+                                  "trades": {"timestamp": [1], "pnl": [0.5]}}), LIM)
+    assert r["total_chunks"] == 1
+    live = codec.decode_frame(frame({"type": "live_trades", "batch_id": "b1",
+                                     "trades": {"timestamp": [1], "pnl": [1.0], "strategy_name": ["s"]}}), LIM)
+    assert live["request_id"] == "b1"
+
+
+@pytest.mark.parametrize("trades, msg", [
+    ({"timestamp": [1, 2], "pnl": [1.0]}, "unequal"),
+    ({"timestamp": [1], "pnl": [1.0], "colour": ["x"]}, "unknown column"),
+    ({"timestamp": b"\x00" * 7, "pnl": [1.0]}, "multiple of 8"),
+    ({"timestamp": [1], "pnl": [math.nan]}, "NaN"),
+    ({"timestamp": [1], "pnl": [math.inf]}, "NaN"),
+    ({"timestamp": [1], "pnl": np.array([math.inf]).tobytes()}, "NaN"),
+    ({"timestamp": [1], "pnl": [True]}, "bool"),
+    ({"timestamp": [None], "pnl": [1.0]}, "NoneType"),
+    ({"timestamp": [1.5], "pnl": [1.0]}, "float"),
+    ({"timestamp": [1], "pnl": [1.0], "symbol": [3]}, "strings"),
+    ({"timestamp": [2 ** 63], "pnl": [1.0]}, "int64"),
+])
+def test_bad_columns_are_bad_chunk(trades, msg):
+    with pytest.raises(codec.ProtocolError) as ei:
+        codec.check_columns(trades, "r")
+    assert ei.value.code == "bad_chunk" and msg in ei.value.message
+
+
+def test_columns_lists_and_bins_give_the_same_rows():
+    ts = [1, 2, 3]
+    pnl = [0.5, -1, 2.25]
+    a = {"timestamp": ts, "pnl": pnl, "symbol": ["X", None, "Y"], "volume": [None, 1.0, 2]}
+    b = {"timestamp": np.array(ts, "<i8").tobytes(), "pnl": np.array(pnl, "<f8").tobytes(),
+         "symbol": ["X", None, "Y"], "volume": [None, 1.0, 2]}
+    assert codec.check_columns(a) == codec.check_columns(b) == 3
+    assert list(codec.trade_log_rows(a, "r", "S", 0, 3)) == list(codec.trade_log_rows(b, "r", "S", 0, 3))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200) | st.builds(lambda d: msgpack.packb(d), st.dictionaries(
+    st.sampled_from(["type", "request_id", "seq", "trades", "total_trades", "total_chunks", "strategy_name"]),
+    st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(), st.text(max_size=5),
+              st.sampled_from(["begin", "chunk", "result", "end"]),
+              st.dictionaries(st.sampled_from(["timestamp", "pnl", "x"]),
+                              st.lists(st.one_of(st.integers(-2**63, 2**64 - 1), st.floats(), st.none()), max_size=3))))))
+def test_any_frame_either_decodes_or_raises_protocol_error(data):
+    try:
+        m = codec.decode_frame([data], LIM)
+    except codec.ProtocolError as exc:
+        assert exc.code in ("malformed", "too_large")
+        return
+    if m["type"] in ("chunk", "result", "live_trades"):
+        try:
+            codec.check_columns(m["trades"])
+        except codec.ProtocolError as exc:
+            assert exc.code == "bad_chunk"
+
+
+# ----- store ------------------------------------------------------------------------------------------
+def chunk(n, start=0):
+    return {"timestamp": list(range(start, start + n)), "pnl": [1.0] * n}
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(str(tmp_path / "s.db"))
+    s.open()
+    yield s
+    s.close()
+
+
+def meta(rid="r", total=5, chunks=2):
+    return meta_from_message({"request_id": rid, "strategy_name": "S", "total_trades": total, "total_chunks": chunks})
+
+
+def rows(s, rid="r"):
+    return s.conn.execute("SELECT count(*) FROM backtest_trade_logs WHERE request_id = ?", (rid,)).fetchone()[0]
+
+
+def test_result_completes_in_the_transaction_of_its_last_chunk(store):
+    m = meta()
+    assert store.write_chunk(m, 1, chunk(2, 3), 2) == "receiving"
+    assert store.lookup("r")["status"] == "receiving"
+    assert store.write_chunk(m, 0, chunk(3), 3) == "complete"
+    assert store.lookup("r")["status"] == "complete" and rows(store) == 5
+
+
+def test_duplicate_chunk_never_duplicates_rows(store):
+    m = meta()
+    store.write_chunk(m, 0, chunk(3), 3)
+    assert store.write_chunk(m, 0, chunk(3), 3) == "duplicate"
+    store.write_chunk(m, 1, chunk(2, 3), 2)
+    assert store.write_chunk(m, 1, chunk(2, 3), 2) == "duplicate"
+    assert rows(store) == 5
+
+
+def test_rows_that_do_not_add_up_fail_and_are_removed(store):
+    m = meta(total=6)
+    store.write_chunk(m, 0, chunk(3), 3)
+    assert store.write_chunk(m, 1, chunk(2, 3), 2) == "failed"
+    assert rows(store) == 0 and store.lookup("r")["status"] == "failed"
+    store.begin(m)  # begins again from scratch
+    assert store.lookup("r")["status"] == "receiving" and store.lookup("r")["durable"] == {}
+
+
+def test_abandoned_results_discard_late_chunks(store):
+    m = meta()
+    store.write_chunk(m, 0, chunk(3), 3)
+    store.set_status("r", "abandoned")
+    assert rows(store) == 0
+    assert store.write_chunk(m, 1, chunk(2, 3), 2) == "discarded"
+    assert rows(store) == 0
+
+
+def test_complete_results_are_never_abandoned(store):
+    m = meta(total=1, chunks=1)
+    store.write_chunk(m, 0, chunk(1), 1)
+    store.set_status("r", "abandoned")
+    assert store.lookup("r")["status"] == "complete" and rows(store) == 1
+
+
+def test_live_trades_idempotent_by_batch(store):
+    t = dict(chunk(3), strategy_name=["a", "b", "c"], pair_id=["p", None, "p"])
+    assert store.write_live("b1", t, 3) == "stored"
+    assert store.write_live("b1", t, 3) == "duplicate"
+    assert store.conn.execute("SELECT count(*) FROM trade_logs").fetchone()[0] == 3
+
+
+def test_required_indexes_exist(store):
+    def leading(table):
+        out = set()
+        for (_, name, *_rest) in store.conn.execute(f"PRAGMA index_list({table})"):
+            cols = [r[2] for r in store.conn.execute(f"PRAGMA index_info({name})")]
+            out.add(cols[0])
+        return out
+    assert {"request_id", "strategy_name"} <= leading("backtest_trade_logs")
+    assert "pair_id" in leading("trade_logs")
+
+
+def test_locked_database_raises_store_error_with_reason(store, tmp_path):
+    other = sqlite3.connect(str(tmp_path / "s.db"), isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreError) as ei:
+            store.write_chunk(meta(), 0, chunk(3), 3)
+        assert ei.value.reason == "locked"
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert store.write_chunk(meta(), 0, chunk(3), 3) == "receiving"
+
+
+def test_size_cap_behaves_as_a_full_disk(tmp_path):
+    s = Store(str(tmp_path / "cap.db"), max_bytes=200_000)
+    s.open()
+    with pytest.raises(StoreError) as ei:
+        for i in range(100):
+            s.write_chunk(meta(f"r{i}", 2000, 1), 0, chunk(2000), 2000)
+    assert ei.value.reason == "full"
+    s.close()
+
+
+def test_verify_reports_stale_receiving(store):
+    store.write_chunk(meta(), 0, chunk(3), 3)
+    probs = store.verify(assembly_timeout_s=0.0, now=store.lookup("r")["updated_at"] + 10)
+    assert [p["kind"] for p in probs] == ["stale_receiving"]
