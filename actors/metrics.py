@@ -19,12 +19,13 @@ import msgpack
 import zmq
 
 from pairlane.metrics import Metrics, serve
-from supervision.messages import StatusReply, StatusRequest
+from supervision.messages import Escalated, StatusReply, StatusRequest
 
 from .base import PairlaneActor
 from .messages import AdminCommand, AdminReply, Alert, MetricUpdates
 
 SLOW_TICK_S = 2.0
+ESCALATION_CLEAR_S = 10.0   # cleared once every actor has been RUNNING this long after an escalation
 
 
 class MetricsActor(PairlaneActor):
@@ -43,6 +44,7 @@ class MetricsActor(PairlaneActor):
         self.alerts: dict[str, dict] = {}
         self.published = 0
         self.restarts_seen: dict[str, int] = {}
+        self.escalated_at = 0.0
         self.last_slow = 0.0
         self.last_result_ts = self._newest_result_time()
         if self.last_result_ts:
@@ -84,6 +86,10 @@ class MetricsActor(PairlaneActor):
             self.set_alert(msg.name, msg.state, msg.severity, msg.reasons)
         elif isinstance(msg, StatusReply):
             self._restarts(msg.rows)
+        elif isinstance(msg, Escalated):  # from the root: a supervisor gave up and crashed
+            self.escalated_at = time.time()
+            self.set_alert("supervisor_escalated", "raised", "critical",
+                           {"supervisor": msg.name, "reason": msg.reason})
         elif isinstance(msg, AdminCommand):
             if msg.cmd == "metrics":
                 self.send(sender, AdminReply(msg.token, {"ok": True, "metrics": self.m.snapshot(),
@@ -123,12 +129,11 @@ class MetricsActor(PairlaneActor):
                 fatal.append(name)
         self.m.apply(updates)
         if fatal:
+            self.escalated_at = time.time()
             self.set_alert("supervisor_escalated", "raised", "critical", {"fatal": fatal})
-        elif self.alerts.get("supervisor_escalated", {}).get("state") == "raised":
+        elif self.alerts.get("supervisor_escalated", {}).get("state") == "raised" and \
+                time.time() - self.escalated_at > ESCALATION_CLEAR_S:
             self.set_alert("supervisor_escalated", "cleared", "critical", {})
-
-    def note_escalation(self, name: str, reason: str) -> None:
-        self.set_alert("supervisor_escalated", "raised", "critical", {"supervisor": name, "reason": reason})
 
     # ----- periodic ----------------------------------------------------------------------------------
     def tick(self) -> None:

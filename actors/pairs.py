@@ -70,7 +70,7 @@ class PairsActor(PairlaneActor):
         now = time.time()
         try:
             conn = self._connection()
-            cands = pairlogic.load_candidates(conn) if conn is not None else []
+            cands = pairlogic.load_candidates(conn, window_trades=self.cfg.window_trades) if conn is not None else []
             newest = None
             if conn is not None:
                 row = conn.execute("SELECT max(completed_at) FROM backtest_results WHERE status = 'complete'").fetchone()

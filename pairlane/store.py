@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS backtest_trade_logs(
     timestamp INTEGER NOT NULL, pnl REAL NOT NULL, symbol TEXT, direction TEXT,
     entry_price REAL, exit_price REAL, sl REAL, tp REAL, volume REAL, hold_time INTEGER,
     rank TEXT, timeframe INTEGER, category TEXT, regime TEXT, oos_kind TEXT);
-CREATE INDEX IF NOT EXISTS idx_btl_request ON backtest_trade_logs(request_id, seq);
+CREATE INDEX IF NOT EXISTS idx_btl_request ON backtest_trade_logs(request_id, timestamp, seq);
 CREATE INDEX IF NOT EXISTS idx_btl_strategy ON backtest_trade_logs(strategy_name, timestamp);
 CREATE TABLE IF NOT EXISTS trade_logs(
     timestamp INTEGER NOT NULL, strategy_name TEXT NOT NULL, symbol TEXT, direction TEXT,
