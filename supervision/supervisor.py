@@ -34,6 +34,13 @@ from .worker import CRASH_EXIT_CODE, Worker
 _op_ids = itertools.count(1)
 
 
+@dataclass(frozen=True)
+class _LostExit:
+    """Stands in for a ChildActorExited that Thespian never delivered (see `on_tick`)."""
+
+    childAddress: object
+
+
 @dataclass
 class Child:
     spec: ChildSpec
@@ -159,7 +166,8 @@ class Supervisor(Worker):
         log("ERROR", "supervisor_escalated", actor=self.name, reason=reason)
         if self.supervisor is not None:
             self.send(self.supervisor, Escalated(self.name, reason))
-        os._exit(CRASH_EXIT_CODE)
+        # Thespian transmits after the handler returns: exit a moment later, or Escalated is lost
+        self.after(0.3, "pl.escalate_exit")
 
     def stopped_all(self) -> None:
         """Every child stopped after a Shutdown: exit normally."""
@@ -169,6 +177,8 @@ class Supervisor(Worker):
 
     # ----- events -----------------------------------------------------------------------------
     def on_timer(self, payload) -> None:
+        if payload == "pl.escalate_exit":
+            os._exit(CRASH_EXIT_CODE)
         if isinstance(payload, tuple) and payload[0] == "op_timeout":
             op = self.current
             if op is None or op.id != payload[1]:
@@ -378,6 +388,13 @@ class Supervisor(Worker):
         for child in self.children.values():
             if child.state == State.RUNNING and child.address is not None and \
                     now - child.last_hb > self._hb_timeout(child):
+                if child.pid and not procs.alive(child.pid):
+                    # already gone, yet no ChildActorExited came: handle the exit ourselves
+                    # rather than "killing" a dead pid at every tick forever
+                    log("ERROR", "child_exit_unreported", actor=self.name, child=child.spec.name,
+                        pid=child.pid)
+                    self.on_child_exited(_LostExit(child.address))
+                    continue
                 log("ERROR", "watchdog_kill", actor=self.name, child=child.spec.name, pid=child.pid,
                     silent_s=f"{now - child.last_hb:.2f}")
                 child.hung = True
@@ -409,7 +426,7 @@ class Supervisor(Worker):
                      for c in (self.children[n] for n in self.order))
 
     def _report(self) -> None:
-        self.forward_rows(StatusRows(self.rows()))
+        self.forward_rows(StatusRows(self.rows(), time.monotonic()))
 
     def forward_rows(self, msg: StatusRows) -> None:
         if self.supervisor is not None:
