@@ -15,8 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import msgpack
-import zmq
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -205,17 +203,8 @@ class Daemon:
         return self.cfg["store"]["path"]
 
     def admin(self, cmd: str, args: dict | None = None, timeout: float = 10.0, token: str = "") -> dict | None:
-        ctx = zmq.Context.instance()
-        s = ctx.socket(zmq.REQ)
-        s.setsockopt(zmq.LINGER, 0)
-        try:
-            s.connect(self.admin_endpoint)
-            s.send(msgpack.packb({"cmd": cmd, "args": args or {}, "token": token or self.cfg["admin"].get("token", "")}))
-            if not s.poll(int(timeout * 1000)):
-                return None
-            return msgpack.unpackb(s.recv(), raw=False, strict_map_key=False)
-        finally:
-            s.close(0)
+        from .admin_cli import request
+        return request(self.admin_endpoint, cmd, args, token or self.cfg["admin"].get("token", ""), timeout)
 
     def status(self) -> dict:
         st = self.admin("status")
