@@ -29,7 +29,7 @@ def build_tree(cfg: dict) -> ChildSpec:
     from .pairs import PairsActor
     from .writer import Writer
 
-    slow_hb = max(10.0, cfg["supervision"]["heartbeat_timeout_s"])
+    slow_hb = max(cfg["supervision"]["long_work_heartbeat_timeout_s"], cfg["supervision"]["heartbeat_timeout_s"])
     store = [ChildSpec("writer", Writer, Restart.PERMANENT, shutdown_s=10.0),
              ChildSpec("dlq", DLQ, Restart.PERMANENT, shutdown_s=10.0)]
     ingest = [ChildSpec("assembler", Assembler, Restart.PERMANENT, shutdown_s=5.0),

@@ -114,7 +114,8 @@ def check_values(cfg: dict) -> None:
                 "gateway.max_result_trades", "gateway.max_requests", "gateway.assembly_timeout_s",
                 "dlq.max_attempts", "pairs.interval_s", "pairs.max_pairs", "pairs.window_trades",
                 "supervision.max_restarts", "supervision.window_s", "supervision.heartbeat_s",
-                "supervision.heartbeat_timeout_s", "alerts.ingest_stall_s", "dlq.retry_min_s"]
+                "supervision.heartbeat_timeout_s", "supervision.long_work_heartbeat_timeout_s",
+                "alerts.ingest_stall_s", "dlq.retry_min_s"]
     for dotted in positive:
         sect, key = dotted.split(".")
         if cfg[sect][key] <= 0:

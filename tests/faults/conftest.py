@@ -2,7 +2,7 @@ import pytest
 
 from pairlane.harness import Daemon
 
-FAST = {"supervision": {"heartbeat_timeout_s": 2.0},
+FAST = {"supervision": {"heartbeat_timeout_s": 1.5, "long_work_heartbeat_timeout_s": 3.0},
         "dlq": {"retry_min_s": 0.2, "retry_max_s": 1.0},
         "gateway": {"assembly_timeout_s": 20.0},
         "pairs": {"interval_s": 2.0}}
