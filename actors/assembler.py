@@ -52,8 +52,19 @@ class Req:
     def location(self) -> str:
         return "dlq" if any(loc == "dlq" for _, loc in self.durable.values()) else "db"
 
-    def missing(self) -> list[int]:
-        return [s for s in range(self.meta["total_chunks"]) if s not in self.durable and s not in self.inflight]
+    def missing(self, limit: int = 1000) -> list[int]:
+        """The first `limit` seqs neither durable nor in flight. Stops early: the cost is bounded by the
+        chunks that did arrive, never by a declared total_chunks (up to max_result_trades)."""
+        out = []
+        for s in range(self.meta["total_chunks"]):
+            if s not in self.durable and s not in self.inflight:
+                out.append(s)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def missing_count(self) -> int:
+        return self.meta["total_chunks"] - len(self.durable.keys() | self.inflight.keys())
 
 
 def stored_reply(rid: str, trades: int, location: str) -> dict:
@@ -86,7 +97,7 @@ class Assembler(PairlaneActor):
         return {"requests_in_flight": len(self.reqs),
                 "receiving": sum(1 for r in self.reqs.values() if r.status == "receiving"),
                 "chunks_in_flight": sum(len(r.inflight) for r in self.reqs.values()),
-                "bytes_in_flight_estimate": None,
+                "rows_in_flight": sum(n for r in self.reqs.values() for n, _ in r.inflight.values()),
                 "lookups_pending": len(self.lookups), "live_batches_pending": len(self.live),
                 "dlq_inventory_chunks": sum(len(v) for v in self.inventory.values()),
                 "recent_results": len(self.recent), **dict(self.stats)}
@@ -207,6 +218,8 @@ class Assembler(PairlaneActor):
         if req is not None:
             if not req.same(meta):
                 return self._conflict(inb, rid, req.meta)
+            if inb.bad is not None:
+                return self._bad_result(inb, rid)
             req.identity = inb.identity
             req.last_activity = time.monotonic()
             if req.status == "complete":
@@ -219,14 +232,19 @@ class Assembler(PairlaneActor):
             key, trades, loc = self.recent[rid]
             if key != self._recent_key(meta):
                 return self._conflict(inb, rid, None)
+            if inb.bad is not None:
+                return self._bad_result(inb, rid)
             return self._reply(inb.identity, stored_reply(rid, trades, loc))
         if not looked_up:
-            if self._busy_check(inb, rid):
+            if inb.bad is None and self._busy_check(inb, rid):
                 return
             return self._start_lookup(inb, rid)
         if row is not None and row["status"] in ("complete", "receiving", "spooled"):
             if (row["strategy_name"], row["total_trades"], row["total_chunks"]) != self._recent_key(meta):
                 return self._conflict(inb, rid, None)
+        if inb.bad is not None:
+            return self._bad_result(inb, rid)
+        if row is not None and row["status"] in ("complete", "receiving", "spooled"):
             if row["status"] == "complete":
                 self._remember(rid, meta, "db")
                 return self._reply(inb.identity, stored_reply(rid, row["total_trades"], "db"))
@@ -250,9 +268,24 @@ class Assembler(PairlaneActor):
     def _on_result(self, inb: Inbound, rid: str, row=None, looked_up=False) -> None:
         req = self.reqs.get(rid)
         if req is not None and req.status != "complete":
-            self.resolved.append((rid, 0))
-            return self._err(inb.identity, "conflict", f"request {rid} is in progress as a chunked request", rid)
+            same = req.kind == "result" and req.same(meta_from_message(inb.msg, inb.origin))
+            if same and inb.bad is not None:
+                return self._bad_result(inb, rid)
+            if same and req.status == "receiving":
+                # the same one-message result again while the first is being written (a producer
+                # resending after a timeout): a duplicate of its only chunk, answered once durable
+                return self._on_chunk(Inbound(inb.identity, dict(inb.msg, seq=0), inb.raw, inb.nrows, None,
+                                              inb.received_at, inb.origin, inb.reply_to), rid)
+            if inb.raw is not None:
+                self.resolved.append((rid, 0))
+            return self._err(inb.identity, "conflict", f"request {rid} is in progress (as a chunked request "
+                             "or with another strategy_name or totals)", rid)
         self._on_begin(inb, rid, row, looked_up)
+
+    def _bad_result(self, inb: Inbound, rid: str) -> None:
+        """A result message whose verdict (`incomplete`: rows differ from total_trades) comes after the
+        conflict checks, as PROTOCOL.md orders them. Nothing of it is written."""
+        self._err(inb.identity, inb.bad[0], inb.bad[1], rid)
 
     def _conflict(self, inb: Inbound, rid: str, meta: dict | None) -> None:
         if inb.raw is not None:
@@ -273,6 +306,8 @@ class Assembler(PairlaneActor):
             getattr(self, "_on_" + t)(first, msg.request_id, row, True)
         elif t == "end":
             self._on_end(first, msg.request_id, row, True)
+        elif t == "abort":
+            self._on_abort(first, msg.request_id, row, True)
         for inb in rest:
             self._inbound(inb)
 
@@ -411,17 +446,20 @@ class Assembler(PairlaneActor):
                                   req.rid)
             r["missing"] = list(range(min(req.meta["total_chunks"], 1000)))
             return self._reply(identity, r)
-        missing = req.missing()
-        r = codec.error_reply("incomplete", f"{len(missing)} chunk(s) never arrived: send them, then end again",
-                              req.rid)
-        r["missing"] = missing[:1000]
+        r = codec.error_reply("incomplete", f"{req.missing_count()} chunk(s) never arrived: send them, "
+                              "then end again (`missing` lists at most 1000)", req.rid)
+        r["missing"] = req.missing(1000)
         self._reply(identity, r)
 
-    def _on_abort(self, inb: Inbound, rid: str) -> None:
+    def _on_abort(self, inb: Inbound, rid: str, row=None, looked_up=False) -> None:
         req = self.reqs.get(rid)
-        if (req is not None and req.status == "complete") or rid in self.recent:
+        if ((req is not None and req.status == "complete") or rid in self.recent
+                or (row is not None and row["status"] in ("complete", "spooled"))):
             return self._err(inb.identity, "conflict", f"request {rid} is already stored; abort drops only "
                              "unfinished requests", rid)
+        if req is None and not looked_up and self.writer is not None:
+            # not in memory (e.g. after a restart): it may be stored; ask the database before answering
+            return self._start_lookup(inb, rid)
         if req is not None:
             self.reqs.pop(rid)
             for seq in req.inflight:
