@@ -25,7 +25,7 @@ DRAIN_BATCH = 64
 class Gateway(PairlaneActor):
     def on_start(self) -> None:
         g = self.config["gateway"]
-        self.limits = codec.Limits(g["max_message_bytes"], g["max_result_trades"])
+        self.limits = codec.Limits(g["max_message_bytes"], g["max_result_trades"], g["max_chunk_rows"])
         self.credit = g["credit"]
         self.max_inflight_bytes = g["max_inflight_bytes"]
         self.ctx = zmq.Context.instance()
@@ -124,6 +124,10 @@ class Gateway(PairlaneActor):
                 if t != "chunk":
                     return self._error(identity, err)
                 bad = (err.code, err.message)
+            if nrows > self.limits.max_chunk_rows:
+                return self._error(identity, codec.ProtocolError(
+                    "too_large", f"{nrows} rows in one message exceed gateway.max_chunk_rows = "
+                    f"{self.limits.max_chunk_rows}; split it into more chunks", m["request_id"]))
             del m["trades"]
             raw = frames[0]
             if t == "result" and nrows != m["total_trades"]:

@@ -18,13 +18,12 @@ import logging
 import re
 import sys
 import time
-import tomllib
 import uuid
 from typing import Any, TextIO
 
 import numpy as np
 
-from pairlane.client import Producer, SendError, load_file, synthetic_columns
+from pairlane.client import MAX_CHUNK_ROWS, Producer, SendError, load_file, synthetic_columns
 from pairlane.client import log as client_log
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5590"
@@ -108,23 +107,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_config(path: str) -> tuple[str | None, int | None]:
+def _read_config(path: str) -> tuple[str, int, int]:
+    """gateway.endpoint, max_message_bytes and max_chunk_rows of a daemon config (merged over defaults)."""
+    from . import config as cfgmod
     try:
-        with open(path, "rb") as fh:
-            cfg = tomllib.load(fh)
-    except OSError as e:
-        raise _UsageError(f"cannot read config {path}: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise _UsageError(f"config {path} is not valid TOML: {e}") from None
-    gw = cfg.get("gateway", {})
-    if not isinstance(gw, dict):
-        raise _UsageError(f"config {path}: 'gateway' must be a table")
-    endpoint, mmb = gw.get("endpoint"), gw.get("max_message_bytes")
-    if endpoint is not None and not isinstance(endpoint, str):
-        raise _UsageError(f"config {path}: gateway.endpoint must be a string")
-    if mmb is not None and (not isinstance(mmb, int) or isinstance(mmb, bool) or mmb < 1024):
-        raise _UsageError(f"config {path}: gateway.max_message_bytes must be an integer >= 1024")
-    return endpoint, mmb
+        gw = cfgmod.load(path)["gateway"]
+    except cfgmod.ConfigError as e:
+        raise _UsageError(str(e)) from None
+    return gw["endpoint"], gw["max_message_bytes"], gw["max_chunk_rows"]
 
 
 class _Progress:
@@ -222,9 +212,9 @@ def main(argv: list[str]) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    endpoint, max_bytes = None, None
+    endpoint, max_bytes, max_rows = None, None, MAX_CHUNK_ROWS
     if args.config:
-        endpoint, max_bytes = _read_config(args.config)
+        endpoint, max_bytes, max_rows = _read_config(args.config)
     endpoint = args.endpoint or endpoint or DEFAULT_ENDPOINT
     max_bytes = max_bytes or DEFAULT_MAX_MESSAGE_BYTES
     if args.timeout <= 0:
@@ -246,7 +236,7 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
         producer = Producer(endpoint, timeout_s=args.timeout, retries=args.retries,
-                            max_message_bytes=max_bytes)
+                            max_message_bytes=max_bytes, max_chunk_rows=max_rows)
     except ValueError as e:
         raise _UsageError(str(e)) from None
     handler = _StderrLog(bar, args.quiet)

@@ -58,6 +58,7 @@ _META_TYPES = {"strategy_name": str, "request_id": str, "metrics": dict,
                "symbol": str, "timeframe": int, "rank": str, "oos_kind": str}
 _INT64_MAX = 2**63 - 1
 _HEADROOM = 0.9  # plan chunks to ~90% of max_message_bytes
+MAX_CHUNK_ROWS = 32768  # the server's default gateway.max_chunk_rows
 
 _HINTS = {
     "timeout": "is pairlane running and listening on this endpoint? "
@@ -295,7 +296,16 @@ def _str_cost(s: str) -> int:
     return n + (1 if n < 32 else 2 if n < 256 else 3 if n < 65536 else 5)
 
 
-def _plan(prepared: dict, n: int, max_message_bytes: int) -> list[tuple[int, int]]:
+def _plan(prepared: dict, n: int, max_message_bytes: int,
+          max_rows: int = MAX_CHUNK_ROWS) -> list[tuple[int, int]]:
+    """Byte-bounded ranges, then each split to at most max_rows rows."""
+    out = []
+    for a, b in _plan_bytes(prepared, n, max_message_bytes):
+        out.extend((i, min(b, i + max_rows)) for i in range(a, b, max_rows))
+    return out or [(0, 0)]
+
+
+def _plan_bytes(prepared: dict, n: int, max_message_bytes: int) -> list[tuple[int, int]]:
     if n == 0:
         return [(0, 0)]
     # fixed part: the map around the columns with the longest request_id and seq,
@@ -341,7 +351,7 @@ def _plan(prepared: dict, n: int, max_message_bytes: int) -> list[tuple[int, int
     return ranges
 
 
-def plan_chunks(columns: dict, max_message_bytes: int) -> list[tuple[int, int]]:
+def plan_chunks(columns: dict, max_message_bytes: int, max_rows: int = MAX_CHUNK_ROWS) -> list[tuple[int, int]]:
     """Row ranges [start, stop) covering every row once, each chunk frame <= max_message_bytes.
 
     Sizes are an upper bound per row (strings measured exactly, numbers at 8-9
@@ -349,7 +359,7 @@ def plan_chunks(columns: dict, max_message_bytes: int) -> list[tuple[int, int]]:
     empty chunk [(0, 0)]. ValueError when a single row cannot fit.
     """
     prepared, n = prepare_columns(columns)
-    return _plan(prepared, n, max_message_bytes)
+    return _plan(prepared, n, max_message_bytes, max_rows)
 
 
 # ----------------------------------------------------------------------------
@@ -611,7 +621,8 @@ class Producer:
     MAX_RETRY_AFTER_S = 30.0  # cap on a server's retry_after_s
 
     def __init__(self, endpoint: str, *, timeout_s: float = 30.0, retries: int = 5,
-                 max_message_bytes: int = 1 << 20, identity: bytes | None = None) -> None:
+                 max_message_bytes: int = 1 << 20, identity: bytes | None = None,
+                 max_chunk_rows: int = MAX_CHUNK_ROWS) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
         if retries < 0:
@@ -622,6 +633,7 @@ class Producer:
         self.timeout_s = float(timeout_s)
         self.retries = int(retries)
         self.max_message_bytes = int(max_message_bytes)
+        self.max_chunk_rows = int(max_chunk_rows)
         # figures of the last send_result: chunks, chunks_sent, begins, timeouts,
         # busy_waits, max_unacked, window, elapsed_s
         self.last_stats: dict[str, Any] = {}
@@ -728,7 +740,7 @@ class Producer:
         if metrics is not None and not isinstance(metrics, dict):
             raise ValueError(f"metrics must be a map, got {type(metrics).__name__}")
         prepared, total_rows = prepare_columns(columns)
-        ranges = _plan(prepared, total_rows, self.max_message_bytes)
+        ranges = _plan(prepared, total_rows, self.max_message_bytes, self.max_chunk_rows)
         begin: dict[str, Any] = {"type": "begin", "v": 1, "request_id": request_id,
                                  "strategy_name": strategy_name, "total_trades": total_rows,
                                  "total_chunks": len(ranges)}

@@ -69,6 +69,7 @@ def _is_num(v) -> bool:
 class Limits:
     max_message_bytes: int = 1 << 20
     max_result_trades: int = 50_000_000
+    max_chunk_rows: int = 32768
 
 
 def _malformed(msg: str, rid=None) -> ProtocolError:

@@ -269,11 +269,11 @@ class Store:
             if status in ("abandoned", "failed"):
                 row = conn.execute("SELECT status FROM backtest_results WHERE request_id = ?",
                                    (request_id,)).fetchone()
-                if row is not None and row[0] == "complete":
+                if row is not None and row[0] in ("complete", "spooled"):
                     return  # a stored result is a promise: never dropped here
                 self._drop_rows(conn, request_id)
                 conn.execute("UPDATE backtest_results SET status = ?, updated_at = ?, error = coalesce(?, error) "
-                             "WHERE request_id = ? AND status != 'complete'", (status, now, error, request_id))
+                             "WHERE request_id = ?", (status, now, error, request_id))
             elif status == "spooled":
                 conn.execute("UPDATE backtest_results SET status = 'spooled', updated_at = ? "
                              "WHERE request_id = ? AND status = 'receiving'", (now, request_id))

@@ -663,25 +663,24 @@ def test_kill_9_mid_transfer_producer_retry_completes(make_daemon, victim):
     print(f"kill {victim}: producer stats {out['stats']}")
 
 
-@pytest.mark.xfail(strict=False, reason="writer/store: one chunk's rows are inserted in one handler; a 1 MiB "
-                   "chunk of ~520k narrow rows takes 5-10 s, past supervision.heartbeat_timeout_s, so the "
-                   "watchdog kills the writer (and a producer's resend kills it again)")
-def test_dense_chunk_does_not_stall_the_writer(make_daemon):
-    """The narrowest rows a 1 MiB chunk can hold (timestamp and pnl as 1-byte msgpack ints) are either
-    stored or refused with an error; the writer is never killed for them."""
+def test_dense_chunk_is_refused_too_large_and_the_writer_lives(make_daemon):
+    """The narrowest rows a 1 MiB chunk can hold (timestamp and pnl as 1-byte msgpack ints) would keep
+    the writer busy for seconds: over gateway.max_chunk_rows they get `too_large`; the writer is never
+    killed for them, and the same rows split into chunks of at most max_chunk_rows are stored."""
     d = make_daemon()
     n = 520_000
     frame = pack(chunk("dense", 0, {"timestamp": [1] * n, "pnl": [0] * n}))
     assert len(frame) <= MAX_MSG
     with Dealer(d.gateway_endpoint) as dl:
         assert dl.rt(begin("dense", n, 1))["type"] == "credit"
-        dl.send(frame)
-        deadline = time.monotonic() + 30
-        reply = None
-        while reply is None and time.monotonic() < deadline:
-            reply = dl.recv(0.5)
-            assert d.actor("writer")["restarts"] == 0, "the writer was killed while writing one chunk"
-    assert reply is not None and reply["type"] in ("credit", "error"), reply
+        check_error(dl.rt(frame), "too_large", "dense")
+        assert dl.rt({"type": "abort", "request_id": "dense"})["type"] == "aborted"
+    assert d.actor("writer")["restarts"] == 0
+    from pairlane.client import Producer
+    with Producer(d.gateway_endpoint, timeout_s=30) as p:
+        reply = p.send_result("dense2", "S", {"timestamp": list(range(100_000)), "pnl": [0.0] * 100_000})
+    assert reply["type"] == "stored" and reply["trades"] == 100_000
+    assert d.actor("writer")["restarts"] == 0
     assert_all_running(d)
 
 
