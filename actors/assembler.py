@@ -493,6 +493,9 @@ class Assembler(PairlaneActor):
                     self._err(inb.identity, "busy", "the database did not answer in time; retry", rid, 1.0)
         if now - self.last_sweep > max(1.0, self.timeout_s / 2) and self.writer is not None:
             self.last_sweep = now
-            active = frozenset(self.reqs) | frozenset(self.lookups)
+            # a request with chunks waiting in the dlq is stored, never stale (PROTOCOL section 1)
+            active = frozenset(self.reqs) | frozenset(self.lookups) | frozenset(self.inventory)
             self.send(self.writer, SweepStale(time.time() - self.timeout_s, active))
+            if self.dlq is not None:
+                self.send(self.dlq, InventoryRequest())  # landed or purged items drop out
         self._flush()

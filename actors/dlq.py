@@ -38,7 +38,7 @@ class DLQ(PairlaneActor):
         self.counts = collections.Counter()
         for name, reason in self.spool.quarantined:
             self.log("ERROR", "dlq_item_quarantined", file=name, reason=reason)
-            self.counts["quarantined"] += 1
+            self.counts["quarantined_total"] += 1
         if len(self.spool):
             self.log("WARNING", "dlq_items_recovered", items=len(self.spool), bytes=self.spool.total_bytes)
         self._gauges()
@@ -52,11 +52,12 @@ class DLQ(PairlaneActor):
         if self.replay is not None:
             rp = {k: v for k, v in self.replay.items() if k != "ids"}
             rp["remaining"] = len(self.replay["ids"])
-        return {"depth": len(self.spool), "bytes": self.spool.total_bytes,
+        # event counters first: a counter must never hide a live figure of the same name
+        return {**dict(self.counts), "depth": len(self.spool), "bytes": self.spool.total_bytes,
                 "oldest_item_age_s": round(time.time() - oldest, 3) if oldest else 0.0,
                 "parked": self.spool.parked_count, "retries_in_flight": len(self.inflight),
                 "replay": rp, "quarantined": [q[0] for q in self.spool.quarantined],
-                "max_bytes": self.spool.max_bytes, **dict(self.counts)}
+                "max_bytes": self.spool.max_bytes}
 
     # ----- intake ------------------------------------------------------------------------------
     def on_message(self, msg, sender) -> None:
@@ -121,8 +122,8 @@ class DLQ(PairlaneActor):
             self._feed_replay(now, writer)
             if self.healthy:
                 due = [it for it in self.spool.items() if not it.parked]
-            else:
-                due = self.spool.due(now)
+            else:  # earliest due first: oldest-id-first starved the newest items while the db failed
+                due = sorted(self.spool.due(now), key=lambda it: (it.next_retry_at, it.id))
             for it in due:
                 if len(self.inflight) >= RETRY_WINDOW:
                     break
@@ -155,13 +156,16 @@ class DLQ(PairlaneActor):
             return
         now = time.time()
         if rd.ok:
-            it = self.spool.get(rd.item_id)
+            it = self.spool.header(rd.item_id)
             self.spool.remove(rd.item_id)
             self.healthy = True
-            self.counts["landed"] += 1
-            self.metrics.inc("pairlane_dlq_replayed_total", outcome="landed")
-            self.log("INFO", "dlq_item_landed", item=rd.item_id, request_id=it.request_id, seq=it.seq,
-                     attempts=it.attempts, age_s=f"{now - it.first_failed_at:.1f}")
+            # `discarded`: its result was abandoned or failed meanwhile, the rows were not kept
+            outcome = "discarded" if rd.reason == "discarded" else "landed"
+            self.counts[outcome] += 1
+            self.metrics.inc("pairlane_dlq_replayed_total", outcome=outcome)
+            self.log("WARNING" if outcome == "discarded" else "INFO", f"dlq_item_{outcome}", item=rd.item_id,
+                     request_id=it.request_id, seq=it.seq, attempts=it.attempts,
+                     age_s=f"{now - it.first_failed_at:.1f}")
         else:
             self.healthy = False
             it = self.spool.header(rd.item_id)
@@ -171,7 +175,7 @@ class DLQ(PairlaneActor):
                                       now + spoolmod.backoff(attempts, self.min_s, self.max_s), park)
             self.metrics.inc("pairlane_dlq_replayed_total", outcome="failed")
             if park and not it.parked:
-                self.counts["parked"] += 1
+                self.counts["parked_total"] += 1
                 self.log("ERROR", "dlq_item_parked", item=rd.item_id, request_id=it.request_id,
                          attempts=attempts, error=rd.error)
                 self._parked_alert()
