@@ -32,6 +32,10 @@ LOCAL = ("status", "inspect", "restart", "inject", "stop", "help")
 SLOW = {"pairs.evaluate": 60.0, "verify": 60.0, "dlq.purge": 30.0}
 FAULTS = ("crash", "hang", "exit")
 MAX_REQUEST_BYTES = 65536
+# An action that ends this process (stop, restart or a fault of the admin itself) runs this
+# long after its reply: ZMQ sends from a background thread, and os._exit or the socket's
+# close would otherwise drop the reply the operator is waiting for.
+REPLY_FLUSH_S = 0.2
 
 
 class Admin(Worker):
@@ -46,6 +50,7 @@ class Admin(Worker):
         self.tokens = itertools.count(1)
         self.served = 0
         self.errors = 0
+        self.deferred: dict = {}  # key -> action to run REPLY_FLUSH_S after its reply
         self.after(0.1, "poll")
 
     def watch_fds(self) -> list:
@@ -70,6 +75,10 @@ class Admin(Worker):
             if not self._stopping:
                 self._drain()
                 self.after(0.1, "poll")
+        elif isinstance(payload, tuple) and payload[0] == "deferred":
+            action = self.deferred.pop(payload[1], None)
+            if action is not None:
+                action()
         elif isinstance(payload, tuple) and payload[0] == "timeout":
             if self.pending and self.pending[0] == payload[1]:
                 what = self.pending[3]
@@ -84,7 +93,7 @@ class Admin(Worker):
                 return
             self._handle(frames)
 
-    def _reply(self, reply: dict, after=None) -> None:
+    def _reply(self, reply: dict, after=None, defer: bool = False) -> None:
         self.pending = None
         if not reply.get("ok"):
             self.errors += 1
@@ -93,7 +102,11 @@ class Admin(Worker):
             self.sock.send(msgpack.packb(reply, use_bin_type=True, default=str))
         except zmq.ZMQError as exc:
             self.log("WARNING", "admin_reply_failed", error=exc)
-        if after:
+        if after and defer:
+            key = next(self.tokens)
+            self.deferred[key] = after
+            self.after(REPLY_FLUSH_S, ("deferred", key))
+        elif after:
             after()
 
     def _await(self, what: str, timeout: float) -> int:
@@ -161,7 +174,7 @@ class Admin(Worker):
         if name not in self.directory:
             return self._reply({"ok": False, "error": f"no running actor named {name!r}"})
         self._reply({"ok": True, "restarting": name},
-                    after=lambda: self.tell("root", RestartChild(name)))
+                    after=lambda: self.tell("root", RestartChild(name)), defer=name == self.name)
 
     def _cmd_inject(self, args) -> None:
         if not self.config["admin"]["allow_fault_injection"]:
@@ -170,15 +183,16 @@ class Admin(Worker):
         name, fault = args.get("actor"), args.get("fault")
         if fault not in FAULTS:
             return self._reply({"ok": False, "error": f"inject needs args.fault, one of {', '.join(FAULTS)}"})
-        addr = self.peer(name) if isinstance(name, str) else None
+        # itself: its own entry reaches its directory only after its (re)start is registered
+        addr = self.myAddress if name == self.name else self.peer(name) if isinstance(name, str) else None
         if addr is None:
             return self._reply({"ok": False, "error": f"no running actor named {name!r}"})
         self._reply({"ok": True, "injected": fault, "actor": name},
-                    after=lambda: self.send(addr, InjectFault(fault)))
+                    after=lambda: self.send(addr, InjectFault(fault)), defer=name == self.name)
 
     def _cmd_stop(self, args) -> None:
         self._reply({"ok": True, "stopping": True},
-                    after=lambda: self.tell("root", StopDaemon("admin stop")))
+                    after=lambda: self.tell("root", StopDaemon("admin stop")), defer=True)
 
     # ----- replies from actors ------------------------------------------------------------
     def on_message(self, msg, sender) -> None:

@@ -287,7 +287,9 @@ def main(argv: list[str]) -> int:
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=(cmd.__doc__ or "").strip().splitlines()[0], description=cmd.__doc__)
         cmd.add_args(p)
-        p.add_argument("--json", action="store_true", help="print the raw reply as JSON")
+        # SUPPRESS: without it the subcommand's default (False) overwrites a --json given before CMD
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print the raw reply as JSON")
     ns = parser.parse_args(argv)
     from . import config as cfgmod
     try:

@@ -64,24 +64,38 @@ class StatusRows:
     """Supervisor -> parent (forwarded up to the root): status rows of its subtree.
 
     rows: list of dicts {name, supervisor, state, pid, restarts, started_at, last_exit}.
+    at: time.monotonic() when the rows were made (one clock for every process of the
+    host). Thespian may deliver two reports of one supervisor out of order; the root
+    keeps, per row, only the newest.
     """
 
     rows: tuple
+    at: float = 0.0
 
 
 @dataclass(frozen=True)
 class Register:
-    """Supervisor -> parent (forwarded up to the root): name now lives at address (None: gone)."""
+    """Supervisor -> parent (forwarded up to the root): name now lives at address (None: gone).
+
+    at: time.monotonic() of the change where it happened; the root ignores a Register
+    older than the last one it applied for that name (Thespian may reorder them).
+    """
 
     name: str
     address: Any
+    at: float = 0.0
 
 
 @dataclass(frozen=True)
 class Directory:
-    """Root -> everyone (forwarded down): the whole name -> address registry."""
+    """Root -> everyone (forwarded down): the whole name -> address registry.
+
+    at: the root's time.monotonic() when this version was made; an actor ignores a
+    Directory older than the one it has (Thespian may reorder them).
+    """
 
     entries: dict
+    at: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -61,10 +61,9 @@ def kill_and_wait(pid: int, start_time: int | None, timeout_s: float = 3.0) -> b
         return True
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:  # reap it if it is our own child
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
+        # Never waitpid() here: a zombie already counts as gone, and reaping Thespian's own child
+        # would steal its exit status (multiprocessing then reports it alive forever and no
+        # ChildActorExited ever reaches the supervisor).
         if not alive(pid, start_time):
             return True
         time.sleep(0.005)
@@ -80,6 +79,22 @@ def ensure_gone(run_dir: str, name: str, timeout_s: float = 3.0) -> bool:
     if pid == os.getpid():
         return True
     return kill_and_wait(pid, st, timeout_s)
+
+
+def die_with_parent(expected_ppid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux PR_SET_PDEATHSIG).
+
+    An actor learns that its parent is gone at its next heartbeat tick, but ticks start
+    with Init: a child created just before its supervisor died never gets Init and would
+    linger forever. Elsewhere this is a no-op and the tick's ppid check remains."""
+    try:
+        import ctypes
+        if ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != expected_ppid:  # the parent died before the prctl
+        os._exit(70)
 
 
 def restore_fatal_signals() -> None:

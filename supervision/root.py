@@ -28,6 +28,8 @@ class RootSupervisor(Supervisor):
         super().__init__(*args, **kwargs)
         self.main = None
         self.table: dict[str, dict] = {}
+        self.row_at: dict[str, float] = {}  # name -> StatusRows.at of the report its row came from
+        self.registered_at: dict[str, float] = {}  # name -> Register.at of the change applied last
         self.ready_sent = False
         self.ready = False
         self.started_wall = time.time()
@@ -69,14 +71,22 @@ class RootSupervisor(Supervisor):
     # ----- aggregation instead of forwarding up ---------------------------------------------
     def forward_rows(self, msg: StatusRows) -> None:
         for row in msg.rows:
+            if msg.at < self.row_at.get(row["name"], 0.0):
+                continue  # an older report delivered after a newer one: keep the newer
+            self.row_at[row["name"]] = msg.at
             self.table[row["name"]] = dict(row)
         self._check_ready()
 
-    def registered(self, name: str, address) -> None:
+    def registered(self, name: str, address, at: float | None = None) -> None:
+        at = at or time.monotonic()
+        if at < self.registered_at.get(name, 0.0):
+            return  # an older change delivered after a newer one
+        self.registered_at[name] = at
         if address is None:
             self.directory.pop(name, None)
         else:
             self.directory[name] = address
+        self.directory_at = time.monotonic()
         self.on_directory()
 
     def _check_ready(self) -> None:

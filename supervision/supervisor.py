@@ -232,7 +232,7 @@ class Supervisor(Worker):
         elif isinstance(msg, StatusRows):
             self.forward_rows(msg)
         elif isinstance(msg, Register):
-            self.registered(msg.name, msg.address)
+            self.registered(msg.name, msg.address, msg.at)
         elif isinstance(msg, Escalated):
             log("ERROR", "child_escalated", actor=self.name, child=msg.name, reason=msg.reason)
             self.child_escalated(msg)
@@ -252,7 +252,7 @@ class Supervisor(Worker):
     def on_directory(self) -> None:
         for child in self.children.values():
             if child.address is not None:
-                self.send(child.address, Directory(self.directory))
+                self.send(child.address, Directory(self.directory, self.directory_at))
 
     def on_child_exited(self, msg) -> None:
         child = self._by_address(msg.childAddress)
@@ -432,9 +432,9 @@ class Supervisor(Worker):
         if self.supervisor is not None:
             self.send(self.supervisor, msg)
 
-    def registered(self, name: str, address) -> None:
+    def registered(self, name: str, address, at: float | None = None) -> None:
         if self.supervisor is not None:
-            self.send(self.supervisor, Register(name, address))
+            self.send(self.supervisor, Register(name, address, at or time.monotonic()))
 
     def inspect(self) -> dict:
         return {"children": [dict(r) for r in self.rows()],

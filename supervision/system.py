@@ -7,7 +7,16 @@ THESPIAN_BASE_IPADDR=127.0.0.1 (the advertised address) and replace the
 `bindArgs` property so every socket binds 127.0.0.1. The patch is applied in
 the daemon's main process before the system starts; Thespian forks the admin
 and every actor from it, so they inherit it. A test reads /proc/net/tcp of the
-daemon's processes to prove it. Never used for anything but that.
+daemon's processes to prove it.
+
+A second, equally small adaptation: Thespian's `_childExited` (run when a
+parent handles one `ChildActorExited`) re-polls every child process and
+silently drops any *other* child that died meanwhile, reaping it without a
+`ChildActorExited`; the SIGCHLD that follows then finds nothing. Two children
+dying close together (a one_for_all restart, a crash during a SIGKILL) thus
+lost one exit: the supervisor never restarted it and could not shut down.
+`patch_child_exit` makes `_childExited` report every dead child, as the
+SIGCHLD path does. Never used for anything but these two.
 """
 from __future__ import annotations
 
@@ -33,6 +42,21 @@ def patch_loopback() -> None:
     IPBase.IPActorAddress._pairlane_loopback = True
 
 
+def patch_child_exit() -> None:
+    from thespian.system import multiprocCommon
+
+    cls = multiprocCommon.MultiProcReplicator
+    if getattr(cls, "_pairlane_child_exit", False):
+        return
+
+    def _child_exited(self, childAddr):
+        # report (as ChildActorExited) every child found dead, instead of dropping the others
+        self.childDied()
+
+    cls._childExited = _child_exited
+    cls._pairlane_child_exit = True
+
+
 THESPIAN_LOG_DEFS = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -45,6 +69,7 @@ THESPIAN_LOG_DEFS = {
 def start_system(admin_port: int):
     """A multiprocTCPBase actor system on 127.0.0.1:admin_port."""
     patch_loopback()
+    patch_child_exit()
     from thespian.actors import ActorSystem
 
     return ActorSystem("multiprocTCPBase", {"Admin Port": admin_port}, logDefs=THESPIAN_LOG_DEFS,

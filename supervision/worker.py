@@ -12,6 +12,7 @@ retry and PoisonMessage are never used. Never contains application logic.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import time
@@ -39,10 +40,13 @@ class Worker(Actor):
         self.name = "?"
         self.config: dict = {}
         self.directory: dict = {}
+        self.directory_at = 0.0  # Directory.at of the version in self.directory
         self.supervisor = None
         self.main_pid = 0
         self.run_dir = ""
         self._ppid = os.getppid()
+        if multiprocessing.parent_process() is not None:  # an actor process (not simpleSystemBase)
+            procs.die_with_parent(self._ppid)
         self._stopping = False
         self._started_at = time.time()
         self.settings = None
@@ -119,8 +123,10 @@ class Worker(Actor):
         elif isinstance(msg, Init):
             self._init(msg, sender)
         elif isinstance(msg, Directory):
-            self.directory = dict(msg.entries)
-            self.on_directory()
+            if msg.at >= self.directory_at:  # else: an older version delivered after a newer one
+                self.directory_at = msg.at
+                self.directory = dict(msg.entries)
+                self.on_directory()
         elif isinstance(msg, InspectRequest):
             state = dict(self.inspect())
             state.setdefault("pid", os.getpid())

@@ -1,0 +1,136 @@
+"""Test actors for the supervision unit tests (tests/unit/test_supervision.py).
+
+Owns: small `Worker` subclasses with one misbehaviour each, and `ForwardingRoot`, a
+`RootSupervisor` that can forward a message to any actor of its tree by name
+(the only way a test outside the actor system reaches an actor whose address
+changes at every restart). Every worker appends one line per start to
+`<run_dir>/<name>.starts` ("pid monotonic_time overlap"), where overlap is 1
+when an older instance of the same name was still alive at that moment: the
+"never two instances of a child" check. Never used by the daemon.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from supervision import procs
+from supervision.root import RootSupervisor
+from supervision.worker import Worker
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Test -> ForwardingRoot: send `msg` to the actor registered as `name` (reply: Forwarded)."""
+
+    name: str
+    msg: Any
+
+
+@dataclass(frozen=True)
+class Forwarded:
+    """ForwardingRoot -> test: whether `name` was known (and the message sent)."""
+
+    name: str
+    sent: bool
+
+
+@dataclass(frozen=True)
+class Crash:
+    """-> Steady and subclasses: raise in the handler (let it crash)."""
+
+
+@dataclass(frozen=True)
+class Exit:
+    """-> Steady and subclasses: exit normally (ExitingNormally, then ActorExitRequest)."""
+
+
+@dataclass(frozen=True)
+class Hang:
+    """-> Steady and subclasses: block forever (no heartbeats)."""
+
+
+class ForwardingRoot(RootSupervisor):
+    """The real root supervisor plus `Forward`, for tests only."""
+
+    def on_message(self, msg, sender) -> None:
+        if isinstance(msg, Forward):
+            addr = self.directory.get(msg.name)
+            if addr is not None:
+                self.send(addr, msg.msg)
+            self.send(sender, Forwarded(msg.name, addr is not None))
+        else:
+            super().on_message(msg, sender)
+
+
+def starts_path(run_dir: str, name: str) -> str:
+    return os.path.join(run_dir, f"{name}.starts")
+
+
+def read_starts(run_dir: str, name: str) -> list[tuple[int, float, int]]:
+    """[(pid, monotonic start time, overlap)] of every start of `name`, oldest first."""
+    try:
+        with open(starts_path(run_dir, name)) as fh:
+            rows = [ln.split() for ln in fh if ln.strip()]
+    except FileNotFoundError:
+        return []
+    return [(int(p), float(t), int(o)) for p, t, o in rows]
+
+
+def _record_start(run_dir: str, name: str) -> None:
+    me = os.getpid()
+    overlap = any(pid != me and procs.alive(pid) for pid, _, _ in read_starts(run_dir, name))
+    with open(starts_path(run_dir, name), "a") as fh:
+        fh.write(f"{me} {time.monotonic():.6f} {int(overlap)}\n")
+
+
+class Steady(Worker):
+    """Does nothing but heartbeat; crashes, exits or hangs when told to."""
+
+    def on_start(self) -> None:
+        _record_start(self.run_dir, self.name)
+
+    def on_message(self, msg, sender) -> None:
+        if isinstance(msg, Crash):
+            raise RuntimeError("test crash")
+        if isinstance(msg, Exit):
+            self._graceful_exit("test exit")
+        elif isinstance(msg, Hang):
+            while True:
+                time.sleep(3600)
+
+    def on_stop(self) -> None:
+        with open(os.path.join(self.run_dir, "stop_order"), "a") as fh:
+            fh.write(self.name + "\n")
+
+
+class CrashLoop(Steady):
+    """Crashes 20 ms after every start: a restart storm by itself. Appends
+    "pid monotonic_time" to `<run_dir>/<name>.crashes` just before each crash."""
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.after(0.02, "crash")
+
+    def on_timer(self, payload) -> None:
+        if payload == "crash":
+            with open(os.path.join(self.run_dir, f"{self.name}.crashes"), "a") as fh:
+                fh.write(f"{os.getpid()} {time.monotonic():.6f}\n")
+            raise RuntimeError("crash loop")
+
+
+def read_crashes(run_dir: str, name: str) -> list[tuple[int, float]]:
+    """[(pid, monotonic crash time)] of every crash of a CrashLoop `name`, oldest first."""
+    try:
+        with open(os.path.join(run_dir, f"{name}.crashes")) as fh:
+            return [(int(p), float(t)) for p, t in (ln.split() for ln in fh if ln.strip())]
+    except FileNotFoundError:
+        return []
+
+
+class StubbornStop(Steady):
+    """Ignores the graceful Shutdown: its supervisor must SIGKILL it after shutdown_s."""
+
+    def _graceful_exit(self, reason: str) -> None:
+        self.log("INFO", "ignoring_shutdown", reason=reason)

@@ -1,0 +1,534 @@
+"""Supervision on a real multiprocTCPBase actor system: strategies, restart types,
+intensity and escalation, backoff, watchdog, graceful stop, orphans.
+
+Each test starts its own actor system on a free loopback port, a
+`ForwardingRoot` (the real RootSupervisor plus a test-only `Forward`), sends it
+`StartTree` with a small tree of test actors (tests/unit/support_actors.py)
+and observes it through `StatusRequest`/`StatusReply`, the `.starts` files the
+test actors write, and /proc. The fixture always shuts the system down and
+kills what is left of its process group, then fails the test if anything was.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from pairlane import config as cfgmod
+from supervision import procs
+from supervision.messages import (RestartChild, StartTree, StatusReply, StatusRequest, StopDaemon,
+                                  TreeStarted, TreeStopped)
+from supervision.spec import ChildSpec, Restart, Strategy, TreeSettings
+from supervision.supervisor import Supervisor
+from supervision.system import start_system
+from tests.harness import free_port, group_pids
+from tests.unit.support_actors import (Crash, CrashLoop, Exit, Forward, Forwarded, ForwardingRoot,
+                                       Hang, Steady, StubbornStop, read_crashes, read_starts)
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST = TreeSettings(max_restarts=5, window_s=10.0, backoff_min_s=0.02, backoff_max_s=0.5,
+                    heartbeat_s=0.1, heartbeat_timeout_s=1.0)
+
+
+class Tree:
+    """One actor system with one root supervisor running `spec`."""
+
+    def __init__(self, run_dir: str, spec: ChildSpec, settings: TreeSettings = FAST, main_pid: int | None = None):
+        self.run_dir = run_dir
+        self.spec = spec
+        self.port = free_port()
+        self.asys = start_system(self.port)
+        self.inbox: list = []
+        self.tokens = iter(range(1, 1_000_000))
+        self.pgid: int | None = None
+        self.seen_pids: set[int] = set()
+        self.root = self.asys.createActor(ForwardingRoot)
+        self.asys.tell(self.root, StartTree(spec=spec, settings=settings, config=cfgmod.load(None),
+                                            main_pid=main_pid or os.getpid(), run_dir=run_dir))
+
+    # ----- messages to the test (the asker) -----------------------------------------------
+    def _take(self, kind):
+        for i, m in enumerate(self.inbox):
+            if isinstance(m, kind):
+                return self.inbox.pop(i)
+        return None
+
+    def expect(self, kind, timeout: float = 5.0):
+        """The next message of type `kind` sent to the test (TreeStarted, TreeStopped, ...)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self._take(kind)
+            if got is not None:
+                return got
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {kind.__name__} within {timeout}s; inbox {self.inbox}")
+            msg = self.asys.listen(min(left, 0.2))
+            if msg is not None:
+                self.inbox.append(msg)
+
+    def got(self, kind) -> list:
+        """Every message of type `kind` received so far (without waiting)."""
+        while True:
+            msg = self.asys.listen(0.01)
+            if msg is None:
+                break
+            self.inbox.append(msg)
+        return [m for m in self.inbox if isinstance(m, kind)]
+
+    def started(self, timeout: float = 10.0) -> dict:
+        msg = self.expect(TreeStarted, timeout)
+        self.pgid = msg.pgid
+        return self.status()
+
+    # ----- status ---------------------------------------------------------------------------------
+    def status_reply(self, timeout: float = 2.0) -> StatusReply:
+        token = next(self.tokens)
+        deadline = time.monotonic() + timeout
+        msg = self.asys.ask(self.root, StatusRequest(token), timeout)
+        while True:
+            if isinstance(msg, StatusReply) and msg.token == token:
+                for r in msg.rows:
+                    if r["pid"]:
+                        self.seen_pids.add(r["pid"])
+                return msg
+            if msg is not None and not isinstance(msg, StatusReply):
+                self.inbox.append(msg)  # TreeStarted/TreeStopped/Forwarded arrive on the same channel
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no StatusReply within {timeout}s")
+            msg = self.asys.listen(left)
+
+    def status(self, timeout: float = 2.0) -> dict:
+        return {r["name"]: r for r in self.status_reply(timeout).rows}
+
+    def pids(self) -> dict:
+        return {n: r["pid"] for n, r in self.status().items()}
+
+    def wait(self, pred, timeout: float = 5.0, what: str = "condition") -> dict:
+        deadline = time.monotonic() + timeout
+        rows = None
+        while time.monotonic() < deadline:
+            rows = self.status()
+            if pred(rows):
+                return rows
+            time.sleep(0.02)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}; last status:\n"
+                             + "\n".join(str(r) for r in (rows or {}).values()))
+
+    def wait_running(self, name: str, restarts: int, timeout: float = 5.0) -> dict:
+        return self.wait(lambda r: r[name]["state"] == "RUNNING" and r[name]["restarts"] >= restarts,
+                         timeout, f"{name} RUNNING with restarts>={restarts}")
+
+    def forward(self, name: str, msg) -> None:
+        self.asys.tell(self.root, Forward(name, msg))
+        reply = self.expect(Forwarded, 5.0)
+        assert reply.sent, f"{name} is not registered at the root"
+
+    # ----- teardown -------------------------------------------------------------------------------
+    def close(self) -> list[int]:
+        """Shut the system down; SIGKILL what is left of its process group. Returns survivors."""
+        try:
+            self.asys.shutdown()
+        except Exception:
+            pass
+        pgid = self.pgid
+        if pgid is None:
+            for pid in self.seen_pids:
+                try:
+                    pgid = os.getpgid(pid)
+                    break
+                except OSError:
+                    continue
+        survivors = []
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            survivors = sorted(set(group_pids(pgid) if pgid else []) |
+                               {p for p in self.seen_pids if procs.alive(p)})
+            if not survivors:
+                return []
+            time.sleep(0.05)
+        self.survivor_info = {pid: _describe(pid) for pid in survivors}
+        for pid in survivors:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if pgid:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except OSError:
+                pass
+        return survivors
+
+
+def _describe(pid: int) -> str:
+    """ppid, state and the actor name (from its pidfile-less view: the last log line is not ours)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            st = dict(ln.split(":", 1) for ln in fh if ":" in ln)
+        return f"ppid={st['PPid'].strip()} state={st['State'].strip()}"
+    except OSError:
+        return "gone"
+
+
+@pytest.fixture
+def make_tree(tmp_path):
+    trees: list[Tree] = []
+
+    def factory(spec: ChildSpec, settings: TreeSettings = FAST, main_pid: int | None = None,
+                wait: bool = True) -> Tree:
+        t = Tree(str(tmp_path / f"run{len(trees)}"), spec, settings, main_pid)
+        trees.append(t)
+        if wait:
+            t.started()
+        return t
+
+    yield factory
+    left, info = [], {}
+    for t in trees:
+        left += t.close()
+        info.update(getattr(t, "survivor_info", {}))
+    assert not left, f"actor processes left behind (killed now): {info}"
+
+
+def root_spec(*children: ChildSpec, strategy=Strategy.ONE_FOR_ONE, max_restarts=None, window_s=None) -> ChildSpec:
+    return ChildSpec("root", ForwardingRoot, children=tuple(children), strategy=strategy,
+                     max_restarts=max_restarts, window_s=window_s)
+
+
+def steady(name: str, restart=Restart.PERMANENT, **kw) -> ChildSpec:
+    return ChildSpec(name, Steady, restart, shutdown_s=kw.pop("shutdown_s", 2.0), **kw)
+
+
+def gone(pid: int, timeout: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while procs.alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def no_overlap(run_dir: str, *names: str) -> None:
+    for name in names:
+        starts = read_starts(run_dir, name)
+        assert starts, f"{name} never started"
+        assert not [s for s in starts if s[2]], f"two instances of {name} alive at once: {starts}"
+
+
+# ----- strategies ---------------------------------------------------------------------------------
+def test_tree_starts_children_in_order_and_reports_them_running(make_tree):
+    t = make_tree(root_spec(steady("a"), steady("b"), steady("c")))
+    rows = t.status()
+    assert list(rows) == ["root", "a", "b", "c"]
+    assert t.status_reply().ready is True
+    for n in "abc":
+        assert rows[n]["state"] == "RUNNING" and rows[n]["restarts"] == 0 and rows[n]["supervisor"] == "root"
+        assert procs.alive(rows[n]["pid"])
+    starts = [read_starts(t.run_dir, n)[0][1] for n in "abc"]
+    assert starts == sorted(starts)
+
+
+def test_one_for_one_restarts_only_the_crashed_child(make_tree):
+    t = make_tree(root_spec(steady("a"), steady("b"), steady("c")))
+    before = t.pids()
+    t.forward("b", Crash())
+    rows = t.wait_running("b", 1)
+    assert rows["b"]["pid"] != before["b"] and rows["b"]["last_exit"] == "crashed"
+    assert gone(before["b"])
+    for n in "ac":
+        assert rows[n]["pid"] == before[n] and rows[n]["restarts"] == 0
+    time.sleep(0.3)  # nothing else happens afterwards
+    rows = t.status()
+    assert [rows[n]["pid"] for n in "abc"] == [before["a"], rows["b"]["pid"], before["c"]]
+    no_overlap(t.run_dir, "a", "b", "c")
+
+
+def test_one_for_all_restarts_every_sibling(make_tree):
+    t = make_tree(root_spec(steady("a"), steady("b"), steady("c"), strategy=Strategy.ONE_FOR_ALL))
+    before = t.pids()
+    os.kill(before["b"], signal.SIGKILL)
+    rows = t.wait(lambda r: all(r[n]["state"] == "RUNNING" and r[n]["restarts"] == 1 for n in "abc"),
+                  what="a, b, c restarted once")
+    for n in "abc":
+        assert rows[n]["pid"] != before[n]
+        assert gone(before[n])
+    assert rows["b"]["last_exit"] == "crashed"
+    assert rows["a"]["last_exit"] == rows["c"]["last_exit"] == "stopped"
+    assert rows["root"]["pid"] == before["root"]
+    no_overlap(t.run_dir, "a", "b", "c")
+
+
+@pytest.mark.parametrize("victim,restarted", [("a", "abc"), ("b", "bc"), ("c", "c")])
+def test_rest_for_one_restarts_the_child_and_those_started_after_it(make_tree, victim, restarted):
+    t = make_tree(root_spec(steady("a"), steady("b"), steady("c"), strategy=Strategy.REST_FOR_ONE))
+    before = t.pids()
+    t.forward(victim, Crash())
+    rows = t.wait(lambda r: all(r[n]["state"] == "RUNNING" and r[n]["restarts"] == 1 for n in restarted),
+                  what=f"{restarted} restarted")
+    time.sleep(0.2)
+    rows = t.status()
+    for n in "abc":
+        if n in restarted:
+            assert rows[n]["pid"] != before[n] and rows[n]["restarts"] == 1, rows[n]
+        else:
+            assert rows[n]["pid"] == before[n] and rows[n]["restarts"] == 0, rows[n]
+    no_overlap(t.run_dir, "a", "b", "c")
+
+
+# ----- restart types ---------------------------------------------------------------------------------
+def test_permanent_child_is_restarted_even_after_a_normal_exit(make_tree):
+    t = make_tree(root_spec(steady("p")))
+    before = t.pids()["p"]
+    t.forward("p", Exit())
+    rows = t.wait_running("p", 1)
+    assert rows["p"]["pid"] != before and rows["p"]["last_exit"] == "exited normally"
+
+
+def test_transient_child_is_restarted_after_a_crash_but_not_after_a_normal_exit(make_tree):
+    t = make_tree(root_spec(steady("t_exit", Restart.TRANSIENT), steady("t_crash", Restart.TRANSIENT)))
+    before = t.pids()
+    t.forward("t_exit", Exit())
+    t.forward("t_crash", Crash())
+    rows = t.wait_running("t_crash", 1)
+    assert rows["t_crash"]["pid"] != before["t_crash"] and rows["t_crash"]["last_exit"] == "crashed"
+    rows = t.wait(lambda r: r["t_exit"]["state"] == "STOPPED", what="t_exit STOPPED")
+    time.sleep(0.5)
+    rows = t.status()
+    assert rows["t_exit"]["state"] == "STOPPED" and rows["t_exit"]["pid"] is None
+    assert rows["t_exit"]["restarts"] == 0 and rows["t_exit"]["last_exit"] == "exited normally"
+    assert gone(before["t_exit"])
+    assert len(read_starts(t.run_dir, "t_exit")) == 1
+    assert t.status_reply().ready is False  # not every child is RUNNING any more
+
+
+def test_temporary_child_is_never_restarted(make_tree):
+    t = make_tree(root_spec(steady("tmp_crash", Restart.TEMPORARY), steady("tmp_kill", Restart.TEMPORARY),
+                            steady("perm")))
+    before = t.pids()
+    t.forward("tmp_crash", Crash())
+    os.kill(before["tmp_kill"], signal.SIGKILL)
+    t.wait(lambda r: r["tmp_crash"]["state"] == "STOPPED" and r["tmp_kill"]["state"] == "STOPPED",
+           what="temporary children STOPPED")
+    time.sleep(0.5)
+    rows = t.status()
+    for n in ("tmp_crash", "tmp_kill"):
+        assert rows[n]["state"] == "STOPPED" and rows[n]["pid"] is None and rows[n]["restarts"] == 0
+        assert len(read_starts(t.run_dir, n)) == 1
+    assert rows["perm"]["pid"] == before["perm"] and rows["perm"]["state"] == "RUNNING"
+
+
+def test_operator_restart_is_counted_in_restarts_but_not_as_a_crash(make_tree):
+    t = make_tree(root_spec(steady("a"), steady("b"), max_restarts=1))
+    before = t.pids()
+    for i in range(1, 4):
+        t.asys.tell(t.root, RestartChild("a"))
+        rows = t.wait_running("a", i)
+    assert rows["a"]["restarts"] == 3 and rows["a"]["last_exit"] == "operator restart"
+    assert rows["b"]["pid"] == before["b"]
+    assert not t.got(TreeStopped)  # three restarts with max_restarts=1: no escalation
+    no_overlap(t.run_dir, "a")
+
+
+# ----- intensity and escalation -----------------------------------------------------------------------
+def test_root_past_its_intensity_gives_up_and_tells_the_main_process_exit_code_1(make_tree):
+    t = make_tree(root_spec(steady("a"), steady("b"), max_restarts=2, window_s=10.0))
+    before = t.pids()
+    for i in range(1, 3):
+        t.forward("a", Crash())
+        t.wait_running("a", i)
+    t.forward("a", Crash())  # third crash within the window: 3 > max_restarts
+    stopped = t.expect(TreeStopped, 5.0)
+    assert stopped.exit_code == 1 and "3 crashes" in stopped.reason, stopped
+    rows = t.wait(lambda r: r["a"]["state"] == "FATAL" and r["b"]["state"] == "FATAL", what="FATAL")
+    assert rows["b"]["pid"] is None and gone(before["b"])  # siblings are stopped, not left running
+
+
+def test_child_supervisor_escalates_and_its_parent_restarts_it(make_tree):
+    sub = ChildSpec("sub", Supervisor, children=(steady("w"), steady("v")), max_restarts=1, window_s=10.0)
+    t = make_tree(root_spec(sub, steady("z"), max_restarts=5))
+    before = t.pids()
+    t.forward("w", Crash())
+    t.wait_running("w", 1)
+    t.forward("w", Crash())  # 2 > 1 in sub: sub gives up, crashes; root restarts it
+    rows = t.wait(lambda r: r["sub"]["restarts"] == 1 and all(r[n]["state"] == "RUNNING" for n in ("sub", "w", "v"))
+                  and r["w"]["pid"] not in (before["w"], None) and r["v"]["pid"] != before["v"],
+                  what="sub restarted with fresh w, v")
+    assert rows["sub"]["pid"] != before["sub"] and rows["sub"]["last_exit"] == "crashed"
+    assert rows["w"]["restarts"] == 0  # a fresh supervisor instance, fresh counters
+    assert rows["z"]["pid"] == before["z"] and rows["root"]["pid"] == before["root"]
+    for n in ("sub", "w", "v"):
+        assert gone(before[n])
+    assert not t.got(TreeStopped)
+    no_overlap(t.run_dir, "w", "v")
+
+
+def test_escalation_reaching_a_root_past_its_intensity_stops_the_tree_with_exit_code_1(make_tree):
+    sub = ChildSpec("sub", Supervisor, children=(steady("w"),), max_restarts=0, window_s=10.0)
+    t = make_tree(root_spec(sub, steady("z"), max_restarts=0))
+    before = t.pids()
+    t.forward("w", Crash())
+    stopped = t.expect(TreeStopped, 5.0)
+    assert stopped.exit_code == 1 and "sub" in stopped.reason, stopped
+    t.wait(lambda r: r["sub"]["state"] == "FATAL" and r["z"]["state"] == "FATAL", what="FATAL")
+    for n in ("sub", "w", "z"):
+        assert gone(before[n])
+
+
+# ----- backoff -------------------------------------------------------------------------------------------
+def test_backoff_delay_is_exponential_with_jitter_and_capped():
+    sup = SimpleNamespace(settings=TreeSettings(backoff_min_s=0.05, backoff_max_s=1.0))
+    for n in range(1, 10):
+        base = min(1.0, 0.05 * 2 ** (n - 1))
+        delays = [Supervisor._backoff(sup, n) for _ in range(200)]
+        assert all(base * 0.5 <= d <= base for d in delays), (n, min(delays), max(delays))
+        assert max(delays) - min(delays) > base * 0.2  # jittered, not constant
+
+
+def test_restarts_back_off_exponentially_with_consecutive_crashes(make_tree):
+    settings = TreeSettings(max_restarts=100, window_s=60.0, backoff_min_s=0.1, backoff_max_s=5.0,
+                            heartbeat_s=0.1, heartbeat_timeout_s=1.0)
+    t = make_tree(root_spec(ChildSpec("loop", CrashLoop), steady("calm")), settings, wait=False)
+    deadline = time.monotonic() + 15
+    while len(read_starts(t.run_dir, "loop")) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    starts = [s[1] for s in read_starts(t.run_dir, "loop")][:6]
+    crashes = [c[1] for c in read_crashes(t.run_dir, "loop")][:5]
+    assert len(starts) == 6 and len(crashes) == 5, (starts, crashes)
+    # crash k -> next start waits 0.1 * 2**(k-1) * [0.5, 1] s (+ the time to start a process):
+    # 0.05-0.1, 0.1-0.2, 0.2-0.4, 0.4-0.8, 0.8-1.6
+    gaps = [start - crash for crash, start in zip(crashes, starts[1:])]
+    assert gaps[0] >= 0.05 and gaps[2] >= 0.2 and gaps[4] >= 0.8, gaps
+    assert gaps[3] > gaps[0] + 0.15 and gaps[4] > gaps[1] + 0.3 and gaps[4] > gaps[2], gaps
+    assert t.status()["calm"]["restarts"] == 0  # the storm stays with its child (one_for_one)
+    no_overlap(t.run_dir, "loop")
+
+
+def test_status_answers_promptly_during_a_restart_storm(make_tree):
+    settings = TreeSettings(max_restarts=10_000, window_s=60.0, backoff_min_s=0.001, backoff_max_s=0.01,
+                            heartbeat_s=0.1, heartbeat_timeout_s=1.0)
+    t = make_tree(root_spec(ChildSpec("loop", CrashLoop), steady("calm")), settings, wait=False)
+    t.wait(lambda r: "loop" in r and r["loop"]["restarts"] >= 3, what="the storm to start")
+    latencies, restarts = [], []
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end:
+        t0 = time.monotonic()
+        rows = t.status(timeout=2.0)
+        latencies.append(time.monotonic() - t0)
+        restarts.append(rows["loop"]["restarts"])
+        time.sleep(0.02)
+    assert restarts[-1] >= restarts[0] + 5, restarts  # the storm went on ...
+    assert max(latencies) < 1.0, sorted(latencies)[-5:]  # ... and status never waited for it
+    assert rows["calm"]["restarts"] == 0 and rows["calm"]["state"] == "RUNNING"
+    no_overlap(t.run_dir, "loop")
+
+
+# ----- watchdog, supervisor kill, stop, orphans ----------------------------------------------------------
+def test_hung_child_is_killed_by_the_watchdog_and_restarted(make_tree):
+    t = make_tree(root_spec(steady("h", heartbeat_timeout_s=0.5), steady("ok")))
+    before = t.pids()
+    t0 = time.monotonic()
+    t.forward("h", Hang())
+    rows = t.wait_running("h", 1, timeout=5.0)
+    took = time.monotonic() - t0
+    assert rows["h"]["last_exit"] == "hung (watchdog kill)" and rows["h"]["pid"] != before["h"]
+    assert 0.4 < took < 3.0, took
+    assert gone(before["h"], 0.1)
+    assert rows["ok"]["pid"] == before["ok"]
+
+
+def test_sigkill_of_a_supervisor_restarts_its_subtree_without_two_instances_alive(make_tree):
+    sub = ChildSpec("sub", Supervisor, children=(steady("w"), steady("v")), strategy=Strategy.REST_FOR_ONE)
+    t = make_tree(root_spec(sub, steady("z")))
+    before = t.pids()
+    os.kill(before["sub"], signal.SIGKILL)
+    rows = t.wait(lambda r: r["sub"]["restarts"] == 1 and all(r[n]["state"] == "RUNNING" for n in ("sub", "w", "v"))
+                  and r["w"]["pid"] != before["w"] and r["v"]["pid"] != before["v"],
+                  what="subtree restarted")
+    for n in ("sub", "w", "v"):
+        assert gone(before[n]), f"old {n} ({before[n]}) still alive"
+    assert rows["z"]["pid"] == before["z"] and rows["z"]["restarts"] == 0
+    no_overlap(t.run_dir, "w", "v")
+    # and the restarted subtree works: a crash below it is handled by the new supervisor
+    t.forward("v", Crash())
+    rows = t.wait_running("v", 1)
+    assert rows["w"]["restarts"] == 0
+
+
+def test_stop_stops_children_in_reverse_start_order_and_reports_exit_code_0(make_tree):
+    t = make_tree(root_spec(steady("a"), steady("b"), steady("c")))
+    before = t.pids()
+    t.asys.tell(t.root, StopDaemon("test stop"))
+    stopped = t.expect(TreeStopped, 10.0)
+    assert stopped.exit_code == 0 and stopped.reason == "test stop"
+    with open(os.path.join(t.run_dir, "stop_order")) as fh:
+        assert fh.read().split() == ["c", "b", "a"]
+    rows = t.status()
+    for n in "abc":
+        assert rows[n]["state"] == "STOPPED" and rows[n]["restarts"] == 0
+        assert gone(before[n])
+
+
+def test_child_ignoring_shutdown_is_killed_after_its_shutdown_timeout(make_tree):
+    t = make_tree(root_spec(steady("a"), ChildSpec("stubborn", StubbornStop, shutdown_s=0.3)))
+    before = t.pids()
+    t0 = time.monotonic()
+    t.asys.tell(t.root, StopDaemon("test stop"))
+    assert t.expect(TreeStopped, 10.0).exit_code == 0
+    assert 0.25 < time.monotonic() - t0 < 3.0
+    rows = t.status()
+    assert rows["stubborn"]["last_exit"] == "killed (shutdown timeout)"
+    assert gone(before["stubborn"]) and gone(before["a"])
+
+
+def test_every_actor_process_exits_when_the_main_process_is_gone(make_tree):
+    main = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        sub = ChildSpec("sub", Supervisor, children=(steady("w"),))
+        t = make_tree(root_spec(sub, steady("z")), main_pid=main.pid)
+        pgid = t.pgid
+        assert len(group_pids(pgid)) >= 5  # admin, logger, root, sub, w, z
+    finally:
+        main.kill()
+        main.wait()
+    deadline = time.monotonic() + 5.0
+    while group_pids(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert group_pids(pgid) == [], "actor system outlived the main process"
+
+
+def test_an_actor_process_dies_with_its_parent_even_before_its_first_message():
+    """procs.die_with_parent (called in Worker.__init__): a child created just before its
+    supervisor died never gets Init, so its heartbeat tick never checks for orphanhood."""
+    script = (
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {str(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))!r})\n"
+        "from supervision import procs\n"
+        "parent = os.getpid()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    procs.die_with_parent(parent)\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "print(pid, flush=True)\n"
+        "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        time.sleep(0.2)
+        assert procs.alive(child)
+    finally:
+        parent.kill()
+        parent.wait()
+    try:
+        assert gone(child, 2.0), "the child outlived its parent"
+    finally:
+        if procs.alive(child):
+            os.kill(child, signal.SIGKILL)
