@@ -17,15 +17,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pairlane import codec
-from pairlane.store import meta_from_message
+from pairlane.store import Store, StoreError, meta_from_message
 
 from .base import PairlaneActor
 from .messages import (AdminCommand, BeginRequest, ChunkDurable, ChunkRejected, Inbound, Inventory,
-                       InventoryRequest, LiveDone, Lookup, LookupReply, Outbound, SetStatus, SweepStale,
+                       InventoryRequest, LiveDone, Lookup, LookupReply, Outbound, SetStatus, SweepDone, SweepStale,
                        WriteChunk, WriteLive)
 
 RECENT_DONE = 10000
 LOOKUP_TIMEOUT_S = 10.0
+LOCAL_LOOKUP_GRACE_S = 10.0
+BULK_ROWS = 1024        # chunks with more rows are "big": at most BULK_WINDOW of them at the writer
+BULK_WINDOW = 2
+INFLIGHT_TIMEOUT_S = 120.0  # no answer from writer/dlq for this long: the chunk is presumed lost
 
 
 @dataclass
@@ -92,6 +96,15 @@ class Assembler(PairlaneActor):
         if self.dlq is not None:
             self.send(self.dlq, InventoryRequest())
         self.last_sweep = time.monotonic()
+        self.started = time.monotonic()
+        self.status_sent: collections.OrderedDict = collections.OrderedDict()  # rids with status changes sent
+        self.sweep_pending = False          # a SweepStale the writer has not confirmed yet
+        self.bulk_waiting: collections.deque = collections.deque()  # big chunks not yet sent to the writer
+        self.bulk_at_writer = 0
+        self.reader = Store(self.config["store"]["path"], busy_timeout_ms=100)
+
+    def on_stop(self) -> None:
+        self.reader.close()
 
     def inspect(self) -> dict:
         return {"requests_in_flight": len(self.reqs),
@@ -100,6 +113,7 @@ class Assembler(PairlaneActor):
                 "rows_in_flight": sum(n for r in self.reqs.values() for n, _ in r.inflight.values()),
                 "lookups_pending": len(self.lookups), "live_batches_pending": len(self.live),
                 "dlq_inventory_chunks": sum(len(v) for v in self.inventory.values()),
+                "big_chunks_at_writer": self.bulk_at_writer, "big_chunks_waiting": len(self.bulk_waiting),
                 "recent_results": len(self.recent), **dict(self.stats)}
 
     # ----- plumbing ----------------------------------------------------------------------------
@@ -124,9 +138,13 @@ class Assembler(PairlaneActor):
 
     def on_directory(self) -> None:
         writer, dlq = self.peer("writer"), self.peer("dlq")
-        if writer != self.writer:
-            # a restarted writer lost what we had sent it: those chunks are no longer in flight
+        if writer != self.writer or (dlq != self.dlq and self.dlq is not None):
+            # a restarted writer (or dlq, which may have held a batch from the writer) lost what
+            # we had sent: those chunks are no longer in flight; producers resend them
             self.writer = writer
+            self.sweep_pending = False
+            self.bulk_waiting.clear()   # their seqs are in req.inflight: resolved just below
+            self.bulk_at_writer = 0
             for req in self.reqs.values():
                 for seq in req.inflight:
                     self.resolved.append((req.rid, seq))
@@ -157,6 +175,8 @@ class Assembler(PairlaneActor):
             self._rejected(msg)
         elif isinstance(msg, LookupReply):
             self._looked_up(msg)
+        elif isinstance(msg, SweepDone):
+            self.sweep_pending = False
         elif isinstance(msg, LiveDone):
             self._live_done(msg)
         elif isinstance(msg, Inventory):
@@ -190,12 +210,41 @@ class Assembler(PairlaneActor):
         handler(inb, rid)
 
     def _start_lookup(self, inb: Inbound, rid: str) -> None:
+        row = self._local_lookup(rid)
+        if row is not False:
+            self.lookups[rid] = (time.monotonic(), [inb])
+            return self._looked_up(LookupReply(rid, row))
         if self.writer is None:
             if inb.raw is not None:
                 self.resolved.append((rid, inb.msg.get("seq", 0)))
             return self._err(inb.identity, "unavailable", "pairlane's writer is restarting", rid, 1.0)
         self.lookups[rid] = (time.monotonic(), [inb])
         self.send(self.writer, Lookup(rid))
+
+    def _local_lookup(self, rid: str):
+        """The database's view of rid read here (no queueing behind bulk writes at the writer), or
+        False when only the writer can answer in order: a status change for rid was sent to it and
+        may not be applied yet, or this assembler has just started (its predecessor's changes may
+        still be queued there)."""
+        if rid in self.status_sent or self.sweep_pending or \
+                time.monotonic() - self.started < LOCAL_LOOKUP_GRACE_S:
+            return False
+        try:
+            if not self.reader.open_readonly():
+                return None
+            return self.reader.lookup(rid)
+        except StoreError:
+            self.reader.close()
+            return False
+
+    def _to_writer_status(self, msg) -> None:
+        """Send a status change to the writer, remembering that lookups of it must go through there."""
+        rid = msg.meta["request_id"] if isinstance(msg, BeginRequest) else msg.request_id
+        self.status_sent[rid] = None
+        self.status_sent.move_to_end(rid)
+        while len(self.status_sent) > RECENT_DONE:
+            self.status_sent.popitem(last=False)
+        self.send(self.writer, msg)
 
     def _busy_check(self, inb: Inbound, rid: str) -> bool:
         active = sum(1 for r in self.reqs.values() if r.status == "receiving") + len(self.lookups)
@@ -257,8 +306,8 @@ class Assembler(PairlaneActor):
             req.durable.setdefault(seq, (rows, "dlq"))
         self.reqs[rid] = req
         self.stats["begun"] += 1
-        if row is None or row["status"] in ("failed", "abandoned"):
-            self.send(self.writer, BeginRequest(meta))
+        if row is not None and row["status"] in ("failed", "abandoned"):
+            self._to_writer_status(BeginRequest(meta))  # start over; a new request's row comes with its first chunk
         if req.kind == "result":
             return self._on_chunk(Inbound(inb.identity, dict(inb.msg, seq=0), inb.raw, inb.nrows, inb.bad,
                                           inb.received_at, inb.origin, inb.reply_to), rid)
@@ -340,7 +389,24 @@ class Assembler(PairlaneActor):
             self.resolved.append(key)
             return self._err(inb.identity, "unavailable", "pairlane's writer is restarting", rid, 1.0)
         req.inflight[seq] = (inb.nrows, time.monotonic())
-        self.send(self.writer, WriteChunk(req.meta, seq, inb.raw, inb.nrows, reply_to=self.myAddress))
+        work = WriteChunk(req.meta, seq, inb.raw, inb.nrows, reply_to=self.myAddress)
+        if inb.nrows > BULK_ROWS:
+            # Thespian delivers our messages to the writer in order, one per turn of its loop: a
+            # small result's chunk must never queue behind more than BULK_WINDOW big ones.
+            self.bulk_waiting.append(work)
+            self._feed_bulk()
+        else:
+            self.send(self.writer, work)
+
+    def _feed_bulk(self) -> None:
+        while self.bulk_waiting and self.bulk_at_writer < BULK_WINDOW and self.writer is not None:
+            work = self.bulk_waiting.popleft()
+            req = self.reqs.get(work.meta["request_id"])
+            if req is None or work.seq not in req.inflight:
+                self.resolved.append((work.meta["request_id"], work.seq))  # aborted or abandoned meanwhile
+                continue
+            self.bulk_at_writer += 1
+            self.send(self.writer, work)
 
     def _durable(self, msg: ChunkDurable) -> None:
         key = (msg.request_id, msg.seq)
@@ -348,9 +414,10 @@ class Assembler(PairlaneActor):
         if msg.location == "dlq":
             self.inventory.setdefault(msg.request_id, {})[msg.seq] = msg.nrows
         req = self.reqs.get(msg.request_id)
+        sent = req.inflight.pop(msg.seq, None) if req is not None else None
+        self._bulk_done(sent, msg.nrows)
         if req is None:
             return
-        sent = req.inflight.pop(msg.seq, None)
         if sent is not None:
             self.metrics.observe("pairlane_chunk_assembly_seconds", time.monotonic() - sent[1])
         if msg.status == "discarded":
@@ -369,13 +436,13 @@ class Assembler(PairlaneActor):
             rows = sum(r for r, _ in req.durable.values())
             if rows != req.meta["total_trades"]:
                 req.status = "failed"
-                self.send(self.writer, SetStatus(req.rid, "failed",
+                self._to_writer_status(SetStatus(req.rid, "failed",
                                                  f"rows add up to {rows}, total_trades is {req.meta['total_trades']}"))
             else:
                 req.status = "complete"
                 loc = req.location()
                 if loc == "dlq":
-                    self.send(self.writer, SetStatus(req.rid, "spooled"))
+                    self._to_writer_status(SetStatus(req.rid, "spooled"))
                 self._remember(req.rid, req.meta, loc)
                 self.metrics.inc("pairlane_results_total", outcome="stored_" + loc)
                 self.metrics.observe("pairlane_result_receive_seconds", time.time() - req.began_at)
@@ -395,6 +462,13 @@ class Assembler(PairlaneActor):
             identity, req.end_waiting = req.end_waiting, None
             self._answer_end(req, identity)
 
+    def _bulk_done(self, sent, nrows=None) -> None:
+        """A chunk came back from the writer: if it was a big one, let the next big one go."""
+        rows = sent[0] if sent is not None else nrows
+        if rows is not None and rows > BULK_ROWS and self.bulk_at_writer > 0:
+            self.bulk_at_writer -= 1
+            self._feed_bulk()
+
     def _remember(self, rid: str, meta: dict, location: str) -> None:
         self.recent[rid] = (self._recent_key(meta), meta["total_trades"], location)
         self.recent.move_to_end(rid)
@@ -404,9 +478,10 @@ class Assembler(PairlaneActor):
     def _rejected(self, msg: ChunkRejected) -> None:
         self.resolved.append((msg.request_id, msg.seq))
         req = self.reqs.get(msg.request_id)
+        sent = req.inflight.pop(msg.seq, None) if req is not None else None
+        self._bulk_done(sent, None)
         if req is None:
             return
-        req.inflight.pop(msg.seq, None)
         self._err(req.identity, msg.code, msg.message, req.rid, msg.retry_after_s)
 
     def _live_done(self, msg: LiveDone) -> None:
@@ -465,13 +540,21 @@ class Assembler(PairlaneActor):
             for seq in req.inflight:
                 self.resolved.append((rid, seq))
         if self.writer is not None:
-            self.send(self.writer, SetStatus(rid, "abandoned", "aborted by producer"))
+            self._to_writer_status(SetStatus(rid, "abandoned", "aborted by producer"))
         self.metrics.inc("pairlane_results_total", outcome="aborted")
         self._reply(inb.identity, {"type": "aborted", "request_id": rid})
 
     # ----- timers -----------------------------------------------------------------------------------
     def tick(self) -> None:
         now = time.monotonic()
+        for req in self.reqs.values():  # safety net: a chunk whose answer was lost is not in flight forever
+            for seq, (rows, sent_at) in list(req.inflight.items()):
+                if now - sent_at > INFLIGHT_TIMEOUT_S and not any(
+                        w.meta["request_id"] == req.rid and w.seq == seq for w in self.bulk_waiting):
+                    req.inflight.pop(seq)
+                    self.resolved.append((req.rid, seq))
+                    self._bulk_done((rows, sent_at))
+                    self.log("WARNING", "chunk_answer_lost", request_id=req.rid, seq=seq)
         for rid, req in list(self.reqs.items()):
             idle = now - req.last_activity
             if req.status == "receiving" and not req.inflight and idle > self.timeout_s:
@@ -481,7 +564,7 @@ class Assembler(PairlaneActor):
                 self.log("WARNING", "request_abandoned", request_id=rid, idle_s=f"{idle:.1f}",
                          durable=len(req.durable), total_chunks=req.meta["total_chunks"])
                 if self.writer is not None:
-                    self.send(self.writer, SetStatus(rid, "abandoned", f"idle for {idle:.0f}s"))
+                    self._to_writer_status(SetStatus(rid, "abandoned", f"idle for {idle:.0f}s"))
             elif req.status != "receiving" and idle > min(self.timeout_s, 30.0) and not req.inflight:
                 self.reqs.pop(rid)
         for rid, (sent_at, queued) in list(self.lookups.items()):
@@ -495,6 +578,7 @@ class Assembler(PairlaneActor):
             self.last_sweep = now
             # a request with chunks waiting in the dlq is stored, never stale (PROTOCOL section 1)
             active = frozenset(self.reqs) | frozenset(self.lookups) | frozenset(self.inventory)
+            self.sweep_pending = True
             self.send(self.writer, SweepStale(time.time() - self.timeout_s, active))
             if self.dlq is not None:
                 self.send(self.dlq, InventoryRequest())  # landed or purged items drop out

@@ -182,6 +182,11 @@ class SweepStale:
 
 
 @dataclass(frozen=True)
+class SweepDone:
+    """Writer -> assembler: the SweepStale it sent is applied (or failed and changed nothing)."""
+
+
+@dataclass(frozen=True)
 class LegacyResult:
     """Legacy -> writer: a legacy result without trades (status complete or failed)."""
 

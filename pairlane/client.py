@@ -198,7 +198,11 @@ def _prepare_numeric(name: str, values: Any, kind: str, required: bool) -> np.nd
 
 def _prepare_strings(name: str, values: Any, required: bool) -> list:
     seq = values.tolist() if isinstance(values, np.ndarray) else list(values)
-    for i, v in enumerate(seq):
+    types = set(map(type, seq))
+    # fast path (C-level passes): only strings, none too long, none empty where required
+    if types <= {str} and (not seq or (max(map(len, seq)) <= MAX_STR and (not required or min(map(len, seq)) > 0))):
+        return seq
+    for i, v in enumerate(seq):  # slow path: find the first offending row for the message
         if v is None:
             if required:
                 raise _bad(name, i, "missing value (this column is required)")
@@ -290,6 +294,14 @@ def encode_chunk(request_id: str, seq: int, columns: dict, start: int, stop: int
     return _pack_chunk(request_id, seq, prepared, 0, stop - start)
 
 
+def _str_costs(values: list, n: int) -> np.ndarray:
+    """Encoded size of each string (or nil) of a column; ASCII-only columns in one pass."""
+    if None not in values and all(map(str.isascii, values)):
+        lens = np.fromiter(map(len, values), dtype=np.int64, count=n)
+        return lens + np.where(lens < 32, 1, np.where(lens < 256, 2, np.where(lens < 65536, 3, 5)))
+    return np.fromiter((1 if s is None else _str_cost(s) for s in values), dtype=np.int64, count=n)
+
+
 @lru_cache(maxsize=4096)
 def _str_cost(s: str) -> int:
     n = len(s.encode("utf-8"))
@@ -321,8 +333,7 @@ def _plan_bytes(prepared: dict, n: int, max_message_bytes: int) -> list[tuple[in
         elif _KIND[name] != "str":
             fixed += 9  # float64 / int64 at most 9 bytes, nil 1
         else:
-            costs = np.fromiter((1 if s is None else _str_cost(s) for s in values),
-                                dtype=np.int64, count=n)
+            costs = _str_costs(values, n)
             variable = costs if variable is None else variable + costs
     hard = max_message_bytes - overhead
     budget = int(max_message_bytes * _HEADROOM) - overhead

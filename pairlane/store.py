@@ -140,6 +140,17 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(classify(exc), f"cannot open {self.path}: {exc}")
 
+    def open_readonly(self) -> bool:
+        """A read-only connection for lookups from another actor; False if the database is not there yet."""
+        if self.conn is None:
+            if not os.path.exists(self.path):
+                return False
+            try:
+                self.conn = connect(self.path, readonly=True, busy_timeout_ms=self.busy_timeout_ms)
+            except sqlite3.Error:
+                return False
+        return True
+
     def close(self) -> None:
         if self.conn is not None:
             try:

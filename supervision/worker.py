@@ -13,6 +13,7 @@ retry and PoisonMessage are never used. Never contains application logic.
 from __future__ import annotations
 
 import multiprocessing
+import gc
 import os
 import signal
 import time
@@ -165,6 +166,7 @@ class Worker(Actor):
             set_level(level)
         procs.write_pidfile(self.run_dir, self.name)
         self.on_start()
+        gc.freeze()  # what the fork inherited and on_start built is long-lived: keep it out of GC passes
         self.send(sender, Started(self.name, os.getpid()))
         self.after(self.settings.heartbeat_s, _TICK)
 
