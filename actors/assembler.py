@@ -306,8 +306,8 @@ class Assembler(PairlaneActor):
             req.durable.setdefault(seq, (rows, "dlq"))
         self.reqs[rid] = req
         self.stats["begun"] += 1
-        if row is not None and row["status"] in ("failed", "abandoned"):
-            self._to_writer_status(BeginRequest(meta))  # start over; a new request's row comes with its first chunk
+        if row is None or row["status"] in ("failed", "abandoned"):
+            self._to_writer_status(BeginRequest(meta))  # visible as `receiving` at once (or starts over)
         if req.kind == "result":
             return self._on_chunk(Inbound(inb.identity, dict(inb.msg, seq=0), inb.raw, inb.nrows, inb.bad,
                                           inb.received_at, inb.origin, inb.reply_to), rid)

@@ -25,7 +25,7 @@ from pairlane.store import meta_from_message
 from .base import PairlaneActor
 from .messages import Inbound, LegacyResult, Outbound
 
-ROWS_PER_CHUNK = 2048
+ROWS_PER_CHUNK = 1792
 # at most this many legacy chunks wait at the writer, so small native results are not stuck behind them
 MAX_WINDOW = 3
 RETRY_S = 1.0
