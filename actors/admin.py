@@ -17,8 +17,8 @@ import zmq
 
 from supervision.messages import (InjectFault, InspectReply, InspectRequest, RestartChild,
                                   StatusReply, StatusRequest, StopDaemon)
-from supervision.worker import Worker
 
+from .base import PairlaneActor
 from .messages import AdminCommand, AdminReply
 
 # command -> actor that executes it (daemon side); absent actor -> clear error
@@ -38,13 +38,9 @@ MAX_REQUEST_BYTES = 65536
 REPLY_FLUSH_S = 0.2
 
 
-class Admin(Worker):
+class Admin(PairlaneActor):
     def on_start(self) -> None:
-        self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.REP)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
-        self.sock.bind(self.config["admin"]["endpoint"])
+        self.sock = self.bind_socket(zmq.REP, self.config["admin"]["endpoint"], MAXMSGSIZE=MAX_REQUEST_BYTES)
         self.token_required = self.config["admin"]["token"]
         self.pending = None  # (token, deadline, after_reply)
         self.tokens = itertools.count(1)
@@ -55,12 +51,6 @@ class Admin(Worker):
 
     def watch_fds(self) -> list:
         return [] if self.pending or self._stopping else [self.sock.FD]
-
-    def on_stop(self) -> None:
-        try:
-            self.sock.close(0)
-        except Exception:
-            pass
 
     def inspect(self) -> dict:
         return {"requests_served": self.served, "errors": self.errors,

@@ -5,6 +5,8 @@ or when the batch is large) and sending alerts. Never blocks.
 """
 from __future__ import annotations
 
+import zmq
+
 from supervision.worker import Worker
 
 from pairlane.metrics import MetricBatch
@@ -16,6 +18,28 @@ class PairlaneActor(Worker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.metrics = MetricBatch()
+        self._sockets: list = []
+
+    def bind_socket(self, kind: int, endpoint: str, **options: int) -> zmq.Socket:
+        """A ZMQ socket bound to endpoint (LINGER 0 plus the given options), closed on stop."""
+        sock = zmq.Context.instance().socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        for name, value in options.items():
+            sock.setsockopt(getattr(zmq, name), value)
+        sock.bind(endpoint)
+        self._sockets.append(sock)
+        return sock
+
+    def on_stop(self) -> None:
+        self.close_sockets()
+
+    def close_sockets(self) -> None:
+        for sock in self._sockets:
+            try:
+                sock.close(0)
+            except zmq.ZMQError:
+                pass
+        self._sockets = []
 
     def flush_metrics(self) -> None:
         if len(self.metrics) and self.peer("metrics") is not None:

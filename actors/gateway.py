@@ -28,13 +28,9 @@ class Gateway(PairlaneActor):
         self.limits = codec.Limits(g["max_message_bytes"], g["max_result_trades"], g["max_chunk_rows"])
         self.credit = g["credit"]
         self.max_inflight_bytes = g["max_inflight_bytes"]
-        self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, 4 * g["max_message_bytes"] + 4096)
-        self.sock.setsockopt(zmq.RCVHWM, 256)
-        self.sock.setsockopt(zmq.SNDHWM, 10000)
-        self.sock.bind(g["endpoint"])
+        # MAXMSGSIZE: ZMQ's hard cap, well above ours (frames up to 4x get a `too_large` answer)
+        self.sock = self.bind_socket(zmq.ROUTER, g["endpoint"], MAXMSGSIZE=4 * g["max_message_bytes"] + 4096,
+                                     RCVHWM=256, SNDHWM=10000)
         self.pending: dict[tuple, int] = {}       # (request_id, seq) -> bytes forwarded, not yet resolved
         self.per_request: dict[str, int] = {}     # request_id -> chunks forwarded, not yet resolved
         self.inflight_bytes = 0
@@ -44,12 +40,6 @@ class Gateway(PairlaneActor):
 
     def watch_fds(self) -> list:
         return [self.sock.FD]
-
-    def on_stop(self) -> None:
-        try:
-            self.sock.close(0)
-        except Exception:
-            pass
 
     def on_directory(self) -> None:
         addr = self.peer("assembler")

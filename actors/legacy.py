@@ -36,12 +36,7 @@ class Legacy(PairlaneActor):
     def on_start(self) -> None:
         g = self.config["gateway"]
         self.max_bytes = g["legacy_max_bytes"]
-        self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.PULL)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, self.max_bytes)
-        self.sock.setsockopt(zmq.RCVHWM, 16)
-        self.sock.bind(g["legacy_endpoint"])
+        self.sock = self.bind_socket(zmq.PULL, g["legacy_endpoint"], MAXMSGSIZE=self.max_bytes, RCVHWM=16)
         self.results: queue.Queue = queue.Queue()
         self.parsing: dict | None = None          # {"started": t, "bytes": n}
         self.job: dict | None = None              # the result being fed into the chunked path
@@ -54,12 +49,6 @@ class Legacy(PairlaneActor):
 
     def _idle(self) -> bool:
         return self.parsing is None and self.job is None and not self._stopping
-
-    def on_stop(self) -> None:
-        try:
-            self.sock.close(0)
-        except Exception:
-            pass
 
     def inspect(self) -> dict:
         job = None

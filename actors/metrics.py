@@ -36,11 +36,7 @@ class MetricsActor(PairlaneActor):
         if listen:
             host, _, port = listen.rpartition(":")
             self.server = serve(self.m, host.strip("[]"), int(port))
-        self.ctx = zmq.Context.instance()
-        self.pub = self.ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.LINGER, 0)
-        self.pub.setsockopt(zmq.SNDHWM, 1000)
-        self.pub.bind(self.config["alerts"]["endpoint"])
+        self.pub = self.bind_socket(zmq.PUB, self.config["alerts"]["endpoint"], SNDHWM=1000)
         self.alerts: dict[str, dict] = {}
         self.published = 0
         self.restarts_seen: dict[str, int] = {}
@@ -54,7 +50,7 @@ class MetricsActor(PairlaneActor):
     def on_stop(self) -> None:
         if self.server is not None:
             self.server.close()
-        self.pub.close(0)
+        self.close_sockets()
 
     def _newest_result_time(self) -> float | None:
         path = self.config["store"]["path"]

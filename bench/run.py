@@ -203,10 +203,7 @@ def main(argv: list[str]) -> int:
         out["pairs"] = {f"strategies_{k}_seconds": statistics.median(pairs.bench(k, seed=s) for s in range(ns.repeat))
                         for k in (500, 2000)}
     finally:
-        d.stop(30)
-        left = d.cleanup()
-        if left:
-            print(f"warning: killed leftover processes {left}", file=sys.stderr)
+        d.close()
     if ns.json:
         print(json.dumps(out, indent=2))
         return 0

@@ -341,8 +341,7 @@ def main(argv: list[str]) -> int:
         summary = run_chaos(d, ns.duration, ns.seed, own)
     finally:
         if own:
-            d.stop(30)
-            d.cleanup()
+            d.close()
     if ns.json:
         import json
         print(json.dumps(summary, indent=2))

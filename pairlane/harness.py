@@ -178,6 +178,14 @@ class Daemon:
             self.proc.kill()
             return self.proc.wait(5)
 
+    def close(self) -> None:
+        """For scripts: stop the daemon if it still runs, kill leftovers and say so on stderr."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop(30)
+        left = self.cleanup()
+        if left:
+            print(f"warning: killed leftover processes {left}", file=sys.stderr)
+
     def cleanup(self) -> list[int]:
         """Kill whatever is left; returns the pids that were still alive (should be none)."""
         leftover = []

@@ -90,11 +90,7 @@ def main(argv: list[str]) -> int:
                       "restart_after_sigkill": summary(measure(d, ns.actor, ns.n, "kill")),
                       "watchdog_after_hang": summary(measure(d, ns.actor, ns.n, "hang"))}
         finally:
-            if d.proc is not None and d.proc.poll() is None:
-                d.stop(20)
-            left = d.cleanup()
-            if left:
-                print(f"warning: killed leftover processes {left}", file=sys.stderr)
+            d.close()
     if ns.json:
         print(json.dumps(result, indent=2))
     else:

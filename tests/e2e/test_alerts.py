@@ -43,7 +43,9 @@ def test_restart_storm_below_the_root_raises_supervisor_escalated(make_daemon):
     try:
         for _ in range(3):
             before = d.actor("dlq")["pid"]
-            assert d.admin("inject", {"actor": "dlq", "fault": "crash"})["ok"]
+            # the admin learns a restarted actor's address a moment after status shows it RUNNING
+            d.wait_for(lambda: d.admin("inject", {"actor": "dlq", "fault": "crash"})["ok"], timeout=10,
+                       what="inject accepted")
             d.wait_for(lambda: d.actor("dlq")["state"] == "RUNNING" and d.actor("dlq")["pid"] != before,
                        timeout=20, what="dlq restarted")
         a = alerts.wait("supervisor_escalated", "raised")
