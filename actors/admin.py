@@ -23,7 +23,7 @@ from .messages import AdminCommand, AdminReply
 
 # command -> actor that executes it (daemon side); absent actor -> clear error
 ROUTES = {
-    "result": "writer", "verify": "writer",
+    "result": "pairs", "verify": "pairs",   # read-only views: never stall the writer
     "dlq.list": "dlq", "dlq.show": "dlq", "dlq.replay": "dlq", "dlq.purge": "dlq",
     "pairs": "pairs", "pairs.evaluate": "pairs",
     "metrics": "metrics",

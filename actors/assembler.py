@@ -20,7 +20,7 @@ from pairlane import codec
 from pairlane.store import Store, StoreError, meta_from_message
 
 from .base import PairlaneActor
-from .messages import (AdminCommand, BeginRequest, ChunkDurable, ChunkRejected, Inbound, Inventory,
+from .messages import (BeginRequest, ChunkDurable, ChunkRejected, Inbound, Inventory,
                        InventoryRequest, LiveDone, Lookup, LookupReply, Outbound, SetStatus, SweepDone, SweepStale,
                        WriteChunk, WriteLive)
 
@@ -183,8 +183,6 @@ class Assembler(PairlaneActor):
             self.inventory = {}
             for rid, seq, rows in msg.items:
                 self.inventory.setdefault(rid, {})[seq] = rows
-        elif isinstance(msg, AdminCommand):
-            pass
         self._flush()
 
     def _inbound(self, inb: Inbound) -> None:

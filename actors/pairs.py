@@ -16,7 +16,7 @@ import sqlite3
 import time
 
 from pairlane import pairs as pairlogic
-from pairlane.store import connect
+from pairlane.store import Store, StoreError, connect
 
 from .base import PairlaneActor
 from .messages import AdminCommand, AdminReply, ReplaceSlots, SlotsWritten
@@ -32,11 +32,13 @@ class PairsActor(PairlaneActor):
         self.errors = 0
         self.tokens = itertools.count(1)
         self.waiting: dict[int, tuple] = {}   # token -> (admin sender, admin token, reply)
+        self.reader = Store(self.config["store"]["path"], busy_timeout_ms=1000)
         self.after(min(5.0, self.interval), "evaluate")
 
     def on_stop(self) -> None:
         if self.conn is not None:
             self.conn.close()
+        self.reader.close()
 
     def inspect(self) -> dict:
         last = self.last or {}
@@ -131,6 +133,8 @@ class PairsActor(PairlaneActor):
                         return self.send(sender, AdminReply(msg.token, result))
                     self.write_slots(result)
                 self.send(sender, AdminReply(msg.token, self._reply(self.last)))
+            elif msg.cmd in ("result", "verify"):
+                self.send(sender, AdminReply(msg.token, self._store_view(msg.cmd, msg.args)))
             else:
                 self.send(sender, AdminReply(msg.token, {"ok": False, "error": f"pairs does not serve {msg.cmd}"}))
         elif isinstance(msg, SlotsWritten):
@@ -142,6 +146,24 @@ class PairsActor(PairlaneActor):
                 if not msg.ok:
                     reply = dict(reply, warning=f"pair_slots not written: {msg.error}")
                 self.send(sender, AdminReply(token, reply))
+
+    def _store_view(self, cmd: str, args: dict) -> dict:
+        """admin `result` and `verify`, read through a read-only connection (the writer is never stalled)."""
+        if not self.reader.open_readonly():
+            return {"ok": False, "error": "the database does not exist yet"}
+        try:
+            if cmd == "result":
+                rid = args.get("request_id")
+                if not isinstance(rid, str):
+                    return {"ok": False, "error": "result needs args.request_id"}
+                info = self.reader.result_info(rid)
+                if info is None:
+                    return {"ok": False, "error": f"no result with request_id {rid!r}"}
+                return {"ok": True, "result": info}
+            return {"ok": True, "problems": self.reader.verify(self.config["gateway"]["assembly_timeout_s"])}
+        except StoreError as exc:
+            self.reader.close()
+            return {"ok": False, "error": f"database unavailable: {exc}"}
 
     @staticmethod
     def _reply(result: dict) -> dict:

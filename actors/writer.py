@@ -15,7 +15,7 @@ from pairlane import codec
 from pairlane.store import Store, StoreError
 
 from .base import PairlaneActor
-from .messages import (AdminCommand, AdminReply, BeginRequest, ChunkDurable, ChunkRejected, LegacyResult,
+from .messages import (BeginRequest, ChunkDurable, ChunkRejected, LegacyResult,
                        LiveDone, Lookup, LookupReply, ReplaceSlots, RetryDone, SetStatus, SlotsWritten,
                        SpoolBatch, SweepStale, WriteChunk, WriteLive)
 
@@ -76,8 +76,6 @@ class Writer(PairlaneActor):
                 self.send(sender, SlotsWritten(msg.token, True))
             except StoreError as exc:
                 self.send(sender, SlotsWritten(msg.token, False, str(exc)))
-        elif isinstance(msg, AdminCommand):
-            self.send(sender, AdminReply(msg.token, self._admin(msg)))
 
     # ----- writes -------------------------------------------------------------------------------
     def _write_chunk(self, w: WriteChunk, sender) -> None:
@@ -161,21 +159,3 @@ class Writer(PairlaneActor):
                 self.store.open()
             except StoreError:
                 pass
-
-    # ----- admin ---------------------------------------------------------------------------------
-    def _admin(self, cmd: AdminCommand) -> dict:
-        try:
-            if cmd.cmd == "result":
-                rid = cmd.args.get("request_id")
-                if not isinstance(rid, str):
-                    return {"ok": False, "error": "result needs args.request_id"}
-                info = self.store.result_info(rid)
-                if info is None:
-                    return {"ok": False, "error": f"no result with request_id {rid!r}"}
-                return {"ok": True, "result": info}
-            if cmd.cmd == "verify":
-                problems = self.store.verify(self.config["gateway"]["assembly_timeout_s"])
-                return {"ok": True, "problems": problems}
-        except StoreError as exc:
-            return {"ok": False, "error": f"database unavailable: {exc}"}
-        return {"ok": False, "error": f"writer does not serve {cmd.cmd!r}"}

@@ -349,8 +349,11 @@ class Store:
             return None
         durable = row.pop("durable")
         row["chunks_durable"] = len(durable)
-        row["rows_stored"] = self.conn.execute(
-            "SELECT count(*) FROM backtest_trade_logs WHERE request_id = ?", (request_id,)).fetchone()[0]
+        try:
+            row["rows_stored"] = self.conn.execute(
+                "SELECT count(*) FROM backtest_trade_logs WHERE request_id = ?", (request_id,)).fetchone()[0]
+        except sqlite3.Error as exc:
+            raise StoreError(classify(exc), str(exc))
         return row
 
     def verify(self, assembly_timeout_s: float, now: float | None = None) -> list[dict]:
@@ -358,6 +361,17 @@ class Store:
         if self.conn is None:
             self.open()
         c = self.conn
+        try:
+            c.execute("BEGIN")  # one snapshot for every check
+            return self._verify(c, assembly_timeout_s, now)
+        except sqlite3.Error as exc:
+            raise StoreError(classify(exc), str(exc))
+        finally:
+            if c.in_transaction:
+                c.execute("COMMIT")
+
+    @staticmethod
+    def _verify(c, assembly_timeout_s: float, now: float) -> list[dict]:
         problems = []
         for rid, total, n in c.execute(
                 "SELECT r.request_id, r.total_trades, (SELECT count(*) FROM backtest_trade_logs t "
