@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 import time
 import uuid
@@ -28,7 +27,7 @@ from pairlane.client import log as client_log
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5590"
 DEFAULT_MAX_MESSAGE_BYTES = 1048576
-_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+from pairlane.codec import REQUEST_ID_RE as _ID_RE
 
 EPILOG = """\
 examples:
@@ -225,7 +224,7 @@ def _run(args: argparse.Namespace) -> int:
     if len(strategy) > 256:
         raise _UsageError("--strategy must be at most 256 characters")
     request_id = args.request_id or meta.get("request_id") or f"send-{uuid.uuid4().hex}"
-    if not _ID_RE.match(request_id):
+    if not _ID_RE.fullmatch(request_id):
         raise _UsageError(f"request id {request_id!r} must be 1-128 characters of [A-Za-z0-9._:-]")
     for key in ("symbol", "timeframe", "rank", "oos_kind"):
         if getattr(args, key) is not None:

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 import zlib
 from collections import deque
@@ -34,26 +33,28 @@ import msgpack
 import numpy as np
 import zmq
 
+from . import codec
+
 __all__ = [
     "NUMERIC_INT", "NUMERIC_FLOAT", "STRING_COLS", "LIVE_STRING_COLS",
     "MAX_STR", "SendError", "synthetic_columns", "load_file", "encode_chunk", "plan_chunks",
     "prepare_columns", "Producer",
 ]
 
-NUMERIC_INT = ("timestamp", "hold_time", "timeframe")
-NUMERIC_FLOAT = ("pnl", "entry_price", "exit_price", "sl", "tp", "volume")
-STRING_COLS = ("symbol", "direction", "rank", "category", "regime", "oos_kind")
-# live_trades carries these string columns on top of the chunk columns
-LIVE_STRING_COLS = ("strategy_name", "pair_id", "execution_mode")
-REQUIRED = ("timestamp", "pnl")
-MAX_STR = 256  # longest string value a column may hold (the gateway's bad_chunk limit)
+# the wire contract's column names and limits: one definition, the gateway's (pairlane.codec)
+NUMERIC_INT = codec.INT_COLS
+NUMERIC_FLOAT = codec.FLOAT_COLS
+STRING_COLS = codec.STR_COLS
+LIVE_STRING_COLS = codec.LIVE_STR_COLS  # live_trades carries these on top of the chunk columns
+REQUIRED = codec.REQUIRED
+MAX_STR = codec.MAX_STR
 
 _KIND = {**{c: "int" for c in NUMERIC_INT}, **{c: "float" for c in NUMERIC_FLOAT},
          **{c: "str" for c in STRING_COLS}}
 _LIVE_KIND = {**_KIND, **{c: "str" for c in LIVE_STRING_COLS}}
 log = logging.getLogger("pairlane.client")
 
-_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ID_RE = codec.REQUEST_ID_RE
 _META_TYPES = {"strategy_name": str, "request_id": str, "metrics": dict,
                "symbol": str, "timeframe": int, "rank": str, "oos_kind": str}
 _INT64_MAX = 2**63 - 1
@@ -614,7 +615,7 @@ def load_file(path: str) -> tuple[dict[str, list | np.ndarray], dict]:
 # the conversation
 
 def _check_id(what: str, value: Any) -> None:
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise ValueError(f"{what} must be 1-128 characters of [A-Za-z0-9._:-], got {value!r}")
 
 
