@@ -15,7 +15,7 @@ import time
 
 from . import procs
 from .log import log, set_level
-from .messages import (Directory, RestartChild, StartTree, StatusReply, StatusRequest, StatusRows,
+from .messages import (RestartChild, StartTree, StatusReply, StatusRequest, StatusRows,
                        StopDaemon, TreeStarted, TreeStopped)
 from .states import State
 from .supervisor import Supervisor

@@ -19,7 +19,6 @@ import collections
 import itertools
 import os
 import random
-import signal
 import time
 from dataclasses import dataclass, field
 

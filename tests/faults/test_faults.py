@@ -6,7 +6,6 @@ result visible; and every actor RUNNING again, admin answering.
 """
 from __future__ import annotations
 
-import random
 import time
 
 import msgpack
