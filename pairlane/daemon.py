@@ -160,7 +160,12 @@ class Daemon:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="run.py", description="Run the pairlane daemon.")
+    parser = argparse.ArgumentParser(
+        prog="run.py", description="Run the pairlane daemon until SIGTERM, Ctrl-C or `run.py admin stop`.",
+        epilog="exit codes: 0 graceful stop; 1 the root supervisor gave up (restart intensity) or the "
+               "daemon failed; 2 configuration error (unknown key, wrong type, busy port, store or spool "
+               "in use, non-loopback endpoint)\nexample: python run.py --config /etc/pairlane.toml",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="TOML file merged over config/default.toml")
     args = parser.parse_args(argv)
     try:
