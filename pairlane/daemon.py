@@ -29,19 +29,6 @@ def run_dir_for(cfg: dict) -> str:
     return cfg["store"]["path"] + ".run"
 
 
-def _pgid_processes(pgid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if os.getpgid(int(entry)) == pgid and procs.alive(int(entry)):
-                pids.append(int(entry))
-        except OSError:
-            continue
-    return pids
-
-
 class Daemon:
     def __init__(self, cfg: dict, config_path: str | None):
         self.cfg = cfg
@@ -145,7 +132,7 @@ class Daemon:
             except OSError:
                 pgid = None
         if pgid and pgid != os.getpgid(0) and pgid > 1:
-            left = _pgid_processes(pgid)
+            left = procs.group_pids(pgid)
             if left:
                 log("WARNING", "killing_leftover_processes", actor="main", pids=",".join(map(str, left)))
                 try:
@@ -153,7 +140,7 @@ class Daemon:
                 except ProcessLookupError:
                     pass
                 deadline = time.monotonic() + 3
-                while _pgid_processes(pgid) and time.monotonic() < deadline:
+                while procs.group_pids(pgid) and time.monotonic() < deadline:
                     time.sleep(0.02)
         for lock in self.locks:
             lock.release()

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from supervision.procs import alive, group_pids  # noqa: F401  (re-exported for tests)
+
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,23 +82,6 @@ def proc_pgid(pid: int) -> int | None:
         return os.getpgid(pid)
     except OSError:
         return None
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            data = fh.read()
-        return data[data.rfind(")") + 2] not in "ZX"
-    except OSError:
-        return False
-
-
-def group_pids(pgid: int) -> list[int]:
-    out = []
-    for e in os.listdir("/proc"):
-        if e.isdigit() and proc_pgid(int(e)) == pgid and alive(int(e)):
-            out.append(int(e))
-    return out
 
 
 class Daemon:

@@ -33,6 +33,20 @@ def alive(pid: int, start_time: int | None = None) -> bool:
     return start_time is None or st == start_time
 
 
+def group_pids(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group pgid."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry)) == pgid and alive(int(entry)):
+                pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
 def write_pidfile(run_dir: str, name: str) -> None:
     os.makedirs(run_dir, exist_ok=True)
     pid = os.getpid()
