@@ -162,20 +162,16 @@ def check_ports_free(cfg: dict) -> None:
     for key, (host, port) in endpoints(cfg).items():
         if port == 0:
             continue
-        if (host, port) in seen or ("127.0.0.1", port) in seen and host in ("localhost", "127.0.0.1"):
-            raise ConfigError(f"config key '{key}': port {port} is also used by '{seen.get((host, port), '?')}'")
+        host = "127.0.0.1" if host == "localhost" else host
+        if (host, port) in seen:
+            raise ConfigError(f"config key '{key}': port {port} is also used by '{seen[(host, port)]}'")
         seen[(host, port)] = key
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         s = socket.socket(fam, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((host if host != "localhost" else "127.0.0.1", port))
+            s.bind((host, port))
         except OSError as exc:
             raise ConfigError(f"config key '{key}': port {port} on {host} is busy ({exc.strerror})")
         finally:
             s.close()
-
-
-def get(cfg: dict, dotted: str) -> Any:
-    sect, key = dotted.split(".", 1)
-    return cfg[sect][key]
