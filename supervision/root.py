@@ -13,8 +13,7 @@ from __future__ import annotations
 import os
 import time
 
-from . import procs
-from .log import log, set_level
+from .log import log
 from .messages import (RestartChild, StartTree, StatusReply, StatusRequest, StatusRows,
                        StopDaemon, TreeStarted, TreeStopped)
 from .states import State
@@ -47,20 +46,9 @@ class RootSupervisor(Supervisor):
             super().on_message(msg, sender)
 
     def _start_tree(self, msg: StartTree, sender) -> None:
-        procs.restore_fatal_signals()
         self.main = sender
-        self.spec = msg.spec
-        self.settings = msg.settings
-        self.config = msg.config
-        self.main_pid = msg.main_pid
-        self.run_dir = msg.run_dir
-        self.name = msg.spec.name
         self.stop_reason = "stop"
-        level = (self.config.get("daemon") or {}).get("log_level")
-        if level:
-            set_level(level)
-        self.directory = {self.name: self.myAddress}
-        procs.write_pidfile(self.run_dir, self.name)
+        self.adopt(msg, None, {msg.spec.name: self.myAddress})  # the root's parent is the main process
         self.table[self.name] = {"name": self.name, "supervisor": "-", "state": State.RUNNING.value,
                                  "pid": os.getpid(), "restarts": 0, "uptime_s": 0.0,
                                  "last_exit": None, "is_supervisor": True}

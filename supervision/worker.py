@@ -149,7 +149,9 @@ class Worker(Actor):
     def on_child_exited(self, msg) -> None:
         """Workers have no children; supervisors override this."""
 
-    def _init(self, msg: Init, sender) -> None:
+    def adopt(self, msg, supervisor, directory: dict) -> None:
+        """Take the identity a start message (Init, or the root's StartTree) gives: signals, fields,
+        log level, pidfile."""
         procs.restore_fatal_signals()
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the daemon's main process
         self.name = msg.spec.name
@@ -158,13 +160,16 @@ class Worker(Actor):
         self.config = msg.config
         self.main_pid = msg.main_pid
         self.run_dir = msg.run_dir
-        self.directory = dict(msg.directory)
-        self.supervisor = sender
+        self.directory = dict(directory)
+        self.supervisor = supervisor
         self._started_at = time.time()
         level = (self.config.get("daemon") or {}).get("log_level")
         if level:
             set_level(level)
         procs.write_pidfile(self.run_dir, self.name)
+
+    def _init(self, msg: Init, sender) -> None:
+        self.adopt(msg, sender, msg.directory)
         self.on_start()
         gc.freeze()  # what the fork inherited and on_start built is long-lived: keep it out of GC passes
         self.send(sender, Started(self.name, os.getpid()))
