@@ -28,7 +28,7 @@ RECENT_DONE = 10000
 LOOKUP_TIMEOUT_S = 10.0
 LOCAL_LOOKUP_GRACE_S = 10.0
 BULK_ROWS = 1024        # chunks with more rows are "big": at most BULK_WINDOW of them at the writer
-BULK_WINDOW = 2
+BULK_WINDOW = 1
 INFLIGHT_TIMEOUT_S = 120.0  # no answer from writer/dlq for this long: the chunk is presumed lost
 
 

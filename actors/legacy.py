@@ -25,8 +25,9 @@ from pairlane.store import meta_from_message
 from .base import PairlaneActor
 from .messages import Inbound, LegacyResult, Outbound
 
-ROWS_PER_CHUNK = 1792
-# at most this many legacy chunks wait at the writer, so small native results are not stuck behind them
+ROWS_PER_CHUNK = 2560
+# legacy chunks handed to the assembler at once (it lets one big chunk at a time wait at the writer,
+# so small native results never queue behind more than one)
 MAX_WINDOW = 3
 RETRY_S = 1.0
 MAX_ATTEMPTS = 30
