@@ -147,6 +147,19 @@ def test_result_completes_in_the_transaction_of_its_last_chunk(store):
     assert store.lookup("r")["status"] == "complete" and rows(store) == 5
 
 
+def test_chunks_with_different_column_sets_store_exactly_what_they_carry(store):
+    m = meta(total=4)
+    two = {"timestamp": np.array([10, 11], "<i8").tobytes(), "pnl": [0.25, -1.5]}
+    more = {"timestamp": [12, 13], "pnl": [2.0, 3.0], "symbol": ["USDJPY", None],
+            "volume": np.array([0.1, 0.2], "<f8").tobytes(), "hold_time": [60, None]}
+    assert store.write_chunk(m, 0, two, 2) == "receiving"
+    assert store.write_chunk(m, 1, more, 2) == "complete"
+    got = store.conn.execute("SELECT seq, timestamp, pnl, symbol, volume, hold_time, direction, sl "
+                             "FROM backtest_trade_logs WHERE request_id = 'r' ORDER BY timestamp").fetchall()
+    assert got == [(0, 10, 0.25, None, None, None, None, None), (0, 11, -1.5, None, None, None, None, None),
+                   (1, 12, 2.0, "USDJPY", 0.1, 60, None, None), (1, 13, 3.0, None, 0.2, None, None, None)]
+
+
 def test_duplicate_chunk_never_duplicates_rows(store):
     m = meta()
     store.write_chunk(m, 0, chunk(3), 3)
