@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from supervision.procs import alive, group_pids  # noqa: F401  (re-exported for tests)
+from supervision.procs import alive, group_pids
 
 
 REPO = Path(__file__).resolve().parent.parent
