@@ -26,9 +26,12 @@ from . import procs
 from .log import log, set_level
 from .messages import (Directory, ExitingNormally, Heartbeat, InjectFault, Init, InspectReply,
                        InspectRequest, Shutdown, Started)
+from .ordering import Numberer, Resequencer, Sequenced
 
 CRASH_EXIT_CODE = 70
 _TICK = "pl.tick"
+_RESEQ = "pl.reseq"
+REORDER_GAP_S = 5.0  # a message missing this long is given up on (delivered alone if it comes)
 
 
 class Worker(Actor):
@@ -52,6 +55,10 @@ class Worker(Actor):
         self._started_at = time.time()
         self.settings = None
         self.spec = None
+        self._numberer = Numberer()
+        self._reseq = Resequencer(REORDER_GAP_S)
+        self._reseq_timer = False
+        self._anomalies_logged = 0
 
     # ----- hooks for subclasses -------------------------------------------------
     def on_start(self) -> None:
@@ -89,11 +96,17 @@ class Worker(Actor):
         return self.directory.get(name)
 
     def tell(self, name: str, msg) -> bool:
+        """send_ordered to the actor registered under `name`; False if there is none."""
         addr = self.directory.get(name)
         if addr is None:
             return False
-        self.send(addr, msg)
+        self.send_ordered(addr, msg)
         return True
+
+    def send_ordered(self, addr, msg) -> None:
+        """Send so that addr (a Worker) handles our messages in the order we sent them, which
+        Thespian alone does not promise (see supervision/ordering.py)."""
+        self.send(addr, self._numberer.wrap(addr, msg))
 
     def log(self, level: str, event: str, **fields) -> None:
         log(level, event, actor=self.name, **fields)
@@ -114,9 +127,14 @@ class Worker(Actor):
         return ThespianWatch(fds) if fds else None
 
     def _dispatch(self, msg, sender) -> None:
-        if isinstance(msg, WakeupMessage):
+        if isinstance(msg, Sequenced):
+            self._deliver(self._reseq.accept(msg.origin, msg.n, (msg.msg, sender)))
+        elif isinstance(msg, WakeupMessage):
             if msg.payload == _TICK:
                 self._tick()
+            elif msg.payload == _RESEQ:
+                self._reseq_timer = False
+                self._deliver(self._reseq.expire())
             else:
                 self.on_timer(msg.payload)
         elif isinstance(msg, WatchMessage):
@@ -131,6 +149,7 @@ class Worker(Actor):
         elif isinstance(msg, InspectRequest):
             state = dict(self.inspect())
             state.setdefault("pid", os.getpid())
+            state.setdefault("delivery", dict(self._reseq.stats, held=self._reseq.held()))
             state.setdefault("uptime_s", round(time.time() - self._started_at, 3))
             self.send(sender, InspectReply(msg.token, self.name, state))
         elif isinstance(msg, InjectFault):
@@ -145,6 +164,16 @@ class Worker(Actor):
             self.on_child_exited(msg)
         else:
             self.on_message(msg, sender)
+
+    def _deliver(self, items: list) -> None:
+        for msg, sender in items:
+            self._dispatch(msg, sender)
+        if self._reseq.anomalies() > self._anomalies_logged:
+            self._anomalies_logged = self._reseq.anomalies()
+            self.log("WARNING", "message_gap", gap_timeout_s=REORDER_GAP_S, **self._reseq.stats)
+        if self._reseq.waiting() and not self._reseq_timer and not self._stopping:
+            self._reseq_timer = True
+            self.after(REORDER_GAP_S / 2, _RESEQ)
 
     def on_child_exited(self, msg) -> None:
         """Workers have no children; supervisors override this."""
