@@ -94,7 +94,7 @@ class Assembler(PairlaneActor):
         self.dlq = self.peer("dlq")
         self.stats = collections.Counter()
         if self.dlq is not None:
-            self.send(self.dlq, InventoryRequest())
+            self.send_ordered(self.dlq, InventoryRequest())
         self.last_sweep = time.monotonic()
         self.started = time.monotonic()
         self.status_sent: collections.OrderedDict = collections.OrderedDict()  # rids with status changes sent
@@ -133,7 +133,7 @@ class Assembler(PairlaneActor):
         self.replies = []
         self.resolved = []
         for target, identity, reply in self.side_replies:
-            self.send(target, Outbound(((identity, reply),), ()))
+            self.send_ordered(target, Outbound(((identity, reply),), ()))
         self.side_replies = []
 
     def on_directory(self) -> None:
@@ -163,7 +163,7 @@ class Assembler(PairlaneActor):
         if dlq != self.dlq:
             self.dlq = dlq
             if dlq is not None:
-                self.send(dlq, InventoryRequest())
+                self.send_ordered(dlq, InventoryRequest())
 
     # ----- messages ---------------------------------------------------------------------------------
     def on_message(self, msg, sender) -> None:
@@ -199,7 +199,7 @@ class Assembler(PairlaneActor):
                 self.resolved.append((rid, -1))
                 return self._err(inb.identity, "unavailable", "pairlane's writer is restarting", rid, 1.0)
             self.live[rid] = inb.identity
-            self.send(self.writer, WriteLive(rid, inb.raw, inb.nrows, reply_to=self.myAddress))
+            self.send_ordered(self.writer, WriteLive(rid, inb.raw, inb.nrows, reply_to=self.myAddress))
             return
         if rid in self.lookups:
             self.lookups[rid][1].append(inb)
@@ -217,7 +217,7 @@ class Assembler(PairlaneActor):
                 self.resolved.append((rid, inb.msg.get("seq", 0)))
             return self._err(inb.identity, "unavailable", "pairlane's writer is restarting", rid, 1.0)
         self.lookups[rid] = (time.monotonic(), [inb])
-        self.send(self.writer, Lookup(rid))
+        self.send_ordered(self.writer, Lookup(rid))
 
     def _local_lookup(self, rid: str):
         """The database's view of rid read here (no queueing behind bulk writes at the writer), or
@@ -242,7 +242,7 @@ class Assembler(PairlaneActor):
         self.status_sent.move_to_end(rid)
         while len(self.status_sent) > RECENT_DONE:
             self.status_sent.popitem(last=False)
-        self.send(self.writer, msg)
+        self.send_ordered(self.writer, msg)
 
     def _busy_check(self, inb: Inbound, rid: str) -> bool:
         active = sum(1 for r in self.reqs.values() if r.status == "receiving") + len(self.lookups)
@@ -394,7 +394,7 @@ class Assembler(PairlaneActor):
             self.bulk_waiting.append(work)
             self._feed_bulk()
         else:
-            self.send(self.writer, work)
+            self.send_ordered(self.writer, work)
 
     def _feed_bulk(self) -> None:
         while self.bulk_waiting and self.bulk_at_writer < BULK_WINDOW and self.writer is not None:
@@ -404,7 +404,7 @@ class Assembler(PairlaneActor):
                 self.resolved.append((work.meta["request_id"], work.seq))  # aborted or abandoned meanwhile
                 continue
             self.bulk_at_writer += 1
-            self.send(self.writer, work)
+            self.send_ordered(self.writer, work)
 
     def _durable(self, msg: ChunkDurable) -> None:
         key = (msg.request_id, msg.seq)
@@ -577,7 +577,7 @@ class Assembler(PairlaneActor):
             # a request with chunks waiting in the dlq is stored, never stale (PROTOCOL section 1)
             active = frozenset(self.reqs) | frozenset(self.lookups) | frozenset(self.inventory)
             self.sweep_pending = True
-            self.send(self.writer, SweepStale(time.time() - self.timeout_s, active))
+            self.send_ordered(self.writer, SweepStale(time.time() - self.timeout_s, active))
             if self.dlq is not None:
-                self.send(self.dlq, InventoryRequest())  # landed or purged items drop out
+                self.send_ordered(self.dlq, InventoryRequest())  # landed or purged items drop out
         self._flush()

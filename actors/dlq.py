@@ -66,7 +66,7 @@ class DLQ(PairlaneActor):
         elif isinstance(msg, RetryDone):
             self._retried(msg)
         elif isinstance(msg, InventoryRequest):
-            self.send(sender, self._inventory())
+            self.send_ordered(sender, self._inventory())
         elif isinstance(msg, AdminCommand):
             self.send(sender, AdminReply(msg.token, self._admin(msg.cmd, msg.args)))
 
@@ -94,19 +94,19 @@ class DLQ(PairlaneActor):
             msg = (f"the database cannot take data ({sb.reason}) and the dead-letter spool is full "
                    f"({exc}); keep the data and retry")
             if isinstance(w, WriteChunk):
-                self.send(w.reply_to, ChunkRejected(w.meta["request_id"], w.seq, "unavailable", msg,
+                self.send_ordered(w.reply_to, ChunkRejected(w.meta["request_id"], w.seq, "unavailable", msg,
                                                     FULL_RETRY_AFTER_S))
             else:
-                self.send(w.reply_to, LiveDone(w.batch_id, w.nrows, "", "", "unavailable", msg, FULL_RETRY_AFTER_S))
+                self.send_ordered(w.reply_to, LiveDone(w.batch_id, w.nrows, "", "", "unavailable", msg, FULL_RETRY_AFTER_S))
             return
         self.healthy = False
         self.counts["spooled"] += 1
         self.log("WARNING", "dlq_spooled", item=item.id, request_id=item.request_id, seq=item.seq,
                  reason=sb.reason, bytes=item.bytes)
         if isinstance(w, WriteChunk):
-            self.send(w.reply_to, ChunkDurable(w.meta["request_id"], w.seq, "dlq", "spooled", w.nrows))
+            self.send_ordered(w.reply_to, ChunkDurable(w.meta["request_id"], w.seq, "dlq", "spooled", w.nrows))
         else:
-            self.send(w.reply_to, LiveDone(w.batch_id, w.nrows, "dlq", "stored"))
+            self.send_ordered(w.reply_to, LiveDone(w.batch_id, w.nrows, "dlq", "stored"))
         self._gauges()
 
     # ----- retry ------------------------------------------------------------------------------------
@@ -143,7 +143,7 @@ class DLQ(PairlaneActor):
         else:
             work = WriteLive(it.request_id, it.payload, it.meta["nrows"], None, it.id)
         self.inflight[iid] = now
-        self.send(writer, work)
+        self.send_ordered(writer, work)
         return True
 
     def _retried(self, rd: RetryDone) -> None:

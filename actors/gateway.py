@@ -144,7 +144,7 @@ class Gateway(PairlaneActor):
                 self.per_request[rid] = self.per_request.get(rid, 0) + 1
                 self.inflight_bytes += len(raw)
         self.stats["forwarded"] += 1
-        self.send(self.assembler, Inbound(identity, m, raw, nrows, bad, time.time()))
+        self.send_ordered(self.assembler, Inbound(identity, m, raw, nrows, bad, time.time()))
 
     # ----- replies from the assembler -------------------------------------------------------------
     def on_message(self, msg, sender) -> None:

@@ -53,9 +53,9 @@ class Writer(PairlaneActor):
         elif isinstance(msg, Lookup):
             try:
                 row = self.store.lookup(msg.request_id)
-                self.send(sender, LookupReply(msg.request_id, row))
+                self.send_ordered(sender, LookupReply(msg.request_id, row))
             except StoreError as exc:
-                self.send(sender, LookupReply(msg.request_id, None, str(exc)))
+                self.send_ordered(sender, LookupReply(msg.request_id, None, str(exc)))
         elif isinstance(msg, BeginRequest):
             self._status_change(("begin", msg.meta))
         elif isinstance(msg, SetStatus):
@@ -73,9 +73,9 @@ class Writer(PairlaneActor):
         elif isinstance(msg, ReplaceSlots):
             try:
                 self.store.replace_pair_slots(list(msg.slots), msg.evaluated_at)
-                self.send(sender, SlotsWritten(msg.token, True))
+                self.send_ordered(sender, SlotsWritten(msg.token, True))
             except StoreError as exc:
-                self.send(sender, SlotsWritten(msg.token, False, str(exc)))
+                self.send_ordered(sender, SlotsWritten(msg.token, False, str(exc)))
 
     # ----- writes -------------------------------------------------------------------------------
     def _write_chunk(self, w: WriteChunk, sender) -> None:
@@ -91,11 +91,11 @@ class Writer(PairlaneActor):
         if status == "complete":
             self.metrics.set("pairlane_last_result_timestamp_seconds", time.time())
         if w.item_id is not None:  # reason tells the dlq a duplicate or discarded (result gone) apart
-            self.send(sender, RetryDone(w.item_id, True, status if status in ("duplicate", "discarded") else ""))
+            self.send_ordered(sender, RetryDone(w.item_id, True, status if status in ("duplicate", "discarded") else ""))
             if status == "complete":
                 self.log("INFO", "result_complete_from_dlq", request_id=w.meta["request_id"])
         if w.reply_to is not None:
-            self.send(w.reply_to, ChunkDurable(w.meta["request_id"], w.seq, "db", status, w.nrows))
+            self.send_ordered(w.reply_to, ChunkDurable(w.meta["request_id"], w.seq, "db", status, w.nrows))
 
     def _write_live(self, w: WriteLive, sender) -> None:
         t0 = time.perf_counter()
@@ -108,28 +108,28 @@ class Writer(PairlaneActor):
         if status == "stored":
             self.metrics.inc("pairlane_sqlite_rows_written_total", w.nrows)
         if w.item_id is not None:
-            self.send(sender, RetryDone(w.item_id, True))
+            self.send_ordered(sender, RetryDone(w.item_id, True))
         if w.reply_to is not None:
-            self.send(w.reply_to, LiveDone(w.batch_id, w.nrows, "db", status))
+            self.send_ordered(w.reply_to, LiveDone(w.batch_id, w.nrows, "db", status))
 
     def _failed(self, w, sender, exc: StoreError) -> None:
         self.failures += 1
         self.log("WARNING", "write_failed", request_id=getattr(w, "meta", {}).get("request_id", getattr(w, "batch_id", None)),
                  seq=getattr(w, "seq", None), reason=exc.reason, error=exc)
         if w.item_id is not None:  # a dlq retry: the item stays in the spool
-            self.send(sender, RetryDone(w.item_id, False, exc.reason, str(exc)))
+            self.send_ordered(sender, RetryDone(w.item_id, False, exc.reason, str(exc)))
             return
         dlq = self.peer("dlq")
         if dlq is not None:
             self.spooled += 1
-            self.send(dlq, SpoolBatch(w, exc.reason, str(exc)))
+            self.send_ordered(dlq, SpoolBatch(w, exc.reason, str(exc)))
             return
         self.rejected += 1
         msg = f"the database cannot take data ({exc.reason}: {exc}) and the dead-letter queue is not running"
         if isinstance(w, WriteChunk):
-            self.send(w.reply_to, ChunkRejected(w.meta["request_id"], w.seq, "unavailable", msg, 5.0))
+            self.send_ordered(w.reply_to, ChunkRejected(w.meta["request_id"], w.seq, "unavailable", msg, 5.0))
         else:
-            self.send(w.reply_to, LiveDone(w.batch_id, w.nrows, "", "", "unavailable", msg, 5.0))
+            self.send_ordered(w.reply_to, LiveDone(w.batch_id, w.nrows, "", "", "unavailable", msg, 5.0))
 
     def _status_change(self, change: tuple, retrying: bool = False) -> bool:
         try:

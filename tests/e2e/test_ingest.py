@@ -420,6 +420,52 @@ def test_incomplete(shared, dealer):
     assert rows_for(shared, rid) == 0
 
 
+def test_replies_keep_their_order_under_load(shared):
+    """Thespian may swap two messages between the same two actors; pairlane must not let that
+    show. Many producers pipeline chunks and `end` without waiting: each must see every credit
+    before its `stored`, and nothing for that request after it."""
+    producers, rounds, chunks = 6, 25, 4
+    failures: list = []
+
+    def run(p: int) -> None:
+        with Dealer(shared.gateway_endpoint) as dl:
+            for i in range(rounds):
+                rid = f"order-{p}-{i}"
+                r = dl.rt(begin(rid, 2 * chunks, chunks))
+                if r.get("credit") != chunks:
+                    failures.append((rid, "begin", r))
+                    return
+                for s in range(chunks):
+                    dl.send(chunk(rid, s, rows2(1000 * s)))
+                dl.send({"type": "end", "request_id": rid})
+                replies = []
+                while not replies or replies[-1]["type"] == "credit":
+                    r = dl.recv(10)
+                    if r is None:
+                        failures.append((rid, "no reply", replies))
+                        return
+                    replies.append(r)
+                seqs = sorted(r["seq"] for r in replies[:-1])
+                if replies[-1]["type"] != "stored" or seqs != list(range(chunks)):
+                    failures.append((rid, "order", replies))
+                    return
+            stray = dl.drain(0.3)
+            if stray:
+                failures.append((f"order-{p}", "after stored", stray))
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in range(producers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, failures[:3]
+    assert all(rows_for(shared, f"order-{p}-{i}") == 2 * chunks for p in range(producers) for i in range(rounds))
+    for name in ("gateway", "assembler", "writer"):
+        delivery = inspect(shared, name)["delivery"]
+        print(f"{name}: {delivery}")
+        assert delivery["held"] == 0 and delivery.get("gaps_skipped", 0) == 0, (name, delivery)
+
+
 def test_busy_over_max_requests(small):
     with Dealer(small.gateway_endpoint) as dl:
         try:
