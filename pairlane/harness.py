@@ -8,6 +8,7 @@ checking nothing is left behind.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,18 +23,37 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 _handed_out: set[int] = set()
+_pick = random.Random(os.urandom(16))  # independent of any seed a test sets
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def free_port() -> int:
     """A free loopback port, never one this process handed out before (two endpoints of one
-    config must not collide)."""
-    while True:
+    config must not collide), and outside the kernel's ephemeral range: a port from that range
+    can be taken by any bind(0) or connect() between now and the daemon's own bind, and a
+    daemon makes plenty (Thespian's actors bind one port each and connect for every message)."""
+    lo, hi = _ephemeral_range()
+    candidates = range(20000, lo) if lo > 21000 else range(hi + 1, 65536)
+    for _ in range(10_000):
+        port = _pick.choice(candidates)
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {candidates}")
 
 
 def toml_value(v) -> str:
