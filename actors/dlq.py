@@ -95,9 +95,10 @@ class DLQ(PairlaneActor):
                    f"({exc}); keep the data and retry")
             if isinstance(w, WriteChunk):
                 self.send_ordered(w.reply_to, ChunkRejected(w.meta["request_id"], w.seq, "unavailable", msg,
-                                                    FULL_RETRY_AFTER_S))
+                                                            FULL_RETRY_AFTER_S))
             else:
-                self.send_ordered(w.reply_to, LiveDone(w.batch_id, w.nrows, "", "", "unavailable", msg, FULL_RETRY_AFTER_S))
+                self.send_ordered(w.reply_to, LiveDone(w.batch_id, w.nrows, "", "", "unavailable", msg,
+                                                       FULL_RETRY_AFTER_S))
             return
         self.healthy = False
         self.counts["spooled"] += 1

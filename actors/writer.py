@@ -91,7 +91,8 @@ class Writer(PairlaneActor):
         if status == "complete":
             self.metrics.set("pairlane_last_result_timestamp_seconds", time.time())
         if w.item_id is not None:  # reason tells the dlq a duplicate or discarded (result gone) apart
-            self.send_ordered(sender, RetryDone(w.item_id, True, status if status in ("duplicate", "discarded") else ""))
+            reason = status if status in ("duplicate", "discarded") else ""
+            self.send_ordered(sender, RetryDone(w.item_id, True, reason))
             if status == "complete":
                 self.log("INFO", "result_complete_from_dlq", request_id=w.meta["request_id"])
         if w.reply_to is not None:
