@@ -73,6 +73,7 @@ class Resequencer:
         return sum(len(s.held) for s in self.streams.values())
 
     def accept(self, origin: str, n: int, item, now: float | None = None) -> list:
+        now = time.monotonic() if now is None else now
         stream = self.streams.get(origin)
         if stream is None:
             stream = self.streams[origin] = _Stream()
@@ -85,7 +86,7 @@ class Resequencer:
             self.stats["reordered"] += 1
             stream.held[n] = item
             if stream.gap_since is None:
-                stream.gap_since = time.monotonic() if now is None else now
+                stream.gap_since = now
             if len(stream.held) > self.max_held:
                 self.stats["overflows"] += 1
                 return self._skip(stream)
@@ -95,10 +96,7 @@ class Resequencer:
         while stream.expect in stream.held:
             out.append(stream.held.pop(stream.expect))
             stream.expect += 1
-        if stream.held:
-            stream.gap_since = time.monotonic() if now is None else now  # the next gap opens now
-        else:
-            stream.gap_since = None
+        stream.gap_since = now if stream.held else None  # a next gap, if any, opens now
         return out
 
     def expire(self, now: float | None = None) -> list:
