@@ -58,8 +58,7 @@ def floor_sqlite(frames: list[bytes], n: int, tmp: str) -> float:
     rows, columns = [], None
     for i, f in enumerate(frames):
         tr = msgpack.unpackb(f, raw=False)["trades"]
-        k = len(tr["timestamp"]) // 8 if isinstance(tr["timestamp"], bytes) else len(tr["timestamp"])
-        columns, chunk_rows = codec.trade_log_rows(tr, "floor", "S", i, k)
+        columns, chunk_rows = codec.trade_log_rows(tr, "floor", "S", i, codec.check_columns(tr))
         rows.extend(chunk_rows)
     path = os.path.join(tmp, f"floor-{time.monotonic_ns()}.db")
     conn = store.connect(path)
