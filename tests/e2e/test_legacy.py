@@ -177,7 +177,11 @@ def test_admin_inspect_legacy_and_verify(leg, push):
     rid = "leg-inspect"
     push.send(sexpr.synthetic(30, style="lexpr", seed=18, request_id=rid, strategy_name="LegInspect"))
     assert wait_status(leg, rid)["status"] == "complete"
-    st = inspect(leg, "legacy")
+    # the row turns complete in the writer's commit; the legacy actor hears `stored` a hop later
+    def idle():
+        state = inspect(leg, "legacy")
+        return state if state["job"] is None else None
+    st = leg.wait_for(idle, 10, what="the legacy actor to finish its job")
     assert st["parsing"] is None and st["job"] is None
     assert st["received"] >= 1 and st["stored"] >= 1
     res = leg.admin("result", {"request_id": rid})["result"]
