@@ -15,10 +15,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SUBCOMMANDS = {
-    "admin": "pairlane.admin_cli",
-    "send": "pairlane.cli_send",
+    "admin": "entry.admin_cli",
+    "send": "entry.send",
     "bench": "bench.run",
-    "chaos": "pairlane.chaos",
+    "chaos": "entry.chaos",
 }
 
 
@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         print()
-    from pairlane.daemon import main as daemon_main
+    from entry.daemon import main as daemon_main
     return daemon_main(argv)
 
 

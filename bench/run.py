@@ -105,7 +105,7 @@ def main(argv: list[str]) -> int:
     ns = ap.parse_args(argv)
     from pairlane import pairs, sexpr
     from pairlane.client import synthetic_columns
-    from pairlane.harness import Daemon
+    from entry.harness import Daemon
 
     out: dict = {"repeat": ns.repeat}
     tmp = tempfile.mkdtemp(prefix="pairlane-bench-")

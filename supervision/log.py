@@ -10,14 +10,14 @@ import sys
 import time
 
 LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
-_threshold = LEVELS[os.environ.get("PAIRLANE_LOG_LEVEL", "INFO").upper()] \
-    if os.environ.get("PAIRLANE_LOG_LEVEL", "INFO").upper() in LEVELS else 20
+_threshold = LEVELS["INFO"]
 
 
 def set_level(level: str) -> None:
+    """This process's threshold. Forked actor processes inherit it; each worker also sets it from
+    TreeSettings.log_level when it starts."""
     global _threshold
     _threshold = LEVELS.get(level.upper(), 20)
-    os.environ["PAIRLANE_LOG_LEVEL"] = level.upper()
 
 
 def _fmt(value: object) -> str:

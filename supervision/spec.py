@@ -63,12 +63,13 @@ class TreeSettings:
     backoff_max_s: float = 5.0
     heartbeat_s: float = 0.5
     heartbeat_timeout_s: float = 3.0
+    log_level: str = "INFO"       # every worker's log threshold (DEBUG, INFO, WARNING, ERROR)
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, sup: dict, **extra) -> "TreeSettings":
+    def from_config(cls, sup: dict, log_level: str = "INFO", **extra) -> "TreeSettings":
         """From the [supervision] table; extra: e.g. event_sink = the actor told of escalations."""
-        return cls(max_restarts=sup["max_restarts"], window_s=float(sup["window_s"]),
+        return cls(log_level=log_level, max_restarts=sup["max_restarts"], window_s=float(sup["window_s"]),
                    backoff_min_s=float(sup["backoff_min_s"]), backoff_max_s=float(sup["backoff_max_s"]),
                    heartbeat_s=float(sup["heartbeat_s"]),
                    heartbeat_timeout_s=float(sup["heartbeat_timeout_s"]), extra=dict(extra))

@@ -192,9 +192,7 @@ class Worker(Actor):
         self.directory = dict(directory)
         self.supervisor = supervisor
         self._started_at = time.time()
-        level = (self.config.get("daemon") or {}).get("log_level")
-        if level:
-            set_level(level)
+        set_level(self.settings.log_level)
         procs.write_pidfile(self.run_dir, self.name)
 
     def _init(self, msg: Init, sender) -> None:

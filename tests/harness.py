@@ -1,3 +1,3 @@
 """Tests use the same launcher as `run.py bench` and `run.py chaos`."""
-from pairlane.harness import *  # noqa: F401,F403
-from pairlane.harness import Daemon, free_port  # noqa: F401
+from entry.harness import *  # noqa: F401,F403
+from entry.harness import Daemon, free_port  # noqa: F401

@@ -7,7 +7,7 @@ import msgpack
 import pytest
 import zmq
 
-from pairlane import chaos
+from entry import chaos
 from pairlane.client import Producer, synthetic_columns
 
 pytestmark = pytest.mark.timeout(180)

@@ -1,6 +1,6 @@
 """Fault scenarios: every promise holds while results of 10k-100k trades flow.
 
-Each scenario asserts on SQLite (pairlane.chaos.check): every `stored`
+Each scenario asserts on SQLite (entry.chaos.check): every `stored`
 result complete with its exact row count, no duplicate rows, no partial
 result visible; and every actor RUNNING again, admin answering.
 """
@@ -12,8 +12,8 @@ import msgpack
 import pytest
 import zmq
 
-from pairlane import chaos
-from pairlane.chaos import Traffic, check, wait_all_running
+from entry import chaos
+from entry.chaos import Traffic, check, wait_all_running
 from pairlane.client import Producer, encode_chunk, plan_chunks, synthetic_columns
 
 from .conftest import FAST

@@ -1,4 +1,4 @@
-"""Producer side (pairlane.client, pairlane.cli_send) against an in-test fake gateway.
+"""Producer side (pairlane.client, entry.send) against an in-test fake gateway.
 
 The fake gateway is a ZMQ ROUTER on 127.0.0.1 (random port) in a thread that
 speaks PROTOCOL.md section 1 (credit windows, durable re-acks, end/incomplete)
@@ -22,7 +22,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pairlane import cli_send
+from entry import send as cli_send
 from pairlane.client import (NUMERIC_FLOAT, NUMERIC_INT, STRING_COLS, Producer, SendError,
                              encode_chunk, load_file, plan_chunks, prepare_columns,
                              synthetic_columns)

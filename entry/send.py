@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _read_config(path: str) -> tuple[str, int, int]:
     """gateway.endpoint, max_message_bytes and max_chunk_rows of a daemon config (merged over defaults)."""
-    from . import config as cfgmod
+    from pairlane import config as cfgmod
     try:
         gw = cfgmod.load(path)["gateway"]
     except cfgmod.ConfigError as e:

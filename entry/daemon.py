@@ -19,8 +19,8 @@ from supervision.log import log, set_level
 from supervision.messages import StartTree, StopDaemon, TreeStarted, TreeStopped
 from supervision.spec import TreeSettings
 
-from . import config as cfgmod
-from .lock import InstanceLock, LockBusy
+from pairlane import config as cfgmod
+from pairlane.lock import InstanceLock, LockBusy
 
 EXIT_CONFIG = 2
 
@@ -62,7 +62,8 @@ class Daemon:
         self.run_dir = run_dir
         self.asys = start_system(self.cfg["daemon"]["actor_port"])
         self.spec = build_tree(self.cfg)
-        self.settings = TreeSettings.from_config(self.cfg["supervision"], event_sink="metrics")
+        self.settings = TreeSettings.from_config(self.cfg["supervision"], log_level=self.cfg["daemon"]["log_level"],
+                                                 event_sink="metrics")
         self.root_cls = RootSupervisor
         self._start_root()
 

@@ -291,7 +291,7 @@ def main(argv: list[str]) -> int:
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help="print the raw reply as JSON")
     ns = parser.parse_args(argv)
-    from . import config as cfgmod
+    from pairlane import config as cfgmod
     try:
         cfg = cfgmod.load(ns.config)
     except cfgmod.ConfigError as exc:

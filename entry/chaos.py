@@ -27,7 +27,7 @@ from pathlib import Path
 import msgpack
 import zmq
 
-from .client import Producer, SendError, synthetic_columns
+from pairlane.client import Producer, SendError, synthetic_columns
 from .harness import Daemon
 
 ACTORS = ("gateway", "legacy", "assembler", "writer", "dlq", "pairs", "metrics", "admin")
@@ -328,7 +328,7 @@ def main(argv: list[str]) -> int:
         print(f"chaos: starting a daemon in {tmp}", file=sys.stderr)
         d.start()
     else:
-        from . import config as cfgmod
+        from pairlane import config as cfgmod
         cfg = cfgmod.load(ns.config)
         if not cfg["admin"]["allow_fault_injection"]:
             print("chaos: the daemon must run with admin.allow_fault_injection = true", file=sys.stderr)
