@@ -19,6 +19,8 @@ import sqlite3
 import time
 
 from . import codec
+from .lifecycle import settle
+from .vocab import VISIBLE_STATUSES, ResultStatus, WriteOutcome
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS backtest_results(
@@ -69,7 +71,6 @@ INSERT_LIVE = (f"INSERT INTO trade_logs({', '.join(codec.LIVE_COLUMNS)}, batch_i
                f"VALUES ({', '.join('?' * (len(codec.LIVE_COLUMNS) + 1))})")
 SLOT_COLUMNS = ("pair_id", "strategy_a", "strategy_b", "weight_a", "weight_b", "corr", "sharpe",
                 "profit_factor", "score", "evaluated_at")
-VISIBLE_STATUSES = ("receiving", "spooled", "complete")
 
 
 class StoreError(Exception):
@@ -226,7 +227,7 @@ class Store:
             now = time.time()
             row = conn.execute("SELECT status FROM backtest_results WHERE request_id = ?",
                                (meta["request_id"],)).fetchone()
-            if row is not None and row[0] in ("failed", "abandoned"):
+            if row is not None and ResultStatus(row[0]).final_without_rows:
                 self._drop_rows(conn, meta["request_id"])
                 conn.execute("DELETE FROM backtest_results WHERE request_id = ?", (meta["request_id"],))
             self._insert_result(conn, meta, now)
@@ -237,7 +238,7 @@ class Store:
         conn.execute("DELETE FROM backtest_trade_logs WHERE request_id = ?", (request_id,))
         conn.execute("DELETE FROM backtest_chunks WHERE request_id = ?", (request_id,))
 
-    def write_chunk(self, meta: dict, seq: int, trades: dict, nrows: int) -> str:
+    def write_chunk(self, meta: dict, seq: int, trades: dict, nrows: int) -> WriteOutcome:
         """Commit one chunk. Returns the result's status after the commit: receiving | complete |
         failed, or `duplicate` (seq already committed), or `discarded` (result abandoned/failed)."""
         rid = meta["request_id"]
@@ -246,11 +247,11 @@ class Store:
             now = time.time()
             self._insert_result(conn, meta, now)
             status = conn.execute("SELECT status FROM backtest_results WHERE request_id = ?", (rid,)).fetchone()[0]
-            if status in ("abandoned", "failed"):
-                return "discarded"
+            if ResultStatus(status).final_without_rows:
+                return WriteOutcome.DISCARDED
             if conn.execute("SELECT 1 FROM backtest_chunks WHERE request_id = ? AND seq = ?",
                             (rid, seq)).fetchone():
-                return "duplicate"
+                return WriteOutcome.DUPLICATE
             if nrows:
                 columns, rows = codec.trade_log_rows(trades, rid, meta["strategy_name"], seq, nrows)
                 conn.executemany(insert_trades_sql(columns), rows)
@@ -259,40 +260,43 @@ class Store:
             return self._settle(conn, rid, now)
 
         out = self._tx(tx)
-        if out not in ("duplicate", "discarded"):
+        if out not in (WriteOutcome.DUPLICATE, WriteOutcome.DISCARDED):
             self.rows_written += nrows
         return out
 
-    def _settle(self, conn, rid: str, now: float) -> str:
+    def _settle(self, conn, rid: str, now: float) -> WriteOutcome:
+        """Apply `lifecycle.settle` (the one completion rule) to what this transaction committed."""
         total_trades, total_chunks = conn.execute(
             "SELECT total_trades, total_chunks FROM backtest_results WHERE request_id = ?", (rid,)).fetchone()
         n, rows = conn.execute("SELECT count(*), coalesce(sum(rows), 0) FROM backtest_chunks "
                                "WHERE request_id = ?", (rid,)).fetchone()
-        if n < total_chunks:
+        outcome = settle(total_chunks, total_trades, n, rows)
+        if outcome == WriteOutcome.RECEIVING:
             conn.execute("UPDATE backtest_results SET updated_at = ? WHERE request_id = ?", (now, rid))
-            return "receiving"
-        if rows == total_trades:
+        elif outcome == WriteOutcome.COMPLETE:
             conn.execute("UPDATE backtest_results SET status = 'complete', completed_at = ?, updated_at = ? "
                          "WHERE request_id = ?", (now, now, rid))
-            return "complete"
-        self._drop_rows(conn, rid)
-        conn.execute("UPDATE backtest_results SET status = 'failed', updated_at = ?, error = ? "
-                     "WHERE request_id = ?", (now, f"rows add up to {rows}, total_trades is {total_trades}", rid))
-        return "failed"
+        else:
+            self._drop_rows(conn, rid)
+            conn.execute("UPDATE backtest_results SET status = 'failed', updated_at = ?, error = ? "
+                         "WHERE request_id = ?", (now, f"rows add up to {rows}, total_trades is {total_trades}", rid))
+        return outcome
 
-    def set_status(self, request_id: str, status: str, error: str | None = None) -> None:
+    def set_status(self, request_id: str, status: ResultStatus | str, error: str | None = None) -> None:
         """`abandoned`/`failed` also remove the result's rows; `spooled` only from `receiving`."""
+        status = ResultStatus(status)
+
         def tx(conn):
             now = time.time()
-            if status in ("abandoned", "failed"):
+            if status.final_without_rows:
                 row = conn.execute("SELECT status FROM backtest_results WHERE request_id = ?",
                                    (request_id,)).fetchone()
-                if row is not None and row[0] in ("complete", "spooled"):
+                if row is not None and ResultStatus(row[0]).stored:
                     return  # a stored result is a promise: never dropped here
                 self._drop_rows(conn, request_id)
                 conn.execute("UPDATE backtest_results SET status = ?, updated_at = ?, error = coalesce(?, error) "
                              "WHERE request_id = ?", (status, now, error, request_id))
-            elif status == "spooled":
+            elif status == ResultStatus.SPOOLED:
                 conn.execute("UPDATE backtest_results SET status = 'spooled', updated_at = ? "
                              "WHERE request_id = ? AND status = 'receiving'", (now, request_id))
             else:

@@ -1,0 +1,785 @@
+"""The request lifecycle of PROTOCOL.md section 1 as an I/O-free state machine.
+
+Owns: the state of requests in progress (totals, durable and in-flight seqs, the producer's identity,
+idle timers), the credit window and per-chunk credits, duplicates, resend and resume (durable seqs come
+from the store's row and the dlq's inventory), completion without waiting for `end` (decided by
+`settle`, the one place pairlane decides it, also used by the store's transaction), `abort`,
+abandonment after `assembly_timeout_s`, busy caps, the bulk window towards the writer, and lookups
+of requests not in memory. Events go in through `Lifecycle.handle`; effects (frozen dataclasses) come
+out, and the assembler actor carries them out. Never touches sockets, actors, the database or the
+system clock: time comes from the injected `clock` (monotonic) and `wall` (Unix seconds) callables.
+Memory is bounded by configuration: chunks pass through as raw bytes and are never kept after they
+were handed to the writer.
+"""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+from .codec import error_reply
+from .vocab import VISIBLE_STATUSES, ResultStatus, WriteOutcome
+
+RECENT_DONE = 10000          # stored results remembered (answer begin/end/chunk without a lookup)
+LOOKUP_TIMEOUT_S = 10.0      # the store did not answer a lookup: `busy`
+LOCAL_LOOKUP_GRACE_S = 10.0  # after start, lookups go through the writer (a predecessor's changes may be queued)
+BULK_ROWS = 1024             # chunks with more rows are "big": at most BULK_WINDOW of them at the writer
+BULK_WINDOW = 1
+INFLIGHT_TIMEOUT_S = 120.0   # no answer from writer/dlq for this long: the chunk is presumed lost
+MAX_MISSING = 1000           # `missing` lists at most this many seqs
+
+
+def settle(total_chunks: int, total_trades: int, durable_chunks: int, durable_rows: int) -> WriteOutcome:
+    """Is this result complete? The one rule: every chunk durable and the rows add up to total_trades.
+    RECEIVING while chunks are missing, COMPLETE when the rows add up, FAILED when they do not."""
+    if durable_chunks < total_chunks:
+        return WriteOutcome.RECEIVING
+    return WriteOutcome.COMPLETE if durable_rows == total_trades else WriteOutcome.FAILED
+
+
+def stored_reply(rid: str, trades: int, location: str) -> dict:
+    return {"type": "stored", "request_id": rid, "trades": trades, "trades_ref": rid, "location": location}
+
+
+def credit_reply(rid: str, credit: int, seq: int | None = None) -> dict:
+    r = {"type": "credit", "request_id": rid, "credit": credit}
+    if seq is not None:
+        r["seq"] = seq
+    return r
+
+
+def totals(meta: dict) -> tuple:
+    """What must match for a begin to be the same request (else `conflict`)."""
+    return (meta["strategy_name"], meta["total_trades"], meta["total_chunks"])
+
+
+# ----- events in ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Begin:
+    """meta: the results-row fields (store.meta_from_message). bad: (code, message) of a result whose
+    rows failed validation, answered after the conflict checks."""
+    request_id: str
+    identity: bytes
+    meta: dict
+    bad: tuple | None = None
+    origin: str = "zmq"          # only legacy may set `truncated`
+    raw: bytes | None = None
+    nrows: int = 0
+    kind: ClassVar[str] = "begin"
+
+
+@dataclass(frozen=True)
+class Result(Begin):
+    """A one-message result: a begin whose only chunk (seq 0) is `raw`."""
+    kind: ClassVar[str] = "result"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    request_id: str
+    identity: bytes
+    seq: int
+    raw: bytes | None = None
+    nrows: int = 0
+    bad: tuple | None = None
+    kind: ClassVar[str] = "chunk"
+
+
+@dataclass(frozen=True)
+class End:
+    request_id: str
+    identity: bytes
+    raw: ClassVar[None] = None
+    kind: ClassVar[str] = "end"
+
+
+@dataclass(frozen=True)
+class Abort:
+    request_id: str
+    identity: bytes
+    raw: ClassVar[None] = None
+    kind: ClassVar[str] = "abort"
+
+
+@dataclass(frozen=True)
+class LiveTrades:
+    request_id: str              # the batch_id
+    identity: bytes
+    raw: bytes
+    nrows: int
+    kind: ClassVar[str] = "live_trades"
+
+
+@dataclass(frozen=True)
+class Durable:
+    """A chunk committed (location db; outcome a WriteOutcome) or spooled (location dlq)."""
+    request_id: str
+    seq: int
+    location: str
+    outcome: str
+    nrows: int
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Neither the database nor the spool took a chunk."""
+    request_id: str
+    seq: int
+    code: str
+    message: str
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class LiveDone:
+    batch_id: str
+    nrows: int
+    location: str
+    code: str | None = None
+    message: str | None = None
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class LookupAnswer:
+    """The store's row for request_id (plus `durable` {seq: rows}) or None; failed: nobody could read it."""
+    request_id: str
+    row: dict | None
+    failed: bool = False
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """((request_id, seq, nrows), ...) of every chunk the dlq holds."""
+    items: tuple
+
+
+@dataclass(frozen=True)
+class SweepDone:
+    """The writer applied (or gave up on) the last Sweep."""
+
+
+@dataclass(frozen=True)
+class Peers:
+    """The writer/dlq changed. lost: a restarted writer (or dlq) lost whatever we had sent it."""
+    writer_up: bool
+    dlq_up: bool
+    lost: bool = False
+    dlq_changed: bool = False
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Timers: in-flight timeouts, abandonment, completed requests leaving memory, lookups, sweeps."""
+
+
+# ----- effects out --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Reply:
+    """Send `reply` to the producer `identity` (the gateway, or the actor that produced it)."""
+    identity: bytes
+    reply: dict
+
+
+@dataclass(frozen=True)
+class Release:
+    """The gateway stops counting (request_id, seq) against its in-flight budget (seq -1: live batch)."""
+    request_id: str
+    seq: int
+
+
+@dataclass(frozen=True)
+class Write:
+    """Forward a chunk to the writer."""
+    meta: dict
+    seq: int
+    raw: bytes | None
+    nrows: int
+
+
+@dataclass(frozen=True)
+class WriteLive:
+    batch_id: str
+    raw: bytes
+    nrows: int
+
+
+@dataclass(frozen=True)
+class Record:
+    """Make the request visible as `receiving` (a failed or abandoned one starts over)."""
+    meta: dict
+
+
+@dataclass(frozen=True)
+class SetStatus:
+    request_id: str
+    status: ResultStatus
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Ask the store for request_id's row; answer with LookupAnswer. local_ok: a read-only connection
+    may answer (no status change of ours for it can still be queued at the writer); else the writer
+    must, in order."""
+    request_id: str
+    local_ok: bool
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Abandon `receiving` results idle since older_than (wall) and not in active."""
+    older_than: float
+    active: frozenset
+
+
+@dataclass(frozen=True)
+class AskInventory:
+    """Ask the dlq which chunks it holds."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    op: str                      # inc | set | observe
+    name: str
+    value: float = 1.0
+    labels: tuple = ()
+
+
+@dataclass(frozen=True)
+class Log:
+    level: str
+    event: str
+    fields: tuple = ()
+
+
+# ----- state ---------------------------------------------------------------------------------------
+@dataclass
+class Req:
+    meta: dict
+    identity: bytes
+    window: int
+    began_at: float                                    # wall
+    last_activity: float                               # clock
+    kind: str = "chunked"                              # chunked | result
+    durable: dict = field(default_factory=dict)        # seq -> (rows, location)
+    inflight: dict = field(default_factory=dict)       # seq -> (rows, sent_at)
+    status: ResultStatus = ResultStatus.RECEIVING      # RECEIVING | COMPLETE | FAILED
+    end_waiting: bytes | None = None
+
+    @property
+    def rid(self) -> str:
+        return self.meta["request_id"]
+
+    def location(self) -> str:
+        return "dlq" if any(loc == "dlq" for _, loc in self.durable.values()) else "db"
+
+    def missing(self, limit: int = MAX_MISSING) -> list[int]:
+        """The first `limit` seqs neither durable nor in flight. Stops early: the cost is bounded by the
+        chunks that did arrive, never by a declared total_chunks (up to max_result_trades)."""
+        out = []
+        for s in range(self.meta["total_chunks"]):
+            if s not in self.durable and s not in self.inflight:
+                out.append(s)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def missing_count(self) -> int:
+        return self.meta["total_chunks"] - len(self.durable.keys() | self.inflight.keys())
+
+
+def _release_key(ev) -> tuple | None:
+    """The gateway counts a chunk or result frame in flight until it is released."""
+    if ev.raw is None:
+        return None
+    return (ev.request_id, getattr(ev, "seq", 0))
+
+
+class Lifecycle:
+    def __init__(self, credit: int, max_requests: int, assembly_timeout_s: float, *,
+                 clock: Callable[[], float], wall: Callable[[], float],
+                 writer_up: bool = True, dlq_up: bool = False):
+        self.credit = credit
+        self.max_requests = max_requests
+        self.timeout_s = assembly_timeout_s
+        self.clock = clock
+        self.wall = wall
+        self.writer_up = writer_up
+        self.dlq_up = dlq_up
+        self.reqs: dict[str, Req] = {}
+        self.lookups: dict[str, tuple[float, list]] = {}    # rid -> (asked_at, queued events)
+        self.recent: collections.OrderedDict = collections.OrderedDict()  # rid -> (totals, trades, location)
+        self.live: dict[str, bytes] = {}                     # batch_id -> identity waiting
+        self.inventory: dict[str, dict] = {}                 # rid -> {seq: rows} held by the dlq
+        self.status_sent: collections.OrderedDict = collections.OrderedDict()  # rids with status changes sent
+        self.sweep_pending = False                           # a Sweep the writer has not confirmed yet
+        self.bulk_waiting: collections.deque = collections.deque()  # big chunks not yet at the writer
+        self.bulk_at_writer = 0
+        self.stats: collections.Counter = collections.Counter()
+        self.started = clock()
+        self.last_sweep = self.started
+        self._out: list = []
+
+    def handle(self, ev) -> list:
+        """Feed one event; returns the effects to carry out, in order."""
+        self._out = []
+        self._HANDLERS[type(ev)](self, ev)
+        out, self._out = self._out, []
+        return out
+
+    def inspect(self) -> dict:
+        return {"requests_in_flight": len(self.reqs),
+                "receiving": self._receiving(),
+                "chunks_in_flight": sum(len(r.inflight) for r in self.reqs.values()),
+                "rows_in_flight": sum(n for r in self.reqs.values() for n, _ in r.inflight.values()),
+                "lookups_pending": len(self.lookups), "live_batches_pending": len(self.live),
+                "dlq_inventory_chunks": sum(len(v) for v in self.inventory.values()),
+                "big_chunks_at_writer": self.bulk_at_writer, "big_chunks_waiting": len(self.bulk_waiting),
+                "recent_results": len(self.recent), **dict(self.stats)}
+
+    # ----- effect helpers -------------------------------------------------------------------------
+    def _emit(self, eff) -> None:
+        self._out.append(eff)
+
+    def _reply(self, identity: bytes, reply: dict) -> None:
+        self._emit(Reply(identity, reply))
+
+    def _err(self, identity: bytes, code: str, message: str, rid: str | None, retry: float | None = None) -> None:
+        self._emit(Reply(identity, error_reply(code, message, rid, retry)))
+
+    def _release(self, rid: str, seq: int) -> None:
+        self._emit(Release(rid, seq))
+
+    def _release_ev(self, ev) -> None:
+        key = _release_key(ev)
+        if key is not None:
+            self._emit(Release(*key))
+
+    def _metric(self, op: str, name: str, value: float = 1.0, **labels) -> None:
+        self._emit(Metric(op, name, value, tuple(labels.items())))
+
+    def _to_writer(self, eff) -> None:
+        """A status change for the writer; lookups of that request must go through the writer now."""
+        rid = eff.meta["request_id"] if isinstance(eff, Record) else eff.request_id
+        self.status_sent[rid] = None
+        self.status_sent.move_to_end(rid)
+        while len(self.status_sent) > RECENT_DONE:
+            self.status_sent.popitem(last=False)
+        self._emit(eff)
+
+    def _receiving(self) -> int:
+        return sum(1 for r in self.reqs.values() if r.status == ResultStatus.RECEIVING)
+
+    # ----- producer messages ---------------------------------------------------------------------
+    def _inbound(self, ev) -> None:
+        self.stats[f"in_{ev.kind}"] += 1
+        self._dispatch(ev)
+
+    def _dispatch(self, ev) -> None:
+        if ev.request_id in self.lookups:
+            self.lookups[ev.request_id][1].append(ev)
+            return
+        if isinstance(ev, Result):
+            self._result(ev)
+        elif isinstance(ev, Begin):
+            self._begin(ev)
+        elif isinstance(ev, Chunk):
+            self._chunk(ev)
+        elif isinstance(ev, End):
+            self._end(ev)
+        else:
+            self._abort(ev)
+
+    def _live_trades(self, ev: LiveTrades) -> None:
+        self.stats["in_live_trades"] += 1
+        if not self.writer_up:
+            self._release(ev.request_id, -1)
+            return self._err(ev.identity, "unavailable", "pairlane's writer is restarting", ev.request_id, 1.0)
+        self.live[ev.request_id] = ev.identity
+        self._emit(WriteLive(ev.request_id, ev.raw, ev.nrows))
+
+    def _busy(self, ev) -> bool:
+        active = self._receiving() + len(self.lookups)
+        if active >= self.max_requests:
+            self._release_ev(ev)
+            self._err(ev.identity, "busy", f"{active} requests in progress, at gateway.max_requests "
+                      f"= {self.max_requests}", ev.request_id, 1.0)
+            return True
+        return False
+
+    def _start_lookup(self, ev) -> None:
+        rid = ev.request_id
+        local_ok = (rid not in self.status_sent and not self.sweep_pending
+                    and self.clock() - self.started >= LOCAL_LOOKUP_GRACE_S)
+        if not local_ok and not self.writer_up:
+            self._release_ev(ev)
+            return self._err(ev.identity, "unavailable", "pairlane's writer is restarting", rid, 1.0)
+        self.lookups[rid] = (self.clock(), [ev])
+        self._emit(Lookup(rid, local_ok))
+
+    def _conflict(self, ev) -> None:
+        self._release_ev(ev)
+        self.stats["conflicts"] += 1
+        self._err(ev.identity, "conflict", f"request {ev.request_id} exists with another strategy_name or "
+                  "totals; use a new request_id", ev.request_id)
+
+    def _begin(self, ev: Begin, row: dict | None = None, looked_up: bool = False) -> None:
+        rid = ev.request_id
+        meta = dict(ev.meta)
+        if ev.origin != "legacy":
+            meta["truncated"] = 0
+        req = self.reqs.get(rid)
+        if req is not None:
+            if totals(req.meta) != totals(meta):
+                return self._conflict(ev)
+            if ev.bad is not None:
+                return self._err(ev.identity, ev.bad[0], ev.bad[1], rid)
+            req.identity = ev.identity
+            req.last_activity = self.clock()
+            if req.status == ResultStatus.COMPLETE:
+                return self._reply(ev.identity, stored_reply(rid, meta["total_trades"], req.location()))
+            if req.status == ResultStatus.FAILED:
+                self.reqs.pop(rid)  # start over
+                return self._begin(ev)
+            return self._reply(ev.identity, credit_reply(rid, req.window))  # resume: full window
+        if rid in self.recent:
+            key, trades, loc = self.recent[rid]
+            if key != totals(meta):
+                return self._conflict(ev)
+            if ev.bad is not None:
+                return self._err(ev.identity, ev.bad[0], ev.bad[1], rid)
+            return self._reply(ev.identity, stored_reply(rid, trades, loc))
+        if not looked_up:
+            if ev.bad is None and self._busy(ev):
+                return
+            return self._start_lookup(ev)
+        visible = row is not None and row["status"] in VISIBLE_STATUSES
+        if visible and totals(row) != totals(meta):
+            return self._conflict(ev)
+        if ev.bad is not None:
+            return self._err(ev.identity, ev.bad[0], ev.bad[1], rid)
+        if visible and row["status"] == ResultStatus.COMPLETE:
+            self._remember(rid, meta, "db")
+            return self._reply(ev.identity, stored_reply(rid, row["total_trades"], "db"))
+        now = self.clock()
+        req = Req(meta=meta, identity=ev.identity, window=min(self.credit, meta["total_chunks"]),
+                  began_at=self.wall(), last_activity=now,
+                  kind="result" if isinstance(ev, Result) else "chunked")
+        if visible:  # receiving or spooled: resume with what the database holds
+            for seq, rows in row["durable"].items():
+                req.durable[seq] = (rows, "db")
+        for seq, rows in self.inventory.get(rid, {}).items():
+            req.durable.setdefault(seq, (rows, "dlq"))
+        self.reqs[rid] = req
+        self.stats["begun"] += 1
+        if not visible:
+            self._to_writer(Record(meta))  # visible as `receiving` at once (or starts over)
+        if req.kind == "result":
+            return self._chunk(Chunk(rid, ev.identity, 0, ev.raw, ev.nrows, ev.bad))
+        self._reply(ev.identity, credit_reply(rid, req.window))
+        self._settle(req)
+
+    def _result(self, ev: Result, row: dict | None = None, looked_up: bool = False) -> None:
+        rid = ev.request_id
+        req = self.reqs.get(rid)
+        if req is not None and req.status != ResultStatus.COMPLETE:
+            same = req.kind == "result" and totals(req.meta) == totals(ev.meta)
+            if same and ev.bad is not None:
+                return self._err(ev.identity, ev.bad[0], ev.bad[1], rid)
+            if same and req.status == ResultStatus.RECEIVING:
+                # the same one-message result again while the first is being written (a producer
+                # resending after a timeout): a duplicate of its only chunk, answered once durable
+                return self._chunk(Chunk(rid, ev.identity, 0, ev.raw, ev.nrows, None))
+            self._release_ev(ev)
+            return self._err(ev.identity, "conflict", f"request {rid} is in progress (as a chunked request "
+                             "or with another strategy_name or totals)", rid)
+        self._begin(ev, row, looked_up)
+
+    def _chunk(self, ev: Chunk) -> None:
+        rid, seq = ev.request_id, ev.seq
+        req = self.reqs.get(rid)
+        if req is None:
+            self._release(rid, seq)
+            if rid in self.recent:
+                return self._reply(ev.identity, credit_reply(rid, 1, seq))
+            return self._err(ev.identity, "unknown_request", f"request {rid} is not in progress "
+                             "(never begun, finished, abandoned or lost in a restart): send begin again", rid)
+        req.last_activity = self.clock()
+        req.identity = ev.identity
+        if ev.bad is not None:
+            self._release(rid, seq)
+            return self._err(ev.identity, ev.bad[0], ev.bad[1], rid)
+        if seq >= req.meta["total_chunks"]:
+            self._release(rid, seq)
+            return self._err(ev.identity, "bad_chunk",
+                             f"seq {seq} out of range 0..{req.meta['total_chunks'] - 1}", rid)
+        if seq in req.durable:
+            self._release(rid, seq)
+            if req.kind == "result":
+                return self._reply(ev.identity, stored_reply(rid, req.meta["total_trades"], req.location()))
+            return self._reply(ev.identity, credit_reply(rid, 1, seq))
+        if seq in req.inflight:
+            return  # dropped silently: its credit comes when it is durable (the gateway still counts it)
+        if not self.writer_up:
+            self._release(rid, seq)
+            return self._err(ev.identity, "unavailable", "pairlane's writer is restarting", rid, 1.0)
+        req.inflight[seq] = (ev.nrows, self.clock())
+        work = Write(req.meta, seq, ev.raw, ev.nrows)
+        if ev.nrows > BULK_ROWS:
+            # the writer handles our messages in order, one per turn of its loop: a small result's
+            # chunk must never queue behind more than BULK_WINDOW big ones
+            self.bulk_waiting.append(work)
+            self._feed_bulk()
+        else:
+            self._emit(work)
+
+    def _feed_bulk(self) -> None:
+        while self.bulk_waiting and self.bulk_at_writer < BULK_WINDOW and self.writer_up:
+            work = self.bulk_waiting.popleft()
+            req = self.reqs.get(work.meta["request_id"])
+            if req is None or work.seq not in req.inflight:
+                self._release(work.meta["request_id"], work.seq)  # aborted or abandoned meanwhile
+                continue
+            self.bulk_at_writer += 1
+            self._emit(work)
+
+    def _bulk_done(self, sent, nrows=None) -> None:
+        """A chunk came back from the writer: if it was a big one, let the next big one go."""
+        rows = sent[0] if sent is not None else nrows
+        if rows is not None and rows > BULK_ROWS and self.bulk_at_writer > 0:
+            self.bulk_at_writer -= 1
+            self._feed_bulk()
+
+    def _end(self, ev: End, row: dict | None = None, looked_up: bool = False) -> None:
+        rid = ev.request_id
+        req = self.reqs.get(rid)
+        if req is None:
+            if rid in self.recent:
+                _, trades, loc = self.recent[rid]
+                return self._reply(ev.identity, stored_reply(rid, trades, loc))
+            if not looked_up:
+                return self._start_lookup(ev)
+            if row is not None and row["status"] == ResultStatus.COMPLETE:
+                return self._reply(ev.identity, stored_reply(rid, row["total_trades"], "db"))
+            return self._err(ev.identity, "unknown_request", f"request {rid} is not in progress: send begin", rid)
+        req.last_activity = self.clock()
+        req.identity = ev.identity
+        if req.inflight:
+            req.end_waiting = ev.identity  # answered once every chunk received so far is durable
+            return
+        self._answer_end(req, ev.identity)
+
+    def _answer_end(self, req: Req, identity: bytes) -> None:
+        if req.status == ResultStatus.COMPLETE:
+            return self._reply(identity, stored_reply(req.rid, req.meta["total_trades"], req.location()))
+        if req.status == ResultStatus.FAILED:
+            self.reqs.pop(req.rid, None)
+            r = error_reply("incomplete", "every chunk arrived but the rows do not add up to "
+                            "total_trades; the result failed and its rows were removed: begin again", req.rid)
+            r["missing"] = list(range(min(req.meta["total_chunks"], MAX_MISSING)))
+            return self._reply(identity, r)
+        r = error_reply("incomplete", f"{req.missing_count()} chunk(s) never arrived: send them, "
+                        f"then end again (`missing` lists at most {MAX_MISSING})", req.rid)
+        r["missing"] = req.missing(MAX_MISSING)
+        self._reply(identity, r)
+
+    def _abort(self, ev: Abort, row: dict | None = None, looked_up: bool = False) -> None:
+        rid = ev.request_id
+        req = self.reqs.get(rid)
+        if ((req is not None and req.status == ResultStatus.COMPLETE) or rid in self.recent
+                or (row is not None and ResultStatus(row["status"]).stored)):
+            return self._err(ev.identity, "conflict", f"request {rid} is already stored; abort drops only "
+                             "unfinished requests", rid)
+        if req is None and not looked_up and self.writer_up:
+            # not in memory (e.g. after a restart): it may be stored; ask the store before answering
+            return self._start_lookup(ev)
+        if req is not None:
+            self.reqs.pop(rid)
+            for seq in req.inflight:
+                self._release(rid, seq)
+        if self.writer_up:
+            self._to_writer(SetStatus(rid, ResultStatus.ABANDONED, "aborted by producer"))
+        self._metric("inc", "pairlane_results_total", outcome="aborted")
+        self._reply(ev.identity, {"type": "aborted", "request_id": rid})
+
+    # ----- answers from the writer, the dlq and the store ------------------------------------------
+    def _durable(self, ev: Durable) -> None:
+        self._release(ev.request_id, ev.seq)
+        if ev.location == "dlq":
+            self.inventory.setdefault(ev.request_id, {})[ev.seq] = ev.nrows
+        req = self.reqs.get(ev.request_id)
+        sent = req.inflight.pop(ev.seq, None) if req is not None else None
+        self._bulk_done(sent, ev.nrows)
+        if req is None:
+            return
+        if sent is not None:
+            self._metric("observe", "pairlane_chunk_assembly_seconds", self.clock() - sent[1])
+        if ev.outcome == WriteOutcome.DISCARDED:
+            return
+        req.durable[ev.seq] = (ev.nrows, ev.location)
+        if ev.outcome == WriteOutcome.FAILED:
+            req.status = ResultStatus.FAILED
+        if req.kind == "chunked":
+            self._reply(req.identity, credit_reply(req.rid, 1, ev.seq))
+        self._settle(req)
+
+    def _settle(self, req: Req) -> None:
+        """All chunks durable? Then the result is complete (or failed) now, `end` or not."""
+        total = req.meta["total_chunks"]
+        all_durable = len(req.durable) == total
+        if all_durable and req.status == ResultStatus.RECEIVING:
+            rows = sum(r for r, _ in req.durable.values())
+            if settle(total, req.meta["total_trades"], len(req.durable), rows) == WriteOutcome.FAILED:
+                req.status = ResultStatus.FAILED
+                self._to_writer(SetStatus(req.rid, ResultStatus.FAILED,
+                                          f"rows add up to {rows}, total_trades is {req.meta['total_trades']}"))
+            else:
+                req.status = ResultStatus.COMPLETE
+                loc = req.location()
+                if loc == "dlq":
+                    self._to_writer(SetStatus(req.rid, ResultStatus.SPOOLED))
+                self._remember(req.rid, req.meta, loc)
+                self._metric("inc", "pairlane_results_total", outcome="stored_" + loc)
+                now = self.wall()
+                self._metric("observe", "pairlane_result_receive_seconds", now - req.began_at)
+                self._metric("set", "pairlane_last_result_timestamp_seconds", now)
+                self.stats["completed"] += 1
+        if req.status == ResultStatus.FAILED and all_durable:
+            self._metric("inc", "pairlane_results_total", outcome="failed")
+            self.stats["failed"] += 1
+        if req.kind == "result" and all_durable:
+            if req.status == ResultStatus.COMPLETE:
+                self._reply(req.identity, stored_reply(req.rid, req.meta["total_trades"], req.location()))
+            else:
+                self._err(req.identity, "incomplete", "the result's rows do not add up to total_trades", req.rid)
+                self.reqs.pop(req.rid, None)
+            return
+        if req.end_waiting is not None and not req.inflight:
+            identity, req.end_waiting = req.end_waiting, None
+            self._answer_end(req, identity)
+
+    def _remember(self, rid: str, meta: dict, location: str) -> None:
+        self.recent[rid] = (totals(meta), meta["total_trades"], location)
+        self.recent.move_to_end(rid)
+        while len(self.recent) > RECENT_DONE:
+            self.recent.popitem(last=False)
+
+    def _rejected(self, ev: Rejected) -> None:
+        self._release(ev.request_id, ev.seq)
+        req = self.reqs.get(ev.request_id)
+        sent = req.inflight.pop(ev.seq, None) if req is not None else None
+        self._bulk_done(sent, None)
+        if req is None:
+            return
+        self._err(req.identity, ev.code, ev.message, req.rid, ev.retry_after_s)
+
+    def _live_done(self, ev: LiveDone) -> None:
+        self._release(ev.batch_id, -1)
+        identity = self.live.pop(ev.batch_id, None)
+        if identity is None:
+            return
+        if ev.code:
+            return self._err(identity, ev.code, ev.message or "", ev.batch_id, ev.retry_after_s)
+        self._reply(identity, stored_reply(ev.batch_id, ev.nrows, ev.location))
+
+    def _looked_up(self, ev: LookupAnswer) -> None:
+        entry = self.lookups.pop(ev.request_id, None)
+        if entry is None:
+            return
+        queued = entry[1]
+        if ev.failed:
+            for q in queued:
+                self._release_ev(q)
+                self._err(q.identity, "unavailable", "pairlane's writer is restarting", ev.request_id, 1.0)
+            return
+        first, rest = queued[0], queued[1:]
+        if isinstance(first, Result):
+            self._result(first, ev.row, True)
+        elif isinstance(first, Begin):
+            self._begin(first, ev.row, True)
+        elif isinstance(first, End):
+            self._end(first, ev.row, True)
+        elif isinstance(first, Abort):
+            self._abort(first, ev.row, True)
+        for q in rest:
+            self._dispatch(q)
+
+    def _inventory(self, ev: Inventory) -> None:
+        self.inventory = {}
+        for rid, seq, rows in ev.items:
+            self.inventory.setdefault(rid, {})[seq] = rows
+
+    def _sweep_done(self, ev: SweepDone) -> None:
+        self.sweep_pending = False
+
+    def _peers(self, ev: Peers) -> None:
+        self.writer_up = ev.writer_up
+        if ev.lost:
+            # a restarted writer (or dlq, which may have held a batch from the writer) lost what we
+            # had sent: those chunks are no longer in flight; producers resend them
+            self.sweep_pending = False
+            self.bulk_waiting.clear()   # their seqs are in req.inflight: released just below
+            self.bulk_at_writer = 0
+            for req in self.reqs.values():
+                for seq in req.inflight:
+                    self._release(req.rid, seq)
+                req.inflight.clear()
+            for rid, (_, queued) in self.lookups.items():
+                for q in queued:
+                    self._err(q.identity, "busy", "pairlane's writer restarted; retry", rid, 0.5)
+                    self._release_ev(q)
+            self.lookups.clear()
+            for batch_id, identity in self.live.items():
+                self._err(identity, "busy", "pairlane's writer restarted; retry", batch_id, 0.5)
+                self._release(batch_id, -1)
+            self.live.clear()
+        if ev.dlq_changed:
+            self.dlq_up = ev.dlq_up
+            if ev.dlq_up:
+                self._emit(AskInventory())
+
+    # ----- timers --------------------------------------------------------------------------------------
+    def _tick(self, ev: Tick) -> None:
+        now = self.clock()
+        for req in self.reqs.values():  # safety net: a chunk whose answer was lost is not in flight forever
+            for seq, (rows, sent_at) in list(req.inflight.items()):
+                if now - sent_at > INFLIGHT_TIMEOUT_S and not any(
+                        w.meta["request_id"] == req.rid and w.seq == seq for w in self.bulk_waiting):
+                    req.inflight.pop(seq)
+                    self._release(req.rid, seq)
+                    self._bulk_done((rows, sent_at))
+                    self._emit(Log("WARNING", "chunk_answer_lost", (("request_id", req.rid), ("seq", seq))))
+        for rid, req in list(self.reqs.items()):
+            idle = now - req.last_activity
+            if req.status == ResultStatus.RECEIVING and not req.inflight and idle > self.timeout_s:
+                self.reqs.pop(rid)
+                self.stats["abandoned"] += 1
+                self._metric("inc", "pairlane_results_total", outcome="abandoned")
+                self._emit(Log("WARNING", "request_abandoned", (
+                    ("request_id", rid), ("idle_s", f"{idle:.1f}"), ("durable", len(req.durable)),
+                    ("total_chunks", req.meta["total_chunks"]))))
+                if self.writer_up:
+                    self._to_writer(SetStatus(rid, ResultStatus.ABANDONED, f"idle for {idle:.0f}s"))
+            elif req.status != ResultStatus.RECEIVING and idle > min(self.timeout_s, 30.0) and not req.inflight:
+                self.reqs.pop(rid)  # finished: `recent` answers from now on
+        for rid, (asked_at, queued) in list(self.lookups.items()):
+            if now - asked_at > LOOKUP_TIMEOUT_S:
+                self.lookups.pop(rid)
+                for q in queued:
+                    self._release_ev(q)
+                    self._err(q.identity, "busy", "the database did not answer in time; retry", rid, 1.0)
+        if now - self.last_sweep > max(1.0, self.timeout_s / 2) and self.writer_up:
+            self.last_sweep = now
+            # a request with chunks waiting in the dlq is stored, never stale (PROTOCOL section 1)
+            active = frozenset(self.reqs) | frozenset(self.lookups) | frozenset(self.inventory)
+            self.sweep_pending = True
+            self._emit(Sweep(self.wall() - self.timeout_s, active))
+            if self.dlq_up:
+                self._emit(AskInventory())  # landed or purged items drop out
+
+    _HANDLERS: ClassVar[dict] = {
+        Begin: _inbound, Result: _inbound, Chunk: _inbound, End: _inbound, Abort: _inbound,
+        LiveTrades: _live_trades, Durable: _durable, Rejected: _rejected, LiveDone: _live_done,
+        LookupAnswer: _looked_up, Inventory: _inventory, SweepDone: _sweep_done, Peers: _peers, Tick: _tick,
+    }

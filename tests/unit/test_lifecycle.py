@@ -1,0 +1,632 @@
+"""The request lifecycle (pairlane.lifecycle), row by row from PROTOCOL.md section 1, without processes.
+
+A `World` plays the assembler's surroundings: it carries out effects the way the actor does, with a
+fake writer that holds writes until the test makes them durable (committing them in a fake store
+that applies `lifecycle.settle`, as the real store does) and answers lookups from that fake store.
+"""
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pairlane import lifecycle as lc
+from pairlane.vocab import ResultStatus, WriteOutcome
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def meta(rid, chunks=3, trades=30, strategy="S"):
+    return {"request_id": rid, "strategy_name": strategy, "total_trades": trades, "total_chunks": chunks,
+            "truncated": 0}
+
+
+class World:
+    def __init__(self, credit=4, max_requests=4, timeout=60.0, writer_up=True, dlq_up=False, auto_lookup=True):
+        self.clock = Clock()
+        self.lc = lc.Lifecycle(credit, max_requests, timeout, clock=self.clock, wall=self.clock,
+                               writer_up=writer_up, dlq_up=dlq_up)
+        self.clock.t += lc.LOCAL_LOOKUP_GRACE_S + 1
+        self.db: dict = {}           # rid -> {"meta", "status", "chunks": {seq: rows}}
+        self.pending: list = []      # Write effects the writer has not answered
+        self.lookups: list = []      # Lookup effects not answered (auto_lookup=False)
+        self.auto_lookup = auto_lookup
+        self.effects: list = []      # every effect, in order
+        self.released: list = []
+
+    # --- the fake store, with the store's rules ---
+    def row(self, rid):
+        r = self.db.get(rid)
+        if r is None:
+            return None
+        m = r["meta"]
+        return {"request_id": rid, "status": str(r["status"]), "strategy_name": m["strategy_name"],
+                "total_trades": m["total_trades"], "total_chunks": m["total_chunks"], "durable": dict(r["chunks"])}
+
+    def _insert(self, m):
+        self.db.setdefault(m["request_id"], {"meta": m, "status": ResultStatus.RECEIVING, "chunks": {}})
+
+    def commit(self, w: lc.Write) -> WriteOutcome:
+        rid = w.meta["request_id"]
+        self._insert(w.meta)
+        r = self.db[rid]
+        if r["status"].final_without_rows:
+            return WriteOutcome.DISCARDED
+        if w.seq in r["chunks"]:
+            return WriteOutcome.DUPLICATE
+        r["chunks"][w.seq] = w.nrows
+        out = lc.settle(r["meta"]["total_chunks"], r["meta"]["total_trades"], len(r["chunks"]),
+                        sum(r["chunks"].values()))
+        if out == WriteOutcome.COMPLETE:
+            r["status"] = ResultStatus.COMPLETE
+        elif out == WriteOutcome.FAILED:
+            r["status"] = ResultStatus.FAILED
+            r["chunks"] = {}
+        return out
+
+    # --- driving ---
+    def send(self, ev) -> list[dict]:
+        out = []
+        for e in self.lc.handle(ev):
+            self.effects.append(e)
+            if isinstance(e, lc.Reply):
+                out.append(e.reply)
+            elif isinstance(e, lc.Release):
+                self.released.append((e.request_id, e.seq))
+            elif isinstance(e, lc.Write):
+                self.pending.append(e)
+            elif isinstance(e, lc.Record):
+                r = self.db.get(e.meta["request_id"])
+                if r is not None and r["status"].final_without_rows:
+                    del self.db[e.meta["request_id"]]
+                self._insert(e.meta)
+            elif isinstance(e, lc.SetStatus):
+                r = self.db.get(e.request_id)
+                if r is None:
+                    continue
+                if e.status.final_without_rows and not r["status"].stored:
+                    r["status"], r["chunks"] = e.status, {}
+                elif e.status == ResultStatus.SPOOLED and r["status"] == ResultStatus.RECEIVING:
+                    r["status"] = e.status
+            elif isinstance(e, lc.Lookup):
+                if self.auto_lookup:
+                    out += self.send(lc.LookupAnswer(e.request_id, self.row(e.request_id)))
+                else:
+                    self.lookups.append(e)
+        return out
+
+    def begin(self, rid, chunks=3, trades=30, strategy="S", who=b"p"):
+        return self.send(lc.Begin(rid, who, meta(rid, chunks, trades, strategy)))
+
+    def chunk(self, rid, seq, nrows=10, who=b"p", bad=None):
+        return self.send(lc.Chunk(rid, who, seq, b"raw", nrows, bad))
+
+    def end(self, rid, who=b"p"):
+        return self.send(lc.End(rid, who))
+
+    def abort(self, rid, who=b"p"):
+        return self.send(lc.Abort(rid, who))
+
+    def durable(self, i=0, location="db"):
+        w = self.pending.pop(i)
+        outcome = self.commit(w) if location == "db" else ResultStatus.SPOOLED
+        return self.send(lc.Durable(w.meta["request_id"], w.seq, location, outcome, w.nrows))
+
+    def durable_all(self):
+        out = []
+        while self.pending:
+            out += self.durable()
+        return out
+
+    def tick(self, dt=0.0):
+        self.clock.t += dt
+        return self.send(lc.Tick())
+
+    def writes(self):
+        return [e for e in self.effects if isinstance(e, lc.Write)]
+
+    def statuses(self, rid):
+        return [e.status for e in self.effects if isinstance(e, lc.SetStatus) and e.request_id == rid]
+
+
+def only(replies):
+    assert len(replies) == 1, replies
+    return replies[0]
+
+
+def code(replies):
+    r = only(replies)
+    assert r["type"] == "error", r
+    return r["code"]
+
+
+# ----- settle: the one completion rule -------------------------------------------------------------
+@pytest.mark.parametrize("total_chunks,total_trades,durable_chunks,durable_rows,expected", [
+    (3, 30, 2, 20, WriteOutcome.RECEIVING),
+    (3, 30, 2, 30, WriteOutcome.RECEIVING),      # rows add up early: still waiting for a chunk
+    (3, 30, 3, 30, WriteOutcome.COMPLETE),
+    (3, 30, 3, 29, WriteOutcome.FAILED),
+    (3, 30, 3, 31, WriteOutcome.FAILED),
+    (1, 0, 1, 0, WriteOutcome.COMPLETE),         # no trades: one chunk with empty columns
+])
+def test_settle(total_chunks, total_trades, durable_chunks, durable_rows, expected):
+    assert lc.settle(total_chunks, total_trades, durable_chunks, durable_rows) == expected
+
+
+# ----- begin ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("credit,chunks,window", [(4, 1, 1), (4, 3, 3), (4, 4, 4), (4, 10, 4), (8, 100, 8)])
+def test_begin_new_grants_min_of_credit_and_total_chunks(credit, chunks, window):
+    w = World(credit=credit)
+    assert only(w.begin("R", chunks=chunks, trades=chunks)) == {"type": "credit", "request_id": "R", "credit": window}
+    assert any(isinstance(e, lc.Record) for e in w.effects)  # visible as receiving at once
+
+
+def test_begin_again_same_totals_full_window_and_durable_chunks_kept():
+    w = World(credit=2)
+    w.begin("R", chunks=4, trades=40)
+    w.chunk("R", 0)
+    w.chunk("R", 1)
+    w.durable()
+    assert only(w.begin("R", chunks=4, trades=40, who=b"q"))["credit"] == 2   # full window again
+    assert only(w.chunk("R", 0, who=b"q")) == {"type": "credit", "request_id": "R", "credit": 1, "seq": 0}
+    assert len(w.writes()) == 2  # the durable seq 0 was not written again
+    assert only(w.durable()) == {"type": "credit", "request_id": "R", "credit": 1, "seq": 1}
+
+
+@pytest.mark.parametrize("other", [dict(strategy="T"), dict(trades=31), dict(chunks=4)])
+def test_begin_with_other_totals_is_conflict_in_progress_and_stored(other):
+    w = World()
+    w.begin("R")
+    args = dict(chunks=3, trades=30, strategy="S") | other
+    assert code(w.begin("R", **args)) == "conflict"
+    for s in range(3):
+        w.chunk("R", s)
+    w.durable_all()
+    assert code(w.begin("R", **args)) == "conflict"       # stored, remembered
+    w.lc.recent.clear()
+    w.lc.reqs.clear()
+    assert code(w.begin("R", **args)) == "conflict"       # stored, known from the store's row only
+
+
+def test_begin_for_stored_request_answers_stored_at_once():
+    w = World()
+    w.begin("R", chunks=1, trades=10)
+    w.chunk("R", 0)
+    w.durable()
+    stored = {"type": "stored", "request_id": "R", "trades": 10, "trades_ref": "R", "location": "db"}
+    assert only(w.begin("R", chunks=1, trades=10)) == stored
+    w.lc.reqs.clear()                                           # left memory: recent answers
+    assert only(w.begin("R", chunks=1, trades=10)) == stored
+    w.lc.recent.clear()                                         # after a restart: the store answers
+    assert only(w.begin("R", chunks=1, trades=10)) == stored
+    assert only(w.end("R")) == stored
+
+
+def test_resume_after_restart_from_store_row_and_dlq_inventory():
+    w = World(dlq_up=True)
+    w.db["R"] = {"meta": meta("R", 3, 30), "status": ResultStatus.RECEIVING, "chunks": {0: 10}}
+    w.send(lc.Inventory((("R", 1, 10),)))
+    assert only(w.begin("R"))["credit"] == 3
+    assert only(w.chunk("R", 0))["seq"] == 0 and only(w.chunk("R", 1))["seq"] == 1  # both durable: credit at once
+    assert not any(isinstance(e, lc.Record) for e in w.effects)  # resumed, not started over
+    w.chunk("R", 2)
+    w.durable()
+    assert only(w.end("R"))["location"] == "dlq"
+    assert ResultStatus.SPOOLED in w.statuses("R")
+
+
+def test_begin_over_max_requests_is_busy_and_retryable():
+    w = World(max_requests=2)
+    w.begin("A")
+    w.begin("B")
+    r = only(w.begin("C"))
+    assert r["code"] == "busy" and r["retry_after_s"] > 0
+    assert code(w.begin("A", trades=1)) == "conflict"          # conflict is decided before busy
+    assert only(w.begin("A"))["type"] == "credit"              # a resend of one in progress is not busy
+    w.abort("A")
+    assert only(w.begin("C"))["type"] == "credit"
+
+
+def test_pending_lookups_count_toward_max_requests():
+    w = World(max_requests=1, auto_lookup=False)
+    assert w.begin("A") == [] and len(w.lookups) == 1
+    assert code(w.begin("B")) == "busy"
+
+
+# ----- chunk ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("setup,event,expected", [
+    ("none", lc.Chunk("R", b"p", 0, b"raw", 10), "unknown_request"),
+    ("none", lc.Chunk("R", b"p", 9, b"raw", 10, ("bad_chunk", "NaN")), "unknown_request"),  # unknown first
+    ("none", lc.End("R", b"p"), "unknown_request"),
+    ("begun", lc.Chunk("R", b"p", 3, b"raw", 10), "bad_chunk"),                              # 0..2
+    ("begun", lc.Chunk("R", b"p", 0, b"raw", 10, ("bad_chunk", "NaN")), "bad_chunk"),
+    ("aborted", lc.Chunk("R", b"p", 0, b"raw", 10), "unknown_request"),
+    ("abandoned", lc.Chunk("R", b"p", 0, b"raw", 10), "unknown_request"),
+    ("abandoned", lc.End("R", b"p"), "unknown_request"),
+])
+def test_error_codes(setup, event, expected):
+    w = World()
+    if setup != "none":
+        w.begin("R")
+    if setup == "aborted":
+        w.abort("R")
+    if setup == "abandoned":
+        w.tick(61)
+    assert code(w.send(event)) == expected
+    if isinstance(event, lc.Chunk):
+        assert w.released[-1] == ("R", event.seq) and w.pending == []
+
+
+def test_chunk_becoming_durable_earns_credit_one():
+    w = World()
+    w.begin("R")
+    assert w.chunk("R", 2) == []
+    assert only(w.durable()) == {"type": "credit", "request_id": "R", "credit": 1, "seq": 2}
+    w.chunk("R", 1)
+    assert only(w.durable(location="dlq")) == {"type": "credit", "request_id": "R", "credit": 1, "seq": 1}
+
+
+def test_duplicate_of_durable_seq_earns_credit_at_once_and_is_ignored():
+    w = World()
+    w.begin("R")
+    w.chunk("R", 0)
+    w.durable()
+    assert only(w.chunk("R", 0)) == {"type": "credit", "request_id": "R", "credit": 1, "seq": 0}
+    assert len(w.writes()) == 1 and ("R", 0) in w.released
+
+
+def test_duplicate_of_inflight_seq_is_dropped_silently():
+    w = World()
+    w.begin("R")
+    w.chunk("R", 0)
+    assert w.chunk("R", 0) == [] and len(w.writes()) == 1
+    assert only(w.durable()) == {"type": "credit", "request_id": "R", "credit": 1, "seq": 0}  # exactly one
+
+
+def test_rejected_chunk_is_answered_and_no_longer_in_flight():
+    w = World()
+    w.begin("R")
+    w.chunk("R", 0)
+    w.pending.clear()
+    r = only(w.send(lc.Rejected("R", 0, "unavailable", "disk full", 5.0)))
+    assert r["code"] == "unavailable" and r["retry_after_s"] == 5.0
+    assert w.chunk("R", 0) == [] and len(w.writes()) == 2   # accepted again
+
+
+def test_unavailable_while_writer_is_down():
+    w = World()
+    w.begin("R")
+    w.send(lc.Peers(writer_up=False, dlq_up=False, lost=True))
+    assert code(w.chunk("R", 0)) == "unavailable"
+
+
+def test_writer_lost_releases_inflight_and_chunks_are_accepted_again():
+    w = World()
+    w.begin("R")
+    w.chunk("R", 0)
+    w.pending.clear()
+    w.send(lc.Peers(writer_up=True, dlq_up=False, lost=True))
+    assert ("R", 0) in w.released
+    assert w.chunk("R", 0) == [] and len(w.writes()) == 2
+
+
+# ----- completion and end ---------------------------------------------------------------------------
+def test_complete_without_end():
+    w = World()
+    w.begin("R")
+    for s in (2, 0, 1):
+        w.chunk("R", s)
+    w.durable_all()
+    assert w.lc.reqs["R"].status == ResultStatus.COMPLETE
+    assert lc.Metric("inc", "pairlane_results_total", 1.0, (("outcome", "stored_db"),)) in w.effects
+    assert only(w.end("R"))["type"] == "stored"
+
+
+def test_end_waits_for_chunks_in_flight():
+    w = World()
+    w.begin("R", chunks=2, trades=20)
+    w.chunk("R", 0)
+    w.chunk("R", 1)
+    assert w.end("R") == []
+    assert only(w.durable())["type"] == "credit"
+    replies = w.durable()
+    assert [r["type"] for r in replies] == ["credit", "stored"] and replies[1]["trades"] == 20
+
+
+def test_end_with_missing_seqs_is_incomplete_with_missing_list():
+    w = World()
+    w.begin("R", chunks=5, trades=50)
+    w.chunk("R", 1)
+    w.chunk("R", 3)
+    w.durable()
+    assert w.end("R") == []              # seq 3 in flight: answered once durable
+    credit, r = w.durable()
+    assert credit["seq"] == 3 and r["code"] == "incomplete" and r["missing"] == [0, 2, 4]
+    for s in (0, 2, 4):                  # not final: send them, then end again
+        w.chunk("R", s)
+    w.durable_all()
+    assert only(w.end("R"))["type"] == "stored"
+
+
+def test_missing_list_is_at_most_1000():
+    w = World()
+    w.begin("R", chunks=5000, trades=5000)
+    r = only(w.end("R"))
+    assert r["code"] == "incomplete" and r["missing"] == list(range(1000))
+
+
+def test_rows_not_adding_up_fail_the_result_and_end_gets_incomplete():
+    w = World()
+    w.begin("R", chunks=2, trades=25)
+    w.chunk("R", 0)
+    w.chunk("R", 1)
+    w.durable_all()
+    assert w.lc.reqs["R"].status == ResultStatus.FAILED
+    r = only(w.end("R"))
+    assert r["code"] == "incomplete" and r["missing"] == [0, 1]
+    assert only(w.begin("R", chunks=2, trades=25))["credit"] == 2   # begin again starts over
+
+
+def test_rows_not_adding_up_decided_here_when_chunks_are_spooled():
+    w = World(dlq_up=True)
+    w.begin("R", chunks=2, trades=25)
+    w.chunk("R", 0)
+    w.chunk("R", 1)
+    w.durable(location="dlq")
+    w.durable(location="dlq")
+    assert ResultStatus.FAILED in w.statuses("R")
+    assert code(w.end("R")) == "incomplete"
+
+
+def test_spooled_result_is_stored_in_dlq():
+    w = World(dlq_up=True)
+    w.begin("R", chunks=1, trades=10)
+    w.chunk("R", 0)
+    w.durable(location="dlq")
+    assert w.statuses("R") == [ResultStatus.SPOOLED]
+    assert only(w.end("R"))["location"] == "dlq"
+
+
+# ----- abort and abandonment ------------------------------------------------------------------------
+def test_abort_drops_the_request_and_its_rows():
+    w = World()
+    w.begin("R")
+    w.chunk("R", 0)
+    assert only(w.abort("R")) == {"type": "aborted", "request_id": "R"}
+    assert w.statuses("R") == [ResultStatus.ABANDONED] and ("R", 0) in w.released
+    assert code(w.end("R")) == "unknown_request"
+    assert w.durable() == []             # its late answer credits no one
+
+
+def test_abort_of_stored_request_is_conflict():
+    w = World()
+    w.begin("R", chunks=1, trades=10)
+    w.chunk("R", 0)
+    w.durable()
+    assert code(w.abort("R")) == "conflict"
+    w.lc.reqs.clear()
+    w.lc.recent.clear()
+    assert code(w.abort("R")) == "conflict"     # known only to the store
+    assert w.statuses("R") == []
+
+
+def test_abort_of_unknown_request_asks_the_store_then_answers_aborted():
+    w = World()
+    assert only(w.abort("R"))["type"] == "aborted"
+
+
+def test_abandoned_after_idle_timeout():
+    w = World(timeout=60)
+    w.begin("R")
+    assert w.tick(59) == [] and "R" in w.lc.reqs
+    w.chunk("R", 0)
+    w.durable()
+    w.tick(59)
+    assert "R" in w.lc.reqs                 # activity restarted the timer
+    w.tick(2)
+    assert "R" not in w.lc.reqs and w.statuses("R") == [ResultStatus.ABANDONED]
+    assert code(w.chunk("R", 1)) == "unknown_request"
+
+
+def test_not_abandoned_while_chunks_wait_on_the_daemon():
+    w = World(timeout=60)
+    w.begin("R")
+    w.chunk("R", 0)
+    w.tick(100)
+    assert "R" in w.lc.reqs and w.statuses("R") == []
+    assert only(w.durable())["type"] == "credit"
+    w.tick(61)
+    assert "R" not in w.lc.reqs and w.statuses("R") == [ResultStatus.ABANDONED]
+
+
+def test_chunk_without_answer_stops_being_in_flight_after_timeout():
+    w = World(timeout=1000)
+    w.begin("R")
+    w.chunk("R", 0)
+    w.tick(lc.INFLIGHT_TIMEOUT_S + 1)
+    assert w.lc.reqs["R"].inflight == {} and ("R", 0) in w.released
+
+
+def test_lookup_timeout_is_busy():
+    w = World(auto_lookup=False)
+    w.begin("R")
+    w.end("R")                                # queued behind the lookup
+    replies = w.tick(lc.LOOKUP_TIMEOUT_S + 1)
+    assert [r["code"] for r in replies] == ["busy", "busy"]
+
+
+def test_queued_messages_run_after_the_lookup_answer():
+    w = World(auto_lookup=False)
+    w.begin("R")
+    w.chunk("R", 0)
+    assert w.lookups and w.pending == []
+    replies = w.send(lc.LookupAnswer("R", None))
+    assert [r["type"] for r in replies] == ["credit"] and len(w.pending) == 1
+
+
+def test_lookups_go_through_the_writer_after_a_status_change():
+    w = World()
+    w.begin("R")
+    w.abort("R")
+    w.lc.reqs.clear()
+    w.begin("R")
+    assert [e.local_ok for e in w.effects if isinstance(e, lc.Lookup)] == [True, False]
+
+
+# ----- result (one message) ----------------------------------------------------------------------
+def result(rid, trades=10, nrows=10, bad=None, strategy="S"):
+    return lc.Result(rid, b"p", meta(rid, 1, trades, strategy), bad, "zmq", b"raw", nrows)
+
+
+def test_result_happy_path():
+    w = World()
+    assert w.send(result("R")) == [] and len(w.pending) == 1
+    assert only(w.durable()) == {"type": "stored", "request_id": "R", "trades": 10, "trades_ref": "R",
+                                 "location": "db"}
+    assert only(w.send(result("R")))["type"] == "stored"
+
+
+def test_result_resent_while_written_is_answered_once():
+    w = World()
+    w.send(result("R"))
+    assert w.send(result("R")) == [] and len(w.pending) == 1
+    assert only(w.durable())["type"] == "stored"
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("rows_differ", "incomplete"),
+    ("chunked_in_progress", "conflict"),
+    ("chunked_in_progress_rows_differ", "conflict"),   # conflict before incomplete
+    ("other_totals_stored", "conflict"),
+    ("busy", "busy"),
+])
+def test_result_errors(case, expected):
+    w = World(max_requests=1)
+    bad = ("incomplete", "rows differ") if "rows_differ" in case else None
+    if case.startswith("chunked"):
+        w.begin("R", chunks=1, trades=10)
+    if case == "other_totals_stored":
+        w.send(result("R"))
+        w.durable()
+        assert code(w.send(result("R", trades=11, nrows=11))) == expected
+        return
+    if case == "busy":
+        w.begin("A")
+    assert code(w.send(result("R", bad=bad))) == expected
+    assert w.pending == [] or case.startswith("chunked")
+
+
+# ----- live trades ------------------------------------------------------------------------------------
+def test_live_trades_pass_through():
+    w = World()
+    effs = w.lc.handle(lc.LiveTrades("B1", b"p", b"raw", 3))
+    assert effs == [lc.WriteLive("B1", b"raw", 3)]
+    replies = w.send(lc.LiveDone("B1", 3, "db"))
+    assert replies == [{"type": "stored", "request_id": "B1", "trades": 3, "trades_ref": "B1", "location": "db"}]
+
+
+# ----- the bulk window towards the writer ------------------------------------------------------------
+def test_one_big_chunk_at_the_writer_at_a_time():
+    w = World()
+    w.begin("R", chunks=3, trades=3 * 2000)
+    w.chunk("R", 0, nrows=2000)
+    w.chunk("R", 1, nrows=2000)
+    w.chunk("R", 2, nrows=5)
+    assert [x.seq for x in w.pending] == [0, 2]        # a small chunk passes the big one waiting
+    w.durable(0)
+    assert [x.seq for x in w.pending] == [2, 1]
+
+
+# ----- invariants over random event orders -----------------------------------------------------------
+RIDS = ("A", "B", "C")
+ACTIONS = st.one_of(
+    st.tuples(st.just("begin"), st.sampled_from(RIDS), st.sampled_from([(3, 30), (3, 31), (1, 10)])),
+    st.tuples(st.just("chunk"), st.sampled_from(RIDS), st.integers(0, 3), st.sampled_from([10, 11, 2000])),
+    st.tuples(st.just("end"), st.sampled_from(RIDS)),
+    st.tuples(st.just("abort"), st.sampled_from(RIDS)),
+    st.tuples(st.just("durable"), st.integers(0, 5), st.sampled_from(["db", "db", "dlq"])),
+    st.tuples(st.just("rejected"), st.integers(0, 5)),
+    st.tuples(st.just("tick"), st.sampled_from([0.5, 5.0, 31.0, 61.0, 130.0])),
+    st.tuples(st.just("lookup"), st.integers(0, 3)),
+    st.tuples(st.just("lost")),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(ACTIONS, max_size=60), st.booleans())
+def test_invariants_over_random_event_orders(actions, auto_lookup):
+    credit, max_requests = 2, 2
+    w = World(credit=credit, max_requests=max_requests, timeout=60, dlq_up=True, auto_lookup=auto_lookup)
+    stored: dict = {}            # rid -> trades of its first `stored`
+    balance: dict = {}           # rid -> chunks the producer may still send (a careful producer)
+    sent: dict = {}              # rid -> seqs sent and not yet acknowledged
+    ever: dict = {}              # rid -> every seq ever sent
+    for action in actions:
+        kind = action[0]
+        rid = action[1] if kind in ("begin", "chunk", "end", "abort") else None
+        if rid is not None and rid in stored and kind != "begin":
+            continue             # a producer that saw `stored` is done with R (it may still begin again)
+        if kind == "begin":
+            chunks, trades = action[2]
+            replies = w.begin(rid, chunks, trades)
+        elif kind == "chunk":
+            if balance.get(rid, 0) <= 0:
+                continue         # the producer sends only with credit
+            balance[rid] -= 1
+            sent.setdefault(rid, []).append(action[2])
+            ever.setdefault(rid, set()).add(action[2])
+            replies = w.chunk(rid, action[2], action[3])
+        elif kind == "end":
+            replies = w.end(rid)
+        elif kind == "abort":
+            replies = w.abort(rid)
+            balance.pop(rid, None)
+            sent.pop(rid, None)
+        elif kind == "durable":
+            if not w.pending:
+                continue
+            replies = w.durable(action[1] % len(w.pending), action[2])
+        elif kind == "rejected":
+            if not w.pending:
+                continue
+            x = w.pending.pop(action[1] % len(w.pending))
+            replies = w.send(lc.Rejected(x.meta["request_id"], x.seq, "unavailable", "full", 1.0))
+        elif kind == "tick":
+            replies = w.tick(action[1])
+        elif kind == "lookup":
+            if not w.lookups:
+                continue
+            x = w.lookups.pop(action[1] % len(w.lookups))
+            replies = w.send(lc.LookupAnswer(x.request_id, w.row(x.request_id)))
+        else:                    # the writer restarted: what it held is lost
+            w.pending.clear()
+            sent.clear()         # the producer hears nothing, and resends after its next begin
+            replies = w.send(lc.Peers(writer_up=True, dlq_up=True, lost=True))
+        for r in replies:
+            rr = r["request_id"]
+            if r["type"] == "stored":
+                assert stored.setdefault(rr, r["trades"]) == r["trades"], "a second stored with other totals"
+            elif r["type"] == "credit":
+                assert rr not in stored, f"credit after stored for {rr}: {r}"
+                if "seq" in r:
+                    assert r["seq"] in ever.get(rr, ()), f"credit for a chunk never sent: {r}"
+                    if r["seq"] in sent.get(rr, []):
+                        sent[rr].remove(r["seq"])
+                        balance[rr] = balance.get(rr, 0) + 1
+                else:            # a (re)begin: credits granted before are void
+                    balance[rr] = r["credit"] - len(sent.get(rr, []))
+                    assert r["credit"] <= credit
+        # unacknowledged chunks never exceed the window; memory is bounded by the configuration
+        for rr, req in w.lc.reqs.items():
+            assert len(req.inflight) <= req.window
+            assert len(req.inflight) <= len(sent.get(rr, []))
+        assert sum(1 for q in w.lc.reqs.values() if q.status == ResultStatus.RECEIVING) <= max_requests
+        assert len(w.lc.bulk_waiting) <= sum(len(q.inflight) for q in w.lc.reqs.values())
+        assert len(w.lc.recent) <= lc.RECENT_DONE and len(w.lc.status_sent) <= lc.RECENT_DONE
+        assert set(w.lc.lookups) <= set(RIDS)
