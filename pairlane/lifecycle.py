@@ -598,6 +598,8 @@ class Lifecycle:
             self.reqs.pop(rid)
             for seq in req.inflight:
                 self._release(rid, seq)
+            if any(w.meta["request_id"] == rid for w in self.bulk_waiting):  # free their bytes now
+                self.bulk_waiting = collections.deque(w for w in self.bulk_waiting if w.meta["request_id"] != rid)
         if self.writer_up:
             self._to_writer(SetStatus(rid, ResultStatus.ABANDONED, "aborted by producer"))
         self._metric("inc", "pairlane_results_total", outcome="aborted")
