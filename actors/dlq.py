@@ -5,7 +5,8 @@ commit (durable on disk before the producer's credit), automatic redelivery
 to the writer with exponential backoff and jitter, parking after
 `dlq.max_attempts` (kept, never dropped, `dlq_parked` alert), operator
 replay (one or all, rate-limited, one replay at a time, progress in
-`inspect dlq`) and purge, the inventory of spooled chunks the assembler
+`inspect dlq`) and purge (the admin commands dlq.*: their handlers below, the
+commands declared in pairlane.admin_commands), the inventory of spooled chunks the assembler
 needs to resume, and the dlq metrics. Never writes SQLite itself and never
 drops an item on its own.
 """
@@ -18,7 +19,8 @@ from pairlane import spool as spoolmod
 from pairlane.spool import Spool, SpoolFull
 
 from .base import PairlaneActor
-from .messages import (AdminCommand, AdminReply, ChunkDurable, ChunkRejected, Inventory, InventoryRequest,
+from .admin import serve_admin
+from .messages import (AdminCommand, ChunkDurable, ChunkRejected, Inventory, InventoryRequest,
                        LiveDone, RetryDone, SpoolBatch, WriteChunk, WriteLive)
 
 RETRY_TIMEOUT_S = 30.0
@@ -68,7 +70,7 @@ class DLQ(PairlaneActor):
         elif isinstance(msg, InventoryRequest):
             self.send_ordered(sender, self._inventory())
         elif isinstance(msg, AdminCommand):
-            self.send(sender, AdminReply(msg.token, self._admin(msg.cmd, msg.args)))
+            serve_admin(self, msg, sender)
 
     def _inventory(self) -> Inventory:
         return Inventory(tuple((it.request_id, it.seq, it.meta.get("nrows", 0)) for it in self.spool.items()
@@ -212,66 +214,64 @@ class DLQ(PairlaneActor):
         if not rp["ids"] and not rp["waiting"]:
             rp["finished_at"] = now
             self.log("INFO", "dlq_replay_finished", ok=rp["ok"], failed=rp["failed"], skipped=rp["skipped"])
-            self.last_replay = {k: v for k, v in rp.items() if k not in ("ids", "waiting")}
             self.replay = None
 
-    def _admin(self, cmd: str, args: dict) -> dict:
-        if cmd == "dlq.list":
-            limit = args.get("limit", 100)
-            if not isinstance(limit, int) or limit < 1:
-                return {"ok": False, "error": "limit must be a positive integer"}
-            return {"ok": True, "total": len(self.spool),
-                    "items": [self._row(it) for it in self.spool.items()[:limit]]}
-        if cmd == "dlq.show":
-            try:
-                it = self.spool.get(args.get("id"))
-            except KeyError:
-                return {"ok": False, "error": f"no dlq item {args.get('id')!r}"}
-            row = self._row(it)
-            row.update(error=it.error, next_retry_at=it.next_retry_at, stage=it.stage,
-                       payload={"bytes": len(it.payload), "rows": it.meta.get("nrows"),
-                                "strategy_name": (it.meta.get("meta") or {}).get("strategy_name"),
-                                "total_chunks": (it.meta.get("meta") or {}).get("total_chunks")})
-            return {"ok": True, "item": row}
+    # admin commands (declared, with their args checked, in pairlane.admin_commands)
+    def admin_dlq_list(self, args: dict, respond) -> dict:
+        return {"ok": True, "total": len(self.spool),
+                "items": [self._row(it) for it in self.spool.items()[:args["limit"]]]}
+
+    def admin_dlq_show(self, args: dict, respond) -> dict:
+        try:
+            it = self.spool.get(args["id"])
+        except KeyError:
+            return {"ok": False, "error": f"no dlq item {args['id']!r}"}
+        row = self._row(it)
+        row.update(error=it.error, next_retry_at=it.next_retry_at, stage=it.stage,
+                   payload={"bytes": len(it.payload), "rows": it.meta.get("nrows"),
+                            "strategy_name": (it.meta.get("meta") or {}).get("strategy_name"),
+                            "total_chunks": (it.meta.get("meta") or {}).get("total_chunks")})
+        return {"ok": True, "item": row}
+
+    def admin_dlq_replay(self, args: dict, respond) -> dict:
         ids = self._select(args)
         if isinstance(ids, str):
             return {"ok": False, "error": ids}
-        if cmd == "dlq.replay":
-            if self.replay is not None:
-                return {"ok": False, "error": "a replay is already running (see `inspect dlq`); wait for it"}
-            rate = args.get("rate", 10.0)
-            if not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0:
-                return {"ok": False, "error": "rate must be a positive number (items per second)"}
-            now = time.time()
-            for iid in ids:  # an operator replay unparks: the item gets its automatic retries again
-                self.spool.set_parked(iid, False, now, reset_attempts=True)
-            self.replay = {"ids": collections.deque(ids), "rate": float(rate), "total": len(ids), "sent": 0,
-                           "ok": 0, "failed": 0, "skipped": 0, "waiting": set(), "started_at": now}
-            self.log("INFO", "dlq_replay_started", items=len(ids), rate=rate)
-            if self.spool.parked_count == 0:
-                self.alert("dlq_parked", "cleared", "critical")
-            return {"ok": True, "queued": len(ids)}
-        if cmd == "dlq.purge":
-            for iid in ids:
-                it = [self.spool.header(iid)]
-                self.spool.remove(iid)
-                self.inflight.pop(iid, None)
-                self.counts["purged"] += 1
-                self.metrics.inc("pairlane_dlq_purged_total")
-                self.log("WARNING", "dlq_item_purged", item=iid,
-                         request_id=it[0].request_id if it else None, seq=it[0].seq if it else None)
-            self._gauges()
-            if self.spool.parked_count == 0:
-                self.alert("dlq_parked", "cleared", "critical")
-            return {"ok": True, "purged": len(ids)}
-        return {"ok": False, "error": f"dlq does not serve {cmd!r}"}
+        if self.replay is not None:
+            return {"ok": False, "error": "a replay is already running (see `inspect dlq`); wait for it"}
+        rate = args["rate"]
+        now = time.time()
+        for iid in ids:  # an operator replay unparks: the item gets its automatic retries again
+            self.spool.set_parked(iid, False, now, reset_attempts=True)
+        self.replay = {"ids": collections.deque(ids), "rate": float(rate), "total": len(ids), "sent": 0,
+                       "ok": 0, "failed": 0, "skipped": 0, "waiting": set(), "started_at": now}
+        self.log("INFO", "dlq_replay_started", items=len(ids), rate=rate)
+        if self.spool.parked_count == 0:
+            self.alert("dlq_parked", "cleared", "critical")
+        return {"ok": True, "queued": len(ids)}
 
-    def _select(self, args: dict):
+    def admin_dlq_purge(self, args: dict, respond) -> dict:
+        ids = self._select(args)
+        if isinstance(ids, str):
+            return {"ok": False, "error": ids}
+        for iid in ids:
+            it = self.spool.header(iid)
+            self.spool.remove(iid)
+            self.inflight.pop(iid, None)
+            self.counts["purged"] += 1
+            self.metrics.inc("pairlane_dlq_purged_total")
+            self.log("WARNING", "dlq_item_purged", item=iid, request_id=it.request_id, seq=it.seq)
+        self._gauges()
+        if self.spool.parked_count == 0:
+            self.alert("dlq_parked", "cleared", "critical")
+        return {"ok": True, "purged": len(ids)}
+
+    def _select(self, args: dict) -> list[str] | str:
+        """The item ids of a one-or-all argument (checked in shape already); an error text if the
+        one item is not held."""
         if args.get("all") is True:
             return [it.id for it in self.spool.items()]
-        iid = args.get("id")
-        if not isinstance(iid, str):
-            return "give args.id (an item id from dlq.list) or args.all = true"
+        iid = args["id"]
         if iid not in self.spool:
             return f"no dlq item {iid!r}"
         return [iid]

@@ -14,7 +14,12 @@ from typing import Any
 
 @dataclass(frozen=True)
 class AdminCommand:
-    """Admin actor -> the actor that executes `cmd`; reply with AdminReply(token, reply)."""
+    """Admin actor -> the actor that owns `cmd` (pairlane.admin_commands), which runs it with
+    actors.admin.serve_admin and answers AdminReply with the same token.
+
+    token: the admin actor's correlation id (supervision.requests). cmd: the command name.
+    args: the request's args, already checked against the command's declaration.
+    """
 
     token: int
     cmd: str
@@ -23,7 +28,8 @@ class AdminCommand:
 
 @dataclass(frozen=True)
 class AdminReply:
-    """reply is the full admin reply map: {"ok": True, ...} or {"ok": False, "error": ...}."""
+    """Owner actor -> admin. token: the AdminCommand's. reply: the full admin reply map,
+    {"ok": True, ...} or {"ok": False, "error": ...}."""
 
     token: int
     reply: dict

@@ -21,8 +21,9 @@ import zmq
 from pairlane.metrics import Metrics, serve
 from supervision.messages import Escalated, StatusReply, StatusRequest
 
+from .admin import serve_admin
 from .base import PairlaneActor
-from .messages import AdminCommand, AdminReply, Alert, MetricUpdates
+from .messages import AdminCommand, Alert, MetricUpdates
 
 SLOW_TICK_S = 2.0
 ESCALATION_CLEAR_S = 10.0   # cleared once every actor has been RUNNING this long after an escalation
@@ -87,11 +88,11 @@ class MetricsActor(PairlaneActor):
             self.set_alert("supervisor_escalated", "raised", "critical",
                            {"supervisor": msg.name, "reason": msg.reason})
         elif isinstance(msg, AdminCommand):
-            if msg.cmd == "metrics":
-                self.send(sender, AdminReply(msg.token, {"ok": True, "metrics": self.m.snapshot(),
-                                                         "alerts": self.alerts}))
-            else:
-                self.send(sender, AdminReply(msg.token, {"ok": False, "error": f"metrics does not serve {msg.cmd}"}))
+            serve_admin(self, msg, sender)
+
+    def admin_metrics(self, args: dict, respond) -> dict:
+        """admin `metrics` (declared in pairlane.admin_commands)."""
+        return {"ok": True, "metrics": self.m.snapshot(), "alerts": self.alerts}
 
     def set_alert(self, name: str, state: str, severity: str, reasons: dict) -> None:
         prev = self.alerts.get(name, {}).get("state", "cleared")

@@ -6,20 +6,25 @@ visible), handing the slots to the writer (pair_slots replaced whole, history
 appended, in one transaction), the exclusion counts, the safe-stop state
 (ERROR log with reasons, gauge, alert raised and cleared), the data age
 (`newest_result_age_s`; evaluation goes on with stored data when ingest
-stalls) and the pair metrics. Never writes the database itself.
+stalls), the pair metrics, and the admin commands `pairs` and `pairs.evaluate` (their
+handlers below; the commands themselves are declared in pairlane.admin_commands). Never writes
+the database itself, and never serves `result` or `verify` (the admin actor reads those).
 """
 from __future__ import annotations
 
-import itertools
 import os
 import sqlite3
 import time
 
 from pairlane import pairs as pairlogic
-from pairlane.store import Store, StoreError, connect
+from pairlane.store import connect
+from supervision.requests import Requests
 
+from .admin import serve_admin
 from .base import PairlaneActor
-from .messages import AdminCommand, AdminReply, ReplaceSlots, SlotsWritten
+from .messages import AdminCommand, ReplaceSlots, SlotsWritten
+
+SLOTS_TIMEOUT_S = 10.0   # pairs.evaluate answers without waiting longer for the writer
 
 
 class PairsActor(PairlaneActor):
@@ -30,15 +35,12 @@ class PairsActor(PairlaneActor):
         self.last: dict | None = None
         self.evaluations = 0
         self.errors = 0
-        self.tokens = itertools.count(1)
-        self.waiting: dict[int, tuple] = {}   # token -> (admin sender, admin token, reply)
-        self.reader = Store(self.config["store"]["path"], busy_timeout_ms=1000)
+        self.requests = Requests(self)   # pairs.evaluate awaiting the writer's SlotsWritten
         self.after(min(5.0, self.interval), "evaluate")
 
     def on_stop(self) -> None:
         if self.conn is not None:
             self.conn.close()
-        self.reader.close()
 
     def inspect(self) -> dict:
         last = self.last or {}
@@ -54,18 +56,14 @@ class PairsActor(PairlaneActor):
         return self.conn
 
     def on_timer(self, payload) -> None:
+        if self.requests.on_timer(payload):
+            return
         if payload == "evaluate":
             result = self.evaluate()
             if result.get("ok", True):
                 self.write_slots(result)
             if not self._stopping:
                 self.after(self.interval, "evaluate")
-        elif isinstance(payload, tuple) and payload[0] == "slots_timeout":
-            pending = self.waiting.pop(payload[1], None)
-            if pending:
-                sender, token, reply = pending
-                reply = dict(reply, warning="pair_slots not yet written (writer busy)")
-                self.send(sender, AdminReply(token, reply))
 
     def evaluate(self) -> dict:
         t0 = time.perf_counter()
@@ -109,64 +107,54 @@ class PairsActor(PairlaneActor):
         self.flush_metrics()
         return result
 
-    def write_slots(self, result: dict, admin=None) -> None:
-        token = next(self.tokens)
-        if admin is not None:
-            self.waiting[token] = admin
-            self.after(10.0, ("slots_timeout", token))
-        if not self.tell("writer", ReplaceSlots(tuple(result["slots"]), result["evaluated_at"], self.myAddress, token)):
-            pending = self.waiting.pop(token, None)
-            if pending:
-                self.send(pending[0], AdminReply(pending[1], dict(pending[2], warning="writer not running")))
+    def write_slots(self, result: dict, respond=None) -> None:
+        """Hand the slots to the writer. With respond (admin pairs.evaluate): answer once the
+        writer confirms, with a warning if it failed, is not running or takes too long."""
+        writer = self.peer("writer")
+        if respond is None:
+            if writer is not None:
+                self.send_ordered(writer, ReplaceSlots(tuple(result["slots"]), result["evaluated_at"],
+                                                       self.myAddress, 0))
+            return
+        reply = self._admin_view(result)
+        if writer is None:
+            return respond(dict(reply, warning="writer not running"))
+
+        def written(msg: SlotsWritten) -> None:
+            respond(reply if msg.ok else dict(reply, warning=f"pair_slots not written: {msg.error}"))
+        self.requests.ask(writer, lambda cid: ReplaceSlots(tuple(result["slots"]), result["evaluated_at"],
+                                                            self.myAddress, cid),
+                          "writer", SLOTS_TIMEOUT_S, written,
+                          lambda: respond(dict(reply, warning="pair_slots not yet written (writer busy)")),
+                          ordered=True)
 
     def on_message(self, msg, sender) -> None:
         if isinstance(msg, AdminCommand):
-            if msg.cmd == "pairs.evaluate":
-                result = self.evaluate()
-                if not result.get("ok", True):
-                    return self.send(sender, AdminReply(msg.token, result))
-                self.write_slots(result, (sender, msg.token, self._reply(result)))
-            elif msg.cmd == "pairs":
-                if self.last is None:
-                    result = self.evaluate()
-                    if result.get("ok") is False:
-                        return self.send(sender, AdminReply(msg.token, result))
-                    self.write_slots(result)
-                self.send(sender, AdminReply(msg.token, self._reply(self.last)))
-            elif msg.cmd in ("result", "verify"):
-                self.send(sender, AdminReply(msg.token, self._store_view(msg.cmd, msg.args)))
-            else:
-                self.send(sender, AdminReply(msg.token, {"ok": False, "error": f"pairs does not serve {msg.cmd}"}))
+            serve_admin(self, msg, sender)
         elif isinstance(msg, SlotsWritten):
             if not msg.ok:
                 self.log("ERROR", "pair_slots_write_failed", error=msg.error)
-            pending = self.waiting.pop(msg.token, None)
-            if pending:
-                sender, token, reply = pending
-                if not msg.ok:
-                    reply = dict(reply, warning=f"pair_slots not written: {msg.error}")
-                self.send(sender, AdminReply(token, reply))
+            if msg.token:  # 0: a periodic write nobody waits for
+                self.requests.answer(msg.token, msg)
 
-    def _store_view(self, cmd: str, args: dict) -> dict:
-        """admin `result` and `verify`, read through a read-only connection (the writer is never stalled)."""
-        if not self.reader.open_readonly():
-            return {"ok": False, "error": "the database does not exist yet"}
-        try:
-            if cmd == "result":
-                rid = args.get("request_id")
-                if not isinstance(rid, str):
-                    return {"ok": False, "error": "result needs args.request_id"}
-                info = self.reader.result_info(rid)
-                if info is None:
-                    return {"ok": False, "error": f"no result with request_id {rid!r}"}
-                return {"ok": True, "result": info}
-            return {"ok": True, "problems": self.reader.verify(self.config["gateway"]["assembly_timeout_s"])}
-        except StoreError as exc:
-            self.reader.close()
-            return {"ok": False, "error": f"database unavailable: {exc}"}
+    # ----- admin commands (declared in pairlane.admin_commands) -----------------------------------
+    def admin_pairs(self, args: dict, respond) -> dict:
+        if self.last is None:
+            result = self.evaluate()
+            if result.get("ok") is False:
+                return result
+            self.write_slots(result)
+        return self._admin_view(self.last)
+
+    def admin_pairs_evaluate(self, args: dict, respond) -> dict | None:
+        result = self.evaluate()
+        if not result.get("ok", True):
+            return result
+        self.write_slots(result, respond)
+        return None
 
     @staticmethod
-    def _reply(result: dict) -> dict:
+    def _admin_view(result: dict) -> dict:
         return {"ok": True, "slots": result["slots"], "candidates": result["candidates"],
                 "excluded": result["excluded"], "safe_stop": result["safe_stop"],
                 "newest_result_age_s": result["newest_result_age_s"], "evaluated_at": result["evaluated_at"],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import sqlite3
+import threading
 import time
 
 from . import codec
@@ -410,3 +411,70 @@ class Store:
             except OSError:
                 out[k] = 0
         return out
+
+
+class StoreView:
+    """A read-only view of the store for operators (admin `result` and `verify`).
+
+    Owns one read-only connection (opened when the database exists) and reads in one snapshot
+    per call, serialized by a lock so the view may be used from a reader thread; `interrupt`
+    (from any thread) aborts a read in progress. Never writes and never creates the database:
+    the writer's transactions are never blocked by it (WAL readers do not block the writer).
+    """
+
+    def __init__(self, path: str, busy_timeout_ms: int = 1000):
+        self._store = Store(path, busy_timeout_ms=busy_timeout_ms)
+        self._lock = threading.RLock()
+
+    @property
+    def path(self) -> str:
+        return self._store.path
+
+    def open(self) -> bool:
+        """False if the database does not exist yet (nothing is created)."""
+        with self._lock:
+            return self._store.open_readonly()
+
+    def close(self) -> None:
+        with self._lock:
+            self._store.close()
+
+    def interrupt(self) -> None:
+        """Abort the read in progress, if any (it raises StoreError in its thread)."""
+        conn = self._store.conn
+        if conn is not None:
+            conn.interrupt()
+
+    def _snapshot(self, fn):
+        with self._lock:
+            if not self.open():
+                raise StoreError("io", f"the database {self._store.path} does not exist yet")
+            try:
+                return fn()
+            except sqlite3.Error as exc:  # e.g. from the end of a snapshot that was interrupted
+                self._store.close()
+                raise StoreError(classify(exc), str(exc))
+            except StoreError:
+                self._store.close()  # reopened on the next call
+                raise
+
+    def result_info(self, request_id: str) -> dict | None:
+        """Store.result_info (the row, chunks_durable, rows_stored) read in one snapshot."""
+        def read():
+            c = self._store.conn
+            try:
+                c.execute("BEGIN")
+                return self._store.result_info(request_id)
+            except sqlite3.Error as exc:
+                raise StoreError(classify(exc), str(exc))
+            finally:
+                if c.in_transaction:
+                    try:
+                        c.execute("COMMIT")
+                    except sqlite3.Error:
+                        pass  # a read-only snapshot: nothing to lose
+        return self._snapshot(read)
+
+    def verify(self, assembly_timeout_s: float, now: float | None = None) -> list[dict]:
+        """Store.verify, in one snapshot."""
+        return self._snapshot(lambda: self._store.verify(assembly_timeout_s, now))
