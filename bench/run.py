@@ -39,8 +39,8 @@ def _rss_bytes(pids: list[int]) -> int:
 
 
 def _frames(n: int, seed: int, max_bytes: int):
-    from pairlane import client
-    cols = client.synthetic_columns(n, seed=seed)
+    from pairlane import client, synthetic
+    cols = synthetic.result_columns(n, seed=seed)
     plan = client.plan_chunks(cols, max_bytes)
     return cols, [client.encode_chunk("floor", i, cols, a, b) for i, (a, b) in enumerate(plan)]
 
@@ -103,8 +103,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--skip-big", action="store_true", help="skip the large result")
     ap.add_argument("--quiet", action="store_true")
     ns = ap.parse_args(argv)
-    from pairlane import pairs, sexpr
-    from pairlane.client import synthetic_columns
+    from pairlane import pairs
+    from pairlane.synthetic import legacy_message
+    from pairlane.synthetic import result_columns as synthetic_columns
     from entry.harness import Daemon
 
     out: dict = {"repeat": ns.repeat}
@@ -172,7 +173,7 @@ def main(argv: list[str]) -> int:
         for i in range(ns.repeat):
             progress(f"legacy 100k-trade S-expression, run {i + 1}/{ns.repeat}", ns.quiet)
             rid = f"leg{i}"
-            msg = sexpr.synthetic(100_000, style="dotted", seed=i, request_id=rid, strategy_name=rid)
+            msg = legacy_message(100_000, style="dotted", seed=i, request_id=rid, strategy_name=rid)
             t0 = time.perf_counter()
             push.send(msg)
             while legacy_status(rid) != "complete":
@@ -185,7 +186,7 @@ def main(argv: list[str]) -> int:
         for i in range(ns.repeat):
             progress(f"small results while a legacy result is stored, run {i + 1}/{ns.repeat}", ns.quiet)
             rid = f"legl{i}"
-            push.send(sexpr.synthetic(100_000, style="dotted", seed=10 + i, request_id=rid, strategy_name=rid))
+            push.send(legacy_message(100_000, style="dotted", seed=10 + i, request_id=rid, strategy_name=rid))
             t0 = time.perf_counter()
             k = 0
             while legacy_status(rid) != "complete":

@@ -27,7 +27,8 @@ from pathlib import Path
 import msgpack
 import zmq
 
-from pairlane.client import Producer, SendError, synthetic_columns
+from pairlane.client import Producer, SendError
+from pairlane.synthetic import result_columns as synthetic_columns
 from .harness import Daemon
 
 ACTORS = ("gateway", "legacy", "assembler", "writer", "dlq", "pairs", "metrics", "admin")

@@ -22,8 +22,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from pairlane.client import MAX_CHUNK_ROWS, Producer, SendError, load_file, synthetic_columns
+from pairlane.client import MAX_CHUNK_ROWS, Producer, SendError, load_file
 from pairlane.client import log as client_log
+from pairlane.synthetic import result_columns as synthetic_columns
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5590"
 DEFAULT_MAX_MESSAGE_BYTES = 1048576

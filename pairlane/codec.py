@@ -1,6 +1,8 @@
 """The ingest wire codec: frames in, validated messages out (PROTOCOL.md section 1).
 
-Owns: decoding one frame (msgpack map), the field checks that make a message
+Owns: the column vocabulary of the contract (names, kinds, which are required:
+the one definition that the client, the S-expression reader and the store
+use), decoding one frame (msgpack map), the field checks that make a message
 `malformed` or `too_large`, the column checks that make a chunk a `bad_chunk`,
 and turning validated columns into rows for SQLite. Pure functions, no I/O,
 no Thespian. Never unpickles or evaluates anything.
@@ -22,6 +24,10 @@ STR_COLS = ("symbol", "direction", "rank", "category", "regime", "oos_kind")
 LIVE_STR_COLS = ("strategy_name", "pair_id", "execution_mode")
 REQUIRED = ("timestamp", "pnl")
 MAX_STR = 256
+# the one column vocabulary: chunk column -> kind ("int", "float", "str"), and live_trades' on top
+COLUMN_KINDS = {**{c: "int" for c in INT_COLS}, **{c: "float" for c in FLOAT_COLS},
+                **{c: "str" for c in STR_COLS}}
+LIVE_COLUMN_KINDS = {**COLUMN_KINDS, **{c: "str" for c in LIVE_STR_COLS}}
 TYPES = ("begin", "chunk", "end", "abort", "result", "live_trades")
 META_STR = ("symbol", "rank", "oos_kind")
 METRIC_KEYS = ("sharpe", "profit_factor", "win_rate", "max_dd", "trades")

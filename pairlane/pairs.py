@@ -78,7 +78,6 @@ __all__ = [
     "load_candidates",
     "pair_id",
     "pearson",
-    "synthetic_candidates",
 ]
 
 REASONS: tuple[str, ...] = ("missing", "rank", "not_top_n", "too_few_trades", "zero_variance")
@@ -798,34 +797,12 @@ def _load(conn: sqlite3.Connection, window_trades: int | None) -> list[Candidate
 # -------------------------------------------------------------------- bench
 
 
-def synthetic_candidates(n_strategies: int, seed: int = 0, trades: int = 120) -> list[Candidate]:
-    """Random complete results: ``trades`` trades each over one year, PnL
-    normal with a per-strategy drift, ranks A/S, five symbol|timeframe groups."""
-    rng = np.random.default_rng(seed)
-    start = 1_700_000_000
-    out = []
-    for s in range(n_strategies):
-        ts = np.sort(rng.integers(start, start + 365 * SECONDS_PER_DAY, size=trades))
-        pn = rng.normal(rng.normal(0.05, 0.1), 1.0, size=trades)
-        out.append(
-            Candidate(
-                name=f"strat-{s:05d}",
-                status="complete",
-                sharpe=float(pn.mean() / pn.std()),
-                rank="AS"[s % 2],
-                symbol=("USDJPY", "EURUSD", "GBPUSD", "AUDUSD", "XAUUSD")[s % 5],
-                timeframe=60,
-                timestamps=ts,
-                pnls=pn,
-            )
-        )
-    return out
-
-
 def bench(n_strategies: int, seed: int = 0, bucket: str = "day") -> float:
     """Seconds ``evaluate`` takes over ``n_strategies`` synthetic strategies
     that all enter pairing (per_group large enough), 100-trade windows."""
-    cands = synthetic_candidates(n_strategies, seed)
+    from .synthetic import pair_candidates  # synthetic builds on Candidate: imported late, no cycle
+
+    cands = pair_candidates(n_strategies, seed)
     cfg = PairsConfig(per_group=max(1, n_strategies), bucket=bucket)
     t0 = time.perf_counter()
     evaluate(cands, cfg)

@@ -10,8 +10,6 @@ What this module owns
   writes them, and Guardian's serde_lexpr form where an optional value is a
   one-element list), the ``max_drawdown`` alias, the ``error`` field, and the
   trade list turned into columns named exactly like a section-1 ``chunk``.
-* :func:`synthetic` / :func:`synthetic_columns` -- realistic test and benchmark
-  messages.
 
 What it never does
 ------------------
@@ -59,9 +57,10 @@ Interpretation choices (see :func:`parse_backtest_result`)
 from __future__ import annotations
 
 import math
-import random
 import re
 from dataclasses import dataclass, field
+
+from . import codec
 
 __all__ = [
     "SexprError",
@@ -70,11 +69,6 @@ __all__ = [
     "LegacyResult",
     "parse",
     "parse_backtest_result",
-    "synthetic",
-    "synthetic_columns",
-    "STR_COLUMNS",
-    "FLOAT_COLUMNS",
-    "INT_COLUMNS",
 ]
 
 
@@ -120,15 +114,10 @@ class Dotted:
         return f"Dotted({self.items!r}, {self.tail!r})"
 
 
-# Column names, as in PROTOCOL section 1 "chunk".
-STR_COLUMNS = ("symbol", "direction", "rank", "category", "regime", "oos_kind")
-FLOAT_COLUMNS = ("entry_price", "exit_price", "sl", "tp", "volume")
-INT_COLUMNS = ("hold_time", "timeframe")
-_COLUMN_KIND = {
-    **{c: "str" for c in STR_COLUMNS},
-    **{c: "float" for c in FLOAT_COLUMNS},
-    **{c: "int" for c in INT_COLUMNS},
-}
+# The optional trade columns (PROTOCOL section 1 "chunk", defined in pairlane.codec) and their
+# kinds, strings first; timestamp and pnl are read on their own.
+_COLUMN_KIND = {c: codec.COLUMN_KINDS[c] for c in (*codec.STR_COLS, *codec.FLOAT_COLS, *codec.INT_COLS)
+                if c not in codec.REQUIRED}
 
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
@@ -708,7 +697,7 @@ def _columns(trades: list, positions: dict) -> tuple[dict, int]:
             raise SexprError(f"trade {i}: {e}", where) from None
         i += 1
     cols: dict = {"timestamp": ts_col, "pnl": pnl_col}
-    for name in (*STR_COLUMNS, *FLOAT_COLUMNS, *INT_COLUMNS):
+    for name in _COLUMN_KIND:
         lst = opt.get(name)
         if lst is not None:
             if len(lst) < i:
@@ -806,113 +795,3 @@ def parse_backtest_result(data: bytes | str, *, max_bytes: int = 64 << 20,
     positions: dict = {}
     tree = _read(buf, max_depth, None, _fast, positions)
     return _interpret(tree, positions)
-
-
-# ---------------------------------------------------------------------------
-# Synthetic messages
-# ---------------------------------------------------------------------------
-
-_T0 = 1709234567
-
-
-def synthetic_columns(n_trades: int, *, seed: int = 0, extra_columns: bool = False) -> dict[str, list]:
-    """The exact trade columns :func:`synthetic` emits for these arguments."""
-    rng = random.Random(seed)
-    ts: list = []
-    pnl: list = []
-    t = _T0
-    for _ in range(n_trades):
-        t += rng.randint(60, 3600)
-        ts.append(t)
-        r = rng.random()
-        if r < 0.05:
-            pnl.append(float(rng.randint(-5, 5)))
-        elif r < 0.08:
-            pnl.append(rng.gauss(0.0, 1e-6))  # repr uses an exponent
-        else:
-            pnl.append(round(rng.gauss(0.05, 1.5), rng.randint(1, 6)))
-    cols: dict = {"timestamp": ts, "pnl": pnl}
-    if extra_columns:
-        syms = ("USDJPY", "EURUSD", "GBPJPY")
-        cols["symbol"] = [syms[rng.randrange(3)] for _ in range(n_trades)]
-        cols["direction"] = [rng.choice(("BUY", "SELL")) for _ in range(n_trades)]
-        cols["entry_price"] = [round(rng.uniform(100, 160), 3) for _ in range(n_trades)]
-        cols["exit_price"] = [round(e + rng.gauss(0, 0.5), 3) for e in cols["entry_price"]]
-        cols["sl"] = [None if rng.random() < 0.2 else round(e - 0.5, 3) for e in cols["entry_price"]]
-        cols["tp"] = [None if rng.random() < 0.2 else round(e + 0.5, 3) for e in cols["entry_price"]]
-        cols["volume"] = [0.01 * rng.randint(1, 100) for _ in range(n_trades)]
-        cols["hold_time"] = [rng.randint(1, 10000) for _ in range(n_trades)]
-        cols["timeframe"] = [rng.choice((1, 5, 15, 60, 240, None)) for _ in range(n_trades)]
-        cols["rank"] = [rng.choice(("A", "S", "B", None)) for _ in range(n_trades)]
-        cols["category"] = [rng.choice(("trend", "reversion", "breakout")) for _ in range(n_trades)]
-        cols["regime"] = [rng.choice(("bull", "bear", 'ra"n\\ge', None)) for _ in range(n_trades)]
-        cols["oos_kind"] = [rng.choice(("wfv", "cpcv", None)) for _ in range(n_trades)]
-    return cols
-
-
-def _lit(v) -> str:
-    if v is None:
-        return "nil"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(v)
-
-
-def synthetic(n_trades: int, *, style: str = "dotted", seed: int = 0, request_id: str | None = "R",
-              strategy_name: str | None = "S", reported_trades: int | None = None,
-              extra_columns: bool = False, with_trade_list: bool = True) -> bytes:
-    """A realistic BACKTEST_RESULT of ``n_trades`` trades, UTF-8 encoded.
-
-    ``style`` is ``"dotted"`` (swimmy's backtest service) or ``"lexpr"``
-    (Guardian's serde_lexpr: optional values as one-element lists).
-    ``reported_trades`` is the ``trades`` count written (default n_trades).
-    Trade values are those of :func:`synthetic_columns` with the same seed.
-    """
-    if style not in ("dotted", "lexpr"):
-        raise ValueError(f"style must be 'dotted' or 'lexpr', not {style!r}")
-    lexpr = style == "lexpr"
-    cols = synthetic_columns(n_trades, seed=seed, extra_columns=extra_columns)
-    rng = random.Random(seed ^ 0x5EED)
-    reported = n_trades if reported_trades is None else reported_trades
-
-    def opt(key: str, v) -> str:
-        if lexpr:
-            return f"({key})" if v is None else f"({key} {_lit(v)})"
-        return f"({key} . {_lit(v)})"
-
-    fields = []
-    if strategy_name is not None:
-        fields.append(f"(strategy_name . {_lit(strategy_name)})")
-    if request_id is not None:
-        fields.append(f"(request_id . {_lit(request_id)})")
-    fields += [
-        opt("sharpe", round(rng.gauss(0.5, 0.5), 4)),
-        f"(trades . {reported})",
-        opt("profit_factor", round(rng.uniform(0.5, 3), 4)),
-        opt("win_rate", round(rng.random(), 4)),
-        opt("max_dd", round(rng.random() * 0.3, 4)),
-        opt("symbol", "USDJPY"),
-        opt("timeframe", 60),
-        opt("rank", "A"),
-        opt("oos_kind", "wfv"),
-    ]
-    if with_trade_list:
-        names = list(cols)
-        ts, pnl = cols["timestamp"], cols["pnl"]
-        if not extra_columns:
-            body = " ".join(f"((timestamp . {a}) (pnl . {b!r}))" for a, b in zip(ts, pnl))
-        else:
-            extra = names[2:]
-            parts = []
-            for i in range(n_trades):
-                items = [f"(timestamp . {ts[i]})", f"(pnl . {pnl[i]!r})"]
-                items += [opt(k, cols[k][i]) for k in extra]
-                parts.append("(" + " ".join(items) + ")")
-            body = " ".join(parts)
-        fields.append(f"(trade_list ({body}))" if lexpr else f"(trade_list . ({body}))")
-    inner = "(" + " ".join(fields) + ")"
-    if lexpr:
-        msg = f'((type . "BACKTEST_RESULT") (result {inner}))'
-    else:
-        msg = f'((type . "BACKTEST_RESULT") (result . {inner}))'
-    return msg.encode("utf-8")

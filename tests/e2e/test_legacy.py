@@ -14,7 +14,7 @@ import time
 import pytest
 import zmq
 
-from pairlane import sexpr
+from pairlane import synthetic
 from tests.e2e.util import (assert_all_running, db, duplicate_groups, inspect, metric, result_row, rows_for,
                             running_daemon, wait_status, wait_until)
 
@@ -44,14 +44,14 @@ def stored_pnl(d, rid):
 @pytest.mark.parametrize("style", ["dotted", "lexpr"])
 def test_both_spellings_with_trade_list(leg, push, style):
     rid, n = f"leg-{style}", 1500
-    push.send(sexpr.synthetic(n, style=style, seed=11, request_id=rid, strategy_name=f"Leg-{style}",
+    push.send(synthetic.legacy_message(n, style=style, seed=11, request_id=rid, strategy_name=f"Leg-{style}",
                               extra_columns=True))
     row = wait_status(leg, rid)
     assert row["status"] == "complete", row
     assert (row["total_trades"], row["truncated"], row["strategy_name"]) == (n, 0, f"Leg-{style}")
     assert (row["symbol"], row["timeframe"], row["rank"], row["oos_kind"]) == ("USDJPY", 60, "A", "wfv")
     assert row["sharpe"] is not None and row["max_dd"] is not None and row["win_rate"] is not None
-    cols = sexpr.synthetic_columns(n, seed=11, extra_columns=True)
+    cols = synthetic.legacy_columns(n, seed=11, extra_columns=True)
     s, count = stored_pnl(leg, rid)
     assert count == n and s == pytest.approx(math.fsum(cols["pnl"]), abs=1e-6)
     assert duplicate_groups(leg, rid) == 0
@@ -67,7 +67,7 @@ def test_both_spellings_with_trade_list(leg, push, style):
 def test_both_spellings_without_trade_list(leg, push, style):
     rid = f"leg-nolist-{style}"
     # reported trades 0 and no trade_list: a result without trades
-    push.send(sexpr.synthetic(0, style=style, seed=12, request_id=rid, strategy_name="LegNoList",
+    push.send(synthetic.legacy_message(0, style=style, seed=12, request_id=rid, strategy_name="LegNoList",
                               with_trade_list=False))
     row = wait_status(leg, rid)
     assert (row["status"], row["total_trades"], row["truncated"]) == ("complete", 0, 0), row
@@ -77,7 +77,7 @@ def test_both_spellings_without_trade_list(leg, push, style):
 
 def test_error_field_gives_failed_result_without_rows(leg, push):
     rid = "leg-error"
-    msg = sexpr.synthetic(20, seed=13, request_id=rid, strategy_name="LegErr")
+    msg = synthetic.legacy_message(20, seed=13, request_id=rid, strategy_name="LegErr")
     msg = msg.replace(f'(request_id . "{rid}")'.encode(),
                       f'(request_id . "{rid}") (error . "backtest crashed: division by zero")'.encode())
     push.send(msg)
@@ -88,7 +88,7 @@ def test_error_field_gives_failed_result_without_rows(leg, push):
     assert r["ok"] and r["result"]["status"] == "failed" and r["result"]["rows_stored"] == 0
     # the lexpr spelling of an error: a one-element list
     rid2 = "leg-error-lexpr"
-    msg = sexpr.synthetic(5, style="lexpr", seed=13, request_id=rid2, strategy_name="LegErr")
+    msg = synthetic.legacy_message(5, style="lexpr", seed=13, request_id=rid2, strategy_name="LegErr")
     msg = msg.replace(f'(request_id . "{rid2}")'.encode(), f'(request_id . "{rid2}") (error "oops")'.encode())
     push.send(msg)
     assert wait_status(leg, rid2)["status"] == "failed"
@@ -99,7 +99,7 @@ def test_truncated_trade_list(leg, push):
     rid = "leg-trunc"
     before = metric(leg, "pairlane_legacy_truncated_total") or 0.0
     # Guardian keeps only the last 500 trades but reports 800
-    push.send(sexpr.synthetic(500, style="lexpr", seed=14, request_id=rid, strategy_name="LegTrunc",
+    push.send(synthetic.legacy_message(500, style="lexpr", seed=14, request_id=rid, strategy_name="LegTrunc",
                               reported_trades=800))
     row = wait_status(leg, rid)
     assert (row["status"], row["total_trades"], row["truncated"]) == ("complete", 500, 1), row
@@ -114,14 +114,14 @@ def test_truncated_trade_list(leg, push):
 @pytest.mark.timeout(120)
 def test_100k_trade_sexpr_stored(leg, push):
     rid, n = "leg-100k", 100_000
-    data = sexpr.synthetic(n, seed=15, request_id=rid, strategy_name="Leg100k")
+    data = synthetic.legacy_message(n, seed=15, request_id=rid, strategy_name="Leg100k")
     assert len(data) > 4 << 20
     t0 = time.monotonic()
     push.send(data)
     row = wait_status(leg, rid, timeout=90)
     took = time.monotonic() - t0
     assert (row["status"], row["total_trades"], row["truncated"]) == ("complete", n, 0), row
-    cols = sexpr.synthetic_columns(n, seed=15)
+    cols = synthetic.legacy_columns(n, seed=15)
     s, count = stored_pnl(leg, rid)
     assert count == n
     assert s == pytest.approx(math.fsum(cols["pnl"]), rel=1e-9, abs=1e-6)
@@ -148,11 +148,11 @@ def test_malformed_and_missing_request_id_are_counted_not_fatal(leg, push):
     for m in BAD_SEXPRS:
         push.send(m)
     push.send_multipart([b'((type . "BACKTEST_RESULT"))', b"second frame"])
-    push.send(sexpr.synthetic(10, seed=16, request_id=None, strategy_name="LegNoId"))
-    push.send(sexpr.synthetic(10, seed=16, request_id="has space", strategy_name="LegBadId"))
+    push.send(synthetic.legacy_message(10, seed=16, request_id=None, strategy_name="LegNoId"))
+    push.send(synthetic.legacy_message(10, seed=16, request_id="has space", strategy_name="LegBadId"))
     # a good message afterwards: the legacy actor takes them in order, so once it is stored all
     # of the above were handled
-    push.send(sexpr.synthetic(10, seed=17, request_id="leg-after-bad", strategy_name="LegAfter"))
+    push.send(synthetic.legacy_message(10, seed=17, request_id="leg-after-bad", strategy_name="LegAfter"))
     assert wait_status(leg, "leg-after-bad")["status"] == "complete"
     assert rows_for(leg, "leg-after-bad") == 10
     st = inspect(leg, "legacy")
@@ -175,7 +175,7 @@ def test_malformed_and_missing_request_id_are_counted_not_fatal(leg, push):
 
 def test_admin_inspect_legacy_and_verify(leg, push):
     rid = "leg-inspect"
-    push.send(sexpr.synthetic(30, style="lexpr", seed=18, request_id=rid, strategy_name="LegInspect"))
+    push.send(synthetic.legacy_message(30, style="lexpr", seed=18, request_id=rid, strategy_name="LegInspect"))
     assert wait_status(leg, rid)["status"] == "complete"
     # the row turns complete in the writer's commit; the legacy actor hears `stored` a hop later
     def idle():

@@ -23,11 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from entry import send as cli_send
-from pairlane.client import (NUMERIC_FLOAT, NUMERIC_INT, STRING_COLS, Producer, SendError,
-                             encode_chunk, load_file, plan_chunks, prepare_columns,
+from pairlane.client import (Producer, SendError, encode_chunk, load_file, plan_chunks, prepare_columns,
                              synthetic_columns)
+from pairlane.codec import FLOAT_COLS, INT_COLS, STR_COLS
 
-_KIND = {**{c: "<i8" for c in NUMERIC_INT}, **{c: "<f8" for c in NUMERIC_FLOAT}}
+_KIND = {**{c: "<i8" for c in INT_COLS}, **{c: "<f8" for c in FLOAT_COLS}}
 
 
 def decode_trades(trades: dict) -> dict:
@@ -314,7 +314,7 @@ def column_sets(draw):
                                        min_size=n, max_size=n))
         else:
             cols[name] = np.ones(n)
-    for name in draw(st.sets(st.sampled_from(STRING_COLS[:3]))):
+    for name in draw(st.sets(st.sampled_from(STR_COLS[:3]))):
         cols[name] = draw(st.lists(st.one_of(st.none(), short_text), min_size=n, max_size=n))
     return cols
 
@@ -353,7 +353,7 @@ def test_synthetic_is_reproducible_by_seed_and_plausible():
     assert not np.array_equal(a["pnl"], c["pnl"])
     assert not np.array_equal(a["pnl"], synthetic_columns(500, seed=3, strategy="T")["pnl"])
     prepared, n = prepare_columns(a)
-    assert n == 500 and set(a) <= set(NUMERIC_INT + NUMERIC_FLOAT + STRING_COLS)
+    assert n == 500 and set(a) <= set(INT_COLS + FLOAT_COLS + STR_COLS)
     gaps = np.diff(a["timestamp"])
     assert gaps.min() >= 300 and gaps.max() <= 4 * 3600
     assert np.all(a["hold_time"][:-1] < gaps)

@@ -17,9 +17,9 @@ from pairlane.sexpr import (
     Symbol,
     parse,
     parse_backtest_result,
-    synthetic,
-    synthetic_columns,
 )
+from pairlane.synthetic import legacy_columns as synthetic_columns
+from pairlane.synthetic import legacy_message as synthetic
 
 DOTTED = (
     b'((type . "BACKTEST_RESULT") (result . ((strategy_name . "S") (request_id . "R") '

@@ -1,0 +1,366 @@
+"""The socket producer: a DEALER connection to pairlane's gateway (PROTOCOL.md section 1).
+
+Owns: the ZMQ socket (connect, send, poll, close), sending a result by
+driving the I/O-free pairlane.conversation.Conversation over it (turning its
+`Send`s into frames, waiting until its `wake_at`, sleeping out retry_after_s),
+`send_live_trades`, and SendError with its operator hints.
+
+Never does: talk to SQLite, read the daemon's configuration, import anything
+from the daemon, or retry forever. Validation, planning, encoding and the
+rules of the conversation live in pairlane.columns, pairlane.chunks and
+pairlane.conversation. A final error or exhausted retries raise SendError;
+bad input raises ValueError before anything is sent.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable
+
+import msgpack
+import zmq
+
+from . import codec
+from .chunks import MAX_CHUNK_ROWS, encode_values, pack_chunk, plan
+from .columns import check_id, prepare_columns, prepare_live_columns
+from .conversation import RETRYABLE, Conversation, Send, retry_after
+
+__all__ = ["Producer", "SendError"]
+
+log = logging.getLogger("pairlane.client")  # the name operators and `run.py send` configure
+
+_HINTS = {
+    "timeout": "is pairlane running and listening on this endpoint? "
+               "(`python run.py admin status`); resend later with the same request_id",
+    "conflict": "this request_id is in progress or stored with another strategy_name or "
+                "totals; use a new request_id (or resend exactly the same result)",
+    "malformed": "the server could not parse a message: a client/server version mismatch "
+                 "or a client bug; report it with this message",
+    "too_large": "a frame or the declared totals exceed the server's limits; set "
+                 "max_message_bytes to the server's gateway.max_message_bytes or "
+                 "split the result",
+    "bad_chunk": "the server rejected the data (unequal column lengths, unknown column, "
+                 "NaN/inf or bad bin); fix the input and resend under the same request_id",
+    "incomplete": "the stored rows did not add up to total_trades and the result was "
+                  "marked failed; resend it under a new request_id",
+    "busy": "the server stayed busy through every retry; resend later with the same "
+            "request_id (nothing is lost: durable chunks are kept)",
+    "unavailable": "neither the database nor the spool could take data through every "
+                   "retry; check disk space and `python run.py admin status`, then resend "
+                   "with the same request_id",
+    "unknown_request": "the server kept forgetting this request; check "
+                       "gateway.assembly_timeout_s and the daemon's logs",
+}
+
+
+class SendError(Exception):
+    """A send failed for good: a final error reply, or no progress after every retry.
+
+    `code` is the protocol error code (or "timeout"); `reply` the server's last
+    error map (None for a timeout); `request_id` the request concerned.
+    """
+
+    def __init__(self, request_id: str, code: str, server_message: str = "",
+                 reply: dict | None = None) -> None:
+        self.request_id = request_id
+        self.code = code
+        self.reply = reply
+        self.server_message = server_message
+        text = f"request {request_id}: {code}"
+        if server_message:
+            text += f": {server_message}"
+        hint = _HINTS.get(code)
+        if hint:
+            text += f" -- {hint}"
+        super().__init__(text)
+
+
+
+class SendError(Exception):
+    """A send failed for good: a final error reply, or no progress after every retry.
+
+    `code` is the protocol error code (or "timeout"); `reply` the server's last
+    error map (None for a timeout); `request_id` the request concerned.
+    """
+
+    def __init__(self, request_id: str, code: str, server_message: str = "",
+                 reply: dict | None = None) -> None:
+        self.request_id = request_id
+        self.code = code
+        self.reply = reply
+        self.server_message = server_message
+        text = f"request {request_id}: {code}"
+        if server_message:
+            text += f": {server_message}"
+        hint = _HINTS.get(code)
+        if hint:
+            text += f" -- {hint}"
+        super().__init__(text)
+
+
+class Producer:
+    """A DEALER connection to pairlane's gateway that sends results.
+
+    One Producer is one socket: use it from one thread. `timeout_s` is how
+    long to wait for any reply before resuming (send `begin` again and resend
+    unacknowledged chunks); `retries` bounds consecutive resumes without
+    progress (timeouts, busy/unavailable, unknown_request), after which
+    SendError. `max_message_bytes` should match the server's
+    gateway.max_message_bytes; chunks are planned to ~90% of it.
+    """
+
+    MAX_RETRY_AFTER_S = 30.0  # cap on a server's retry_after_s
+
+    def __init__(self, endpoint: str, *, timeout_s: float = 30.0, retries: int = 5,
+                 max_message_bytes: int = 1 << 20, identity: bytes | None = None,
+                 max_chunk_rows: int = MAX_CHUNK_ROWS) -> None:
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be > 0")
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
+        if max_message_bytes < 1024:
+            raise ValueError("max_message_bytes must be >= 1024")
+        self.endpoint = endpoint
+        self.timeout_s = float(timeout_s)
+        self.retries = int(retries)
+        self.max_message_bytes = int(max_message_bytes)
+        self.max_chunk_rows = int(max_chunk_rows)
+        # figures of the last send_result: chunks, chunks_sent, begins, timeouts,
+        # busy_waits, max_unacked, window, elapsed_s
+        self.last_stats: dict[str, Any] = {}
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout_s * 1000)))
+        if identity is not None:
+            self._sock.setsockopt(zmq.IDENTITY, identity)
+        try:
+            self._sock.connect(endpoint)
+        except zmq.ZMQError as e:
+            self.close()
+            raise ValueError(f"cannot connect to {endpoint!r}: {e}") from None
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+
+    # -- low level -----------------------------------------------------------
+
+    def send_raw(self, frame: bytes | list[bytes]) -> None:
+        """Send one frame (or a multi-frame message) as is. zmq.Again when it cannot be queued."""
+        if isinstance(frame, (bytes, bytearray, memoryview)):
+            self._sock.send(frame)
+        else:
+            self._sock.send_multipart(frame)
+
+    def recv(self, timeout_s: float) -> dict | None:
+        """The next reply as a dict, or None when nothing arrives within timeout_s.
+
+        A reply that is not a msgpack map comes back as {"type": None, "raw": frames}.
+        """
+        if not self._poller.poll(max(0, math.ceil(timeout_s * 1000))):
+            return None
+        frames = [f for f in self._sock.recv_multipart() if f]
+        if len(frames) == 1:
+            try:
+                msg = msgpack.unpackb(frames[0], raw=False, strict_map_key=False)
+            except Exception:
+                msg = None
+            if isinstance(msg, dict):
+                return msg
+        return {"type": None, "raw": frames}
+
+    def close(self) -> None:
+        """Close the socket and its context at once (LINGER 0: unsent frames are dropped)."""
+        sock = getattr(self, "_sock", None)
+        if sock is not None and not sock.closed:
+            sock.close(0)
+        ctx = getattr(self, "_ctx", None)
+        if ctx is not None and not ctx.closed:
+            ctx.term()
+
+    def __enter__(self) -> "Producer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers -------------------------------------------------------------
+
+    def _send(self, msg_or_frame: dict | bytes) -> None:
+        frame = msg_or_frame if isinstance(msg_or_frame, bytes) else \
+            msgpack.packb(msg_or_frame, use_bin_type=True)
+        try:
+            self._sock.send(frame)
+        except zmq.Again:
+            # nobody has taken our messages for timeout_s: treated like a missing reply
+            raise _SendBlocked() from None
+
+    def _wait_ours(self, request_id: str, deadline: float) -> dict | None:
+        """The next reply for request_id (or an id-less error) before deadline, else None."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            msg = self.recv(left)
+            if msg is None:
+                return None
+            if self._ours(msg, request_id):
+                return msg
+
+    @staticmethod
+    def _ours(msg: dict, request_id: str) -> bool:
+        """A reply for request_id, or an error without one."""
+        rid = msg.get("request_id")
+        return rid == request_id or (rid is None and msg.get("type") == "error")
+
+    # -- results -------------------------------------------------------------
+
+    def send_result(self, request_id: str, strategy_name: str, columns: dict, *,
+                    metrics: dict | None = None, meta: dict | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> dict:
+        """Send one backtest result and return the server's `stored` reply.
+
+        Runs begin -> chunks within the credit window -> end (PROTOCOL.md
+        section 1) and resumes on timeouts, busy/unavailable and
+        unknown_request. `meta` may carry symbol, timeframe, rank, oos_kind
+        (and metrics, used when `metrics` is None). `progress(acked_rows,
+        total_rows)` is called whenever chunks are acknowledged. Chunks are
+        encoded when sent, never all at once. Raises ValueError for bad input
+        (nothing sent) and SendError when the server refuses or retries run out.
+        """
+        check_id("request_id", request_id)
+        if not isinstance(strategy_name, str) or not 1 <= len(strategy_name) <= 256:
+            raise ValueError(f"strategy_name must be 1-256 characters, got {strategy_name!r:.300}")
+        meta = dict(meta or {})
+        if metrics is None:
+            metrics = meta.get("metrics")
+        if metrics is not None and not isinstance(metrics, dict):
+            raise ValueError(f"metrics must be a map, got {type(metrics).__name__}")
+        prepared, total_rows = prepare_columns(columns)
+        ranges = plan(prepared, total_rows, self.max_message_bytes, self.max_chunk_rows)
+        begin: dict[str, Any] = {"type": "begin", "v": 1, "request_id": request_id,
+                                 "strategy_name": strategy_name, "total_trades": total_rows,
+                                 "total_chunks": len(ranges)}
+        if metrics is not None:
+            begin["metrics"] = metrics
+        for key in ("symbol", "timeframe", "rank", "oos_kind"):
+            v = meta.get(key)
+            if v is None:
+                continue
+            typ = int if key == "timeframe" else str
+            if not isinstance(v, typ) or isinstance(v, bool):
+                raise ValueError(f"meta {key!r} must be {typ.__name__}, got {v!r}")
+            begin[key] = v
+        return self._converse(request_id, begin, prepared, ranges, progress)
+
+    def send_live_trades(self, batch_id: str, columns: dict) -> dict:
+        """Append live trades (one message, idempotent by batch_id); returns the `stored` reply.
+
+        Columns as for results plus `strategy_name` (required), `pair_id` and
+        `execution_mode`. The batch must fit in one frame (ValueError otherwise:
+        split it into several batches). Resends on timeout and busy/unavailable.
+        """
+        check_id("batch_id", batch_id)
+        prepared, n = prepare_live_columns(columns)
+        trades = {c: encode_values(v, codec.LIVE_COLUMN_KINDS[c], 0, n) for c, v in prepared.items()}
+        frame = msgpack.packb({"type": "live_trades", "v": 1, "batch_id": batch_id,
+                               "trades": trades}, use_bin_type=True)
+        if len(frame) > self.max_message_bytes:
+            raise ValueError(f"live_trades batch {batch_id} is {len(frame)} bytes, over "
+                             f"max_message_bytes={self.max_message_bytes}; send smaller batches")
+        strikes = 0
+        while True:
+            try:
+                self._send(frame)
+                reply = self._wait_ours(batch_id, time.monotonic() + self.timeout_s)
+            except _SendBlocked:
+                reply = None
+            if reply is not None and reply.get("type") == "stored":
+                return reply
+            if reply is not None and reply.get("type") != "error":
+                reply = None  # nothing else answers live_trades: as good as no answer
+            code = "timeout" if reply is None else str(reply.get("code"))
+            if reply is not None and code not in ("busy", "unavailable"):
+                raise SendError(batch_id, code, str(reply.get("message", "")), reply)
+            strikes += 1
+            if strikes > self.retries:
+                if reply is None:
+                    raise SendError(batch_id, "timeout", f"no reply from {self.endpoint} in "
+                                    f"{strikes} attempt(s) of {self.timeout_s:g}s each")
+                raise SendError(batch_id, code, str(reply.get("message", "")), reply)
+            log.warning("event=send_resume batch_id=%s reason=%s attempt=%d/%d",
+                        batch_id, code, strikes, self.retries)
+            if reply is not None:
+                time.sleep(self._retry_after(reply))
+
+    def _retry_after(self, reply: dict) -> float:
+        return retry_after(reply, max_s=self.MAX_RETRY_AFTER_S)
+
+    # -- the conversation ----------------------------------------------------
+
+    def _converse(self, request_id: str, begin: dict, prepared: dict,
+                  ranges: list[tuple[int, int]], progress: Callable[[int, int], None] | None) -> dict:
+        """Carry out one Conversation over this socket; its `stored` reply, or SendError."""
+        def on_resume(code: str, reply: dict | None) -> None:
+            detail = ""
+            if code == "timeout":
+                detail = f" endpoint={self.endpoint} waited_s={self.timeout_s:g}"
+            elif reply is not None and code in RETRYABLE:
+                detail = f" retry_after_s={conv.retry_after(reply):g}"
+            log.warning("event=send_resume request_id=%s reason=%s attempt=%d/%d acked_chunks=%d/%d%s",
+                        request_id, code, conv.strikes, self.retries, len(conv.acked),
+                        len(ranges), detail)
+
+        conv = Conversation(request_id, ranges, timeout_s=self.timeout_s, retries=self.retries,
+                            max_retry_after_s=self.MAX_RETRY_AFTER_S, progress=progress,
+                            on_resume=on_resume)
+        self.last_stats = conv.stats
+        begin_frame = msgpack.packb(begin, use_bin_type=True)
+        end_frame = msgpack.packb({"type": "end", "v": 1, "request_id": request_id}, use_bin_type=True)
+
+        def frame(s: Send) -> bytes:
+            if s.kind == "chunk":
+                start, stop = ranges[s.seq]
+                return pack_chunk(request_id, s.seq, prepared, start, stop)
+            return begin_frame if s.kind == "begin" else end_frame
+
+        t0 = time.monotonic()
+        try:
+            out = conv.start(t0)
+            while True:
+                while out:  # send; a frame nobody takes within timeout_s counts as silence
+                    try:
+                        for s in out:
+                            self._send(frame(s))
+                        out = []
+                    except _SendBlocked:
+                        out = conv.blocked(time.monotonic())
+                if conv.finished:
+                    break
+                wake = conv.wake_at
+                if conv.backing_off:
+                    time.sleep(max(0.0, wake - time.monotonic()))
+                    while not conv.finished:  # replies queued while we slept
+                        msg = self.recv(0)
+                        if msg is None:
+                            break
+                        if self._ours(msg, request_id):
+                            conv.on_reply(msg, time.monotonic())
+                    out = conv.tick(time.monotonic())
+                    continue
+                msg = self._wait_ours(request_id, wake)
+                now = time.monotonic()
+                out = conv.on_reply(msg, now) if msg is not None else conv.tick(now)
+        finally:
+            conv.stats["elapsed_s"] = time.monotonic() - t0
+        if conv.stored is not None:
+            return conv.stored
+        f = conv.failure
+        if f.code == "timeout" and f.reply is None:
+            raise SendError(request_id, "timeout", f"no reply from {self.endpoint} in "
+                            f"{f.attempts} attempt(s) of {self.timeout_s:g}s each")
+        raise SendError(request_id, f.code, f.message, f.reply)
+
+
+class _SendBlocked(Exception):
+    """A send could not be queued within timeout_s."""
