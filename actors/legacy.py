@@ -5,9 +5,12 @@ Owns: the legacy socket, parsing one message at a time in a worker thread
 section 2 (no request_id: rejected and counted; error: a `failed` result
 without trades; no trade_list: a result without trades; reported trades
 differing from the list: stored with `truncated = 1` and counted), and
-feeding the result into the same chunked path a ZMQ producer uses (begin,
-chunks within the credit window, end), as a producer of its own. Never
-evaluates anything (pairlane.sexpr only reads), never unpickles.
+feeding the result into the same chunked path a ZMQ producer uses, as a
+producer of its own: it drives the one producer conversation
+(pairlane.conversation: begin, chunks within the credit window, end, resume)
+over Inbound/Outbound messages to the assembler, with chunk frames from the
+one chunk encoder (pairlane.chunks). Never evaluates anything (pairlane.sexpr
+only reads), never unpickles.
 """
 from __future__ import annotations
 
@@ -16,10 +19,11 @@ import queue
 import threading
 import time
 
-import numpy as np
 import zmq
 
 from pairlane import codec, sexpr
+from pairlane.chunks import pack_chunk
+from pairlane.conversation import Conversation, Send
 from pairlane.store import meta_from_message
 
 from .base import PairlaneActor
@@ -29,8 +33,9 @@ ROWS_PER_CHUNK = 2560
 # legacy chunks handed to the assembler at once (it lets one big chunk at a time wait at the writer,
 # so small native results never queue behind more than one)
 MAX_WINDOW = 3
-RETRY_S = 1.0
-MAX_ATTEMPTS = 30
+RETRY_S = 1.0        # wait when the assembler is away, or a busy reply names no retry_after_s
+MAX_ATTEMPTS = 30    # resumes without progress before the result is given up
+STALL_S = 30.0       # silence from the assembler after which the conversation resumes
 
 
 class Legacy(PairlaneActor):
@@ -54,8 +59,10 @@ class Legacy(PairlaneActor):
     def inspect(self) -> dict:
         job = None
         if self.job is not None:
-            job = {k: self.job[k] for k in ("request_id", "total_chunks", "acked", "sent", "attempts")}
-            job["acked"] = len(self.job["acked"])
+            conv = self.job["conv"]
+            job = {"request_id": self.job["request_id"], "total_chunks": len(conv.ranges),
+                   "acked": len(conv.acked), "sent": conv.stats["chunks_sent"],
+                   "attempts": conv.stats["begins"]}
         return {"parsing": self.parsing, "job": job, **dict(self.counts)}
 
     # ----- intake -------------------------------------------------------------------------------------
@@ -68,12 +75,14 @@ class Legacy(PairlaneActor):
             self._next()
             if not self._stopping:
                 self.after(0.02 if self.parsing else 0.1, "poll")
-        elif payload == "retry" and self.job is not None:
-            self._begin()
-        elif isinstance(payload, tuple) and payload[0] == "stall":
-            # no answer for a while (assembler restarted, replies lost): begin again, as a producer would
-            if self.job is not None and self.job["identity"] == payload[1] and self.job["attempts"] == payload[2]:
-                self._begin()
+        elif isinstance(payload, tuple) and payload[0] == "conv":
+            # the conversation's wake-up: a retry_after_s over, or silence (assembler restarted, replies lost)
+            job = self.job
+            if job is None or job["identity"] != payload[1]:
+                return
+            if job["timer_at"] == payload[2]:
+                job["timer_at"] = None
+            self._drive(job["conv"].tick(time.monotonic()))
 
     def _next(self) -> None:
         if not self._idle() or not (self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN):
@@ -150,90 +159,57 @@ class Legacy(PairlaneActor):
         bounds = [(i, min(n, i + ROWS_PER_CHUNK)) for i in range(0, n, ROWS_PER_CHUNK)] or [(0, 0)]
         m["total_chunks"] = len(bounds)
         self.seq += 1
-        self.job = {"request_id": rid, "msg": m, "cols": cols, "bounds": bounds, "total_chunks": len(bounds),
-                    "identity": f"legacy:{self.seq}".encode(), "acked": set(), "sent": 0, "window": 0,
-                    "next": 0, "attempts": 0, "started": time.time(), "parse_s": took, "rows": n}
-        self._begin()
+        conv = Conversation(rid, bounds, timeout_s=STALL_S, retries=MAX_ATTEMPTS, max_window=MAX_WINDOW,
+                            default_retry_after_s=RETRY_S)
+        self.job = {"request_id": rid, "msg": m, "cols": cols, "conv": conv, "timer_at": None,
+                    "identity": f"legacy:{self.seq}".encode(), "started": time.time(), "parse_s": took, "rows": n}
+        self._drive(conv.start(time.monotonic()))
 
-    def _frame(self, seq: int) -> tuple[bytes, int]:
-        a, b = self.job["bounds"][seq]
-        trades = {}
-        for k, v in self.job["cols"].items():
-            part = v[a:b]
-            if k in codec.INT_COLS and None not in part:
-                trades[k] = np.asarray(part, dtype="<i8").tobytes()
-            elif k in codec.FLOAT_COLS and None not in part:
-                trades[k] = np.asarray(part, dtype="<f8").tobytes()
+    def _drive(self, sends: list[Send]) -> None:
+        """Hand the conversation's frames to the assembler, then finish the job or wait for its wake-up."""
+        job = self.job
+        conv: Conversation = job["conv"]
+        rid = job["request_id"]
+        while sends:
+            s, sends = sends[0], sends[1:]
+            if s.kind == "begin":
+                msg, raw, nrows = dict(job["msg"]), None, 0
+            elif s.kind == "chunk":
+                a, b = conv.ranges[s.seq]
+                msg, raw, nrows = {"type": "chunk", "request_id": rid, "seq": s.seq}, \
+                    pack_chunk(rid, s.seq, job["cols"], a, b), b - a
             else:
-                trades[k] = part
-        return codec.pack({"type": "chunk", "request_id": self.job["request_id"], "seq": seq,
-                           "trades": trades}), b - a
-
-    def _inbound(self, msg: dict, raw: bytes | None = None, nrows: int = 0) -> None:
-        self.tell("assembler", Inbound(self.job["identity"], msg, raw, nrows, None, time.time(),
-                                       origin="legacy", reply_to=self.myAddress))
-
-    def _begin(self) -> None:
-        job = self.job
-        job["attempts"] += 1
-        if job["attempts"] > MAX_ATTEMPTS:
-            self._reject("gave_up", f"request {job['request_id']}: not stored after {MAX_ATTEMPTS} attempts")
+                msg, raw, nrows = {"type": "end", "request_id": rid}, None, 0
+            inbound = Inbound(job["identity"], msg, raw, nrows, None, time.time(), origin="legacy",
+                              reply_to=self.myAddress)
+            if not self.tell("assembler", inbound):
+                sends = conv.blocked(time.monotonic(), RETRY_S)  # no assembler now: begin again later
+        if conv.stored is not None:
             self.job = None
-            return
-        if self.peer("assembler") is None:
-            self.after(RETRY_S, "retry")
-            return
-        job["window"] = 0
-        job["inflight"] = set()
-        self._inbound(dict(job["msg"]))
-        self.after(30.0, ("stall", job["identity"], job["attempts"]))
-
-    def _pump(self) -> None:
-        job = self.job
-        while len(job["inflight"]) < job["window"]:
-            seq = next((s for s in range(job["total_chunks"])
-                        if s not in job["acked"] and s not in job["inflight"]), None)
-            if seq is None:
-                break
-            raw, nrows = self._frame(seq)
-            job["inflight"].add(seq)
-            job["sent"] += 1
-            self._inbound({"type": "chunk", "request_id": job["request_id"], "seq": seq}, raw, nrows)
-        if len(job["acked"]) == job["total_chunks"] and not job.get("end_sent"):
-            job["end_sent"] = True
-            self._inbound({"type": "end", "request_id": job["request_id"]})
+            self.counts["stored"] += 1
+            self.metrics.inc("pairlane_legacy_results_total", outcome="stored")
+            self.log("INFO", "legacy_stored", request_id=rid, trades=job["rows"],
+                     parse_s=f"{job['parse_s']:.3f}", total_s=f"{time.time() - job['started']:.3f}",
+                     location=conv.stored.get("location"))
+            self._next()
+        elif conv.failure is not None:
+            f = conv.failure
+            self.job = None
+            if f.exhausted:
+                self._reject("gave_up", f"request {rid}: not stored after {f.attempts} attempts ({f.code})")
+            else:
+                self._reject(f.code, f"request {rid}: {f.message}")
+            self._next()
+        else:
+            wake = conv.wake_at
+            if job["timer_at"] is None or wake < job["timer_at"]:
+                job["timer_at"] = wake
+                self.after(wake - time.monotonic(), ("conv", job["identity"], wake))
 
     def on_message(self, msg, sender) -> None:
         if not isinstance(msg, Outbound) or self.job is None:
             return
         for identity, reply in msg.replies:
-            if identity != self.job["identity"]:
+            if self.job is None or identity != self.job["identity"]:
                 continue
-            t = reply.get("type")
-            if t == "credit" and "seq" not in reply:
-                self.job["window"] = min(MAX_WINDOW, reply["credit"])
-                self.job["end_sent"] = False
-                self._pump()
-            elif t == "credit":
-                self.job["acked"].add(reply["seq"])
-                self.job["inflight"].discard(reply["seq"])
-                self._pump()
-            elif t == "stored":
-                job = self.job
-                self.job = None
-                self.counts["stored"] += 1
-                self.metrics.inc("pairlane_legacy_results_total", outcome="stored")
-                self.log("INFO", "legacy_stored", request_id=job["request_id"], trades=job["rows"],
-                         parse_s=f"{job['parse_s']:.3f}", total_s=f"{time.time() - job['started']:.3f}",
-                         location=reply.get("location"))
-                self._next()
-            elif t == "error":
-                code = reply.get("code")
-                if code in ("busy", "unavailable", "unknown_request") or (code == "incomplete" and reply.get("missing")):
-                    self.job["acked"] -= set(reply.get("missing") or ())
-                    self.after(float(reply.get("retry_after_s") or RETRY_S), "retry")
-                    self.job["window"] = 0
-                else:
-                    self._reject(code or "error", f"request {self.job['request_id']}: {reply.get('message')}")
-                    self.job = None
-                    self._next()
+            self._drive(self.job["conv"].on_reply(reply, time.monotonic()))

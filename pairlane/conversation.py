@@ -182,7 +182,7 @@ class Conversation:
             elif kind == "incomplete" or code == "incomplete":
                 self._incomplete(msg)  # its seqs go out again with the resume
             elif kind == "error" and code not in (*RETRYABLE, "unknown_request"):
-                self._fail(str(code), msg)
+                self._fail("error" if code is None else str(code), msg)
             return []
         if kind == "credit":
             if "seq" in msg:
@@ -201,7 +201,7 @@ class Conversation:
         if kind == "incomplete" or code == "incomplete":
             return self._incomplete(msg)
         if kind == "error":
-            code = str(code)
+            code = "error" if code is None else str(code)
             if code in RETRYABLE:
                 if self._strike(code, msg):
                     self.backoff_until = now + self.retry_after(msg)
