@@ -583,8 +583,11 @@ def test_invalid_arguments_raise_before_sending(gateway):
             p.send_result("ok", "", COLS)
         with pytest.raises(ValueError, match="timeframe"):
             p.send_result("ok", "S", COLS, meta={"timeframe": "60"})
-    time.sleep(0.05)
-    assert gw.received == []
+        # one DEALER connection delivers in order: once this marker is answered, anything
+        # the refused calls had sent would have reached the gateway before it
+        assert p.send_live_trades("marker", {"timestamp": [1], "pnl": [0.5], "strategy_name": ["S"]}
+                                  )["request_id"] == "marker"
+    assert gw.received == [("live_trades", None)]
 
 
 # ----------------------------------------------------------------------------
