@@ -76,29 +76,6 @@ class SendError(Exception):
         super().__init__(text)
 
 
-
-class SendError(Exception):
-    """A send failed for good: a final error reply, or no progress after every retry.
-
-    `code` is the protocol error code (or "timeout"); `reply` the server's last
-    error map (None for a timeout); `request_id` the request concerned.
-    """
-
-    def __init__(self, request_id: str, code: str, server_message: str = "",
-                 reply: dict | None = None) -> None:
-        self.request_id = request_id
-        self.code = code
-        self.reply = reply
-        self.server_message = server_message
-        text = f"request {request_id}: {code}"
-        if server_message:
-            text += f": {server_message}"
-        hint = _HINTS.get(code)
-        if hint:
-            text += f" -- {hint}"
-        super().__init__(text)
-
-
 class Producer:
     """A DEALER connection to pairlane's gateway that sends results.
 
