@@ -15,6 +15,7 @@ import sys
 import time
 
 from supervision import procs
+from supervision.intensity import RestartIntensity
 from supervision.log import log, set_level
 from supervision.messages import StartTree, StopDaemon, TreeStarted, TreeStopped
 from supervision.spec import TreeSettings
@@ -39,7 +40,7 @@ class Daemon:
         self.root_pid: int | None = None
         self.pgid: int | None = None
         self.locks: list[InstanceLock] = []
-        self.root_restarts: list[float] = []
+        self.root_intensity: RestartIntensity | None = None  # crashes of the root supervisor
 
     # ----- start-up ------------------------------------------------------------------------
     def preflight(self) -> None:
@@ -65,6 +66,7 @@ class Daemon:
         self.settings = TreeSettings.from_config(self.cfg["supervision"], log_level=self.cfg["daemon"]["log_level"],
                                                  event_sink="metrics")
         self.root_cls = RootSupervisor
+        self.root_intensity = RestartIntensity(self.settings.max_restarts, self.settings.window_s)
         self._start_root()
 
     def _start_root(self) -> None:
@@ -107,10 +109,7 @@ class Daemon:
                     return 1
 
     def _restart_root(self) -> bool:
-        now = time.monotonic()
-        self.root_restarts = [t for t in self.root_restarts if now - t < self.settings.window_s]
-        self.root_restarts.append(now)
-        if len(self.root_restarts) > self.settings.max_restarts:
+        if self.root_intensity.record():
             log("ERROR", "daemon_exit_escalated", actor="main",
                 reason="root supervisor keeps dying", exit_code=1)
             return False

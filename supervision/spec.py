@@ -64,6 +64,7 @@ class TreeSettings:
     heartbeat_s: float = 0.5
     heartbeat_timeout_s: float = 3.0
     log_level: str = "INFO"       # every worker's log threshold (DEBUG, INFO, WARNING, ERROR)
+    strict_states: bool = False   # an illegal state change raises (tests) instead of being logged and refused
     extra: dict = field(default_factory=dict)
 
     @classmethod

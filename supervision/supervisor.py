@@ -23,11 +23,12 @@ import time
 from dataclasses import dataclass, field
 
 from . import procs
+from .intensity import RestartIntensity
 from .log import log
 from .messages import (Directory, Escalated, ExitingNormally, Heartbeat, Init, Register,
                        RestartChild, Shutdown, Started, StatusRows)
 from .spec import ChildSpec, Restart, Strategy
-from .states import State
+from .states import WAITING_STATES, State, transition
 from .worker import CRASH_EXIT_CODE, Worker
 
 _op_ids = itertools.count(1)
@@ -75,13 +76,14 @@ class Supervisor(Worker):
         self.order: list[str] = []
         self.ops: collections.deque[Op] = collections.deque()
         self.current: Op | None = None
-        self.crashes: collections.deque[float] = collections.deque()
+        self.intensity: RestartIntensity | None = None  # made in on_start, once spec and settings are known
         self.consecutive = 0
         self.giving_up = False
         self.exiting = False
 
     # ----- lifecycle ------------------------------------------------------------------
     def on_start(self) -> None:
+        self.intensity = RestartIntensity(self.max_restarts, self.window_s)
         for spec in self.spec.children:
             self.children[spec.name] = Child(spec)
             self.order.append(spec.name)
@@ -97,6 +99,12 @@ class Supervisor(Worker):
     @property
     def window_s(self) -> float:
         return self.spec.window_s if self.spec.window_s is not None else self.settings.window_s
+
+    def _set_state(self, child: Child, new: State) -> None:
+        """The only place a child's state changes: through `states.transition`, which refuses
+        (and in tests raises on) an illegal change."""
+        child.state = transition(child.state, new, strict=getattr(self.settings, "strict_states", False),
+                                 actor=self.name, child=child.spec.name)
 
     def _hb_timeout(self, child: Child) -> float:
         return child.spec.heartbeat_timeout_s or self.settings.heartbeat_timeout_s
@@ -119,7 +127,7 @@ class Supervisor(Worker):
             return self._done(op)
         if not procs.ensure_gone(self.run_dir, child.spec.name):
             log("ERROR", "old_instance_survived_kill", actor=self.name, child=child.spec.name)
-        child.state = State.STARTING
+        self._set_state(child, State.STARTING)
         child.expect_exit = child.exited_normally = child.hung = False
         child.pid = None
         child.address = self.createActor(child.spec.actor)
@@ -129,18 +137,17 @@ class Supervisor(Worker):
         child.starts += 1
         self.send(child.address, Init(spec=child.spec, settings=self.settings, config=self.config,
                                       main_pid=self.main_pid, run_dir=self.run_dir,
-                                      directory=self.directory, supervisor_name=self.name,
-                                      incarnation=child.starts))
+                                      directory=self.directory, supervisor_name=self.name))
         self.after(self._hb_timeout(child), ("op_timeout", op.id))
         self._report()
 
     def _op_stop(self, op: Op) -> None:
         child = self.children[op.name]
         if child.address is None:
-            if child.state not in (State.BACKOFF, State.FATAL):
-                child.state = State.STOPPED
+            if child.state not in WAITING_STATES:
+                self._set_state(child, State.STOPPED)
             return self._done(op)
-        child.state = State.STOPPING
+        self._set_state(child, State.STOPPING)
         child.expect_exit = True
         self.send(child.address, Shutdown("supervisor stop"))
         self.after(child.spec.shutdown_s, ("op_timeout", op.id))
@@ -151,7 +158,7 @@ class Supervisor(Worker):
 
     def _op_escalate(self, op: Op) -> None:
         for child in self.children.values():
-            child.state = State.FATAL
+            self._set_state(child, State.FATAL)
         self._report()
         self.escalate(op.name or self.name)
 
@@ -190,7 +197,7 @@ class Supervisor(Worker):
                     pid=child.pid)
                 self._kill(child)
                 child.address = None
-                child.state = State.STOPPED
+                self._set_state(child, State.STOPPED)
                 child.last_exit = "killed (shutdown timeout)"
                 self._report()
                 return self._done(op)
@@ -211,7 +218,8 @@ class Supervisor(Worker):
             if child is None:
                 return
             child.pid = msg.pid
-            child.state = State.RUNNING
+            if child.state != State.STOPPING:  # asked to stop while starting: it stays STOPPING
+                self._set_state(child, State.RUNNING)
             child.started_at = time.time()
             child.last_hb = time.monotonic()
             log("INFO", "child_started", actor=self.name, child=child.spec.name, pid=msg.pid,
@@ -264,7 +272,7 @@ class Supervisor(Worker):
         self.registered(child.spec.name, None)
         op = self.current
         if child.expect_exit:
-            child.state = State.STOPPED
+            self._set_state(child, State.STOPPED)
             child.last_exit = child.last_exit if child.last_exit and "operator" in child.last_exit else "stopped"
             self._report()
             if op is not None and op.kind == "stop" and op.name == child.spec.name:
@@ -284,22 +292,17 @@ class Supervisor(Worker):
     def _after_exit(self, child: Child, crashed: bool) -> None:
         spec = child.spec
         if self.giving_up or self.exiting:
-            child.state = State.STOPPED
+            self._set_state(child, State.STOPPED)
             self._report()
             return
         if spec.restart == Restart.TEMPORARY or (spec.restart == Restart.TRANSIENT and not crashed):
-            child.state = State.STOPPED
+            self._set_state(child, State.STOPPED)
             self._report()
             return
-        if crashed:
-            now = time.monotonic()
-            self.crashes.append(now)
-            while self.crashes and now - self.crashes[0] > self.window_s:
-                self.crashes.popleft()
-            if len(self.crashes) > self.max_restarts:
-                return self._give_up(f"{len(self.crashes)} crashes in {self.window_s:g}s "
-                                     f"(last: {spec.name} {child.last_exit})")
-        self.consecutive = len(self.crashes)
+        if crashed and self.intensity.record():
+            return self._give_up(f"{self.intensity.in_window()} crashes in {self.window_s:g}s "
+                                 f"(last: {spec.name} {child.last_exit})")
+        self.consecutive = self.intensity.in_window()
         names = self._restart_set(spec.name)
         # stop the siblings that go down with it, in reverse start order
         for name in reversed(names):
@@ -310,7 +313,7 @@ class Supervisor(Worker):
         for name in names:
             c = self.children[name]
             if c.address is None or name != spec.name:
-                c.state = State.BACKOFF
+                self._set_state(c, State.BACKOFF)
         self.ops.append(Op("wait", delay=delay))
         for name in names:
             if not self._queued("start", name):
@@ -348,7 +351,7 @@ class Supervisor(Worker):
         self.ops.append(Op("escalate", name=reason))
         for c in self.children.values():
             if c.address is None:
-                c.state = State.FATAL
+                self._set_state(c, State.FATAL)
         self._report()
 
     def restart_child(self, name: str) -> bool:
@@ -438,7 +441,7 @@ class Supervisor(Worker):
     def inspect(self) -> dict:
         return {"children": [dict(r) for r in self.rows()],
                 "strategy": self.spec.strategy.value,
-                "crashes_in_window": len(self.crashes),
+                "crashes_in_window": self.intensity.in_window() if self.intensity else 0,
                 "max_restarts": self.max_restarts, "window_s": self.window_s,
                 "pending_ops": [o.kind + (f":{o.name}" if o.name else "") for o in self.ops]}
 

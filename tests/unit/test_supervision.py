@@ -23,7 +23,10 @@ from pairlane import config as cfgmod
 from supervision import procs
 from supervision.messages import (RestartChild, StartTree, StatusReply, StatusRequest, StopDaemon,
                                   TreeStarted, TreeStopped)
+from supervision.intensity import RestartIntensity
 from supervision.spec import ChildSpec, Restart, Strategy, TreeSettings
+from supervision.states import (RUNNING_STATES, STOPPED_STATES, TRANSITIONS, IllegalTransition, State,
+                                allowed, transition)
 from supervision.supervisor import Supervisor
 from supervision.system import start_system
 from tests.harness import free_port, group_pids
@@ -33,7 +36,7 @@ from tests.unit.support_actors import (Crash, CrashLoop, Exit, Forward, Forwarde
 pytestmark = pytest.mark.timeout(60)
 
 FAST = TreeSettings(max_restarts=5, window_s=10.0, backoff_min_s=0.02, backoff_max_s=0.5,
-                    heartbeat_s=0.1, heartbeat_timeout_s=1.0)
+                    heartbeat_s=0.1, heartbeat_timeout_s=1.0, strict_states=True)
 
 
 class Tree:
@@ -394,7 +397,7 @@ def test_backoff_delay_is_exponential_with_jitter_and_capped():
 
 def test_restarts_back_off_exponentially_with_consecutive_crashes(make_tree):
     settings = TreeSettings(max_restarts=100, window_s=60.0, backoff_min_s=0.1, backoff_max_s=5.0,
-                            heartbeat_s=0.1, heartbeat_timeout_s=1.0)
+                            heartbeat_s=0.1, heartbeat_timeout_s=1.0, strict_states=True)
     t = make_tree(root_spec(ChildSpec("loop", CrashLoop), steady("calm")), settings, wait=False)
     deadline = time.monotonic() + 15
     while len(read_starts(t.run_dir, "loop")) < 6 and time.monotonic() < deadline:
@@ -413,7 +416,7 @@ def test_restarts_back_off_exponentially_with_consecutive_crashes(make_tree):
 
 def test_status_answers_promptly_during_a_restart_storm(make_tree):
     settings = TreeSettings(max_restarts=10_000, window_s=60.0, backoff_min_s=0.001, backoff_max_s=0.01,
-                            heartbeat_s=0.1, heartbeat_timeout_s=1.0)
+                            heartbeat_s=0.1, heartbeat_timeout_s=1.0, strict_states=True)
     t = make_tree(root_spec(ChildSpec("loop", CrashLoop), steady("calm")), settings, wait=False)
     t.wait(lambda r: "loop" in r and r["loop"]["restarts"] >= 3, what="the storm to start")
     latencies, restarts = [], []
@@ -532,3 +535,109 @@ def test_an_actor_process_dies_with_its_parent_even_before_its_first_message():
     finally:
         if procs.alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+# ----- states: groups and the one guarded transition ------------------------------------------------------
+# Every change the supervisor makes (supervision/supervisor.py, `_set_state` callers), with where.
+SUPERVISOR_TRANSITIONS = [
+    (State.STOPPED, State.STARTING),    # _op_start: first start, operator restart, restart after a stop
+    (State.BACKOFF, State.STARTING),    # _op_start: the restart after the backoff delay
+    (State.STARTING, State.RUNNING),    # Started
+    (State.BACKOFF, State.RUNNING),     # Started from a child marked BACKOFF with a crashed sibling
+    (State.RUNNING, State.STOPPING),    # _op_stop
+    (State.STARTING, State.STOPPING),   # _op_stop during shutdown or give-up while it starts
+    (State.BACKOFF, State.STOPPING),    # _op_stop of a sibling in the restart set
+    (State.STOPPING, State.STOPPED),    # its exit was expected; or killed after shutdown_s
+    (State.RUNNING, State.STOPPED),     # _after_exit: temporary / transient normal exit / supervisor exiting
+    (State.STARTING, State.STOPPED),    # _after_exit while giving up or exiting
+    (State.BACKOFF, State.STOPPED),     # _after_exit while giving up or exiting
+    (State.RUNNING, State.BACKOFF),     # _after_exit: a crash or a permanent child's normal exit
+    (State.STARTING, State.BACKOFF),    # _after_exit: died while starting
+    (State.STOPPED, State.BACKOFF),     # a stopped transient sibling in a one_for_all restart set
+    (State.STOPPING, State.BACKOFF),    # a sibling being stopped when another crashes
+    (State.STOPPED, State.FATAL),       # _give_up / _op_escalate
+    (State.BACKOFF, State.FATAL),       # _give_up / _op_escalate
+    (State.STOPPED, State.STOPPED),     # _op_stop of a child already gone: a no-op
+]
+
+
+def test_state_groups_split_every_state_in_two():
+    assert RUNNING_STATES | STOPPED_STATES == set(State)
+    assert not RUNNING_STATES & STOPPED_STATES
+    assert State.FATAL in STOPPED_STATES and State.STOPPING in RUNNING_STATES
+    assert set(TRANSITIONS) == set(State)
+
+
+@pytest.mark.parametrize("current,new", SUPERVISOR_TRANSITIONS)
+def test_every_transition_the_supervisor_makes_is_allowed(current, new):
+    assert allowed(current, new)
+    assert transition(current, new, strict=True) is new
+
+
+@pytest.mark.parametrize("current,new", [(State.FATAL, State.STARTING), (State.FATAL, State.RUNNING),
+                                         (State.STOPPED, State.RUNNING), (State.STOPPING, State.RUNNING),
+                                         (State.RUNNING, State.STARTING), (State.STOPPED, State.STOPPING),
+                                         (State.STOPPING, State.STARTING)])
+def test_an_illegal_transition_is_refused_logged_and_raises_when_strict(current, new, capsys):
+    assert not allowed(current, new)
+    assert transition(current, new, actor="sup", child="x") is current  # refused: the state stays
+    err = capsys.readouterr().err
+    assert "level=ERROR" in err and "event=illegal_state_transition" in err and f"new={new.value}" in err
+    with pytest.raises(IllegalTransition):
+        transition(current, new, strict=True)
+
+
+def test_fatal_is_final():
+    for new in State:
+        assert allowed(State.FATAL, new) == (new is State.FATAL)
+
+
+# ----- restart intensity, on an injected clock ---------------------------------------------------------------
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_intensity_is_exceeded_by_one_crash_more_than_max_restarts_in_the_window():
+    clock = Clock()
+    ri = RestartIntensity(max_restarts=3, window_s=10.0, clock=clock)
+    for _ in range(3):
+        assert ri.record() is False
+        clock.now += 1.0
+    assert ri.in_window() == 3
+    assert ri.record() is True
+    assert ri.in_window() == 4
+
+
+def test_intensity_window_slides_crashes_older_than_window_s_drop_out():
+    clock = Clock()
+    ri = RestartIntensity(max_restarts=2, window_s=10.0, clock=clock)
+    assert ri.record() is False          # t=0
+    clock.now += 6.0
+    assert ri.record() is False          # t=6
+    clock.now += 4.0
+    assert ri.in_window() == 2           # t=10: the first is exactly window_s old, still in
+    clock.now += 0.5
+    assert ri.in_window() == 1           # t=10.5: it slid out
+    assert ri.record() is False          # t=10.5: 2 in the window (6, 10.5), not more than 2
+    assert ri.record() is True           # a third within 10 s
+    clock.now += 100.0
+    assert ri.in_window() == 0
+
+
+def test_intensity_zero_gives_up_at_the_first_crash_and_a_late_crash_counts_too():
+    clock = Clock()
+    ri = RestartIntensity(max_restarts=0, window_s=5.0, clock=clock)
+    clock.now += 86_400.0                # an actor that ran for a day before crashing
+    assert ri.record() is True
+
+
+def test_intensity_reads_only_the_injected_clock():
+    clock = Clock()
+    ri = RestartIntensity(max_restarts=1, window_s=1.0, clock=clock)
+    ri.record()
+    ri.record()
+    assert ri.in_window() == 2           # the real clock moved, the injected one did not
