@@ -446,10 +446,6 @@ class Spool:
         return self._total_bytes
 
     @property
-    def count(self) -> int:
-        return len(self._index)
-
-    @property
     def parked_count(self) -> int:
         return sum(1 for it in self._index.values() if it.parked)
 

@@ -6,7 +6,7 @@ payload data of the application.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -26,7 +26,6 @@ class Init:
     run_dir: str
     directory: dict
     supervisor_name: str
-    incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -180,11 +179,3 @@ class StartTree:
     config: dict
     main_pid: int
     run_dir: str
-
-
-@dataclass(frozen=True)
-class Notify:
-    """Any actor -> root: forward an event to interested actors (alerts, metrics)."""
-
-    kind: str
-    data: dict = field(default_factory=dict)

@@ -40,7 +40,7 @@ def test_put_then_get_returns_every_field_and_payload(tmp_path):
     assert got.meta == {"strategy_name": "S", "total_chunks": 4}
     assert got.bytes == os.path.getsize(tmp_path / "dlq" / f"{put.id}.dlq") == put.bytes
     assert put.payload == b""  # header-only copy
-    assert sp.count == 1 and sp.total_bytes == got.bytes
+    assert len(sp) == 1 and sp.total_bytes == got.bytes
 
 
 def test_file_starts_with_magic_and_ends_with_crc(tmp_path):
@@ -70,7 +70,7 @@ def test_items_survive_reopening_and_new_ids_sort_after_old(tmp_path):
     assert sp2.get(a.id).payload == b"A" * 100
     b2 = sp2.get(b.id)
     assert (b2.attempts, b2.parked, b2.error, b2.next_retry_at) == (2, True, "still locked", 2010.0)
-    assert sp2.total_bytes == sp.total_bytes and sp2.count == 2 and sp2.parked_count == 1
+    assert sp2.total_bytes == sp.total_bytes and len(sp2) == 2 and sp2.parked_count == 1
     c = _put(sp2, seq=2)
     assert c.id > b.id
     assert sp2.quarantined == []
@@ -134,7 +134,7 @@ def test_corrupt_file_is_quarantined_at_open_and_others_remain(tmp_path, damage)
 def test_file_with_foreign_name_is_quarantined(tmp_path):
     (tmp_path / "junk.dlq").write_bytes(b"hello")
     sp = Spool(str(tmp_path))
-    assert sp.count == 0
+    assert len(sp) == 0
     assert sp.quarantined[0][0] == "junk.dlq"
 
 
@@ -143,7 +143,7 @@ def test_file_renamed_to_another_id_is_quarantined(tmp_path):
     it = _put(sp)
     os.rename(tmp_path / f"{it.id}.dlq", tmp_path / "00000000000000000005-000000-1.dlq")
     sp2 = Spool(str(tmp_path))
-    assert sp2.count == 0 and "differs from file name" in sp2.quarantined[0][1]
+    assert len(sp2) == 0 and "differs from file name" in sp2.quarantined[0][1]
 
 
 def test_get_of_file_corrupted_after_open_quarantines_then_keyerror(tmp_path):
@@ -181,7 +181,7 @@ def test_cap_raises_spoolfull_naming_path_and_cap_and_leaves_nothing(tmp_path):
     assert str(tmp_path) in str(err) and "1000" in str(err)
     assert (err.max_bytes, err.used_bytes) == (1000, first.bytes)
     assert sorted(os.listdir(tmp_path)) == before
-    assert sp.count == 1 and sp.total_bytes == first.bytes
+    assert len(sp) == 1 and sp.total_bytes == first.bytes
     assert _put(sp, payload=b"c" * 10).bytes > 0  # still room for a small one
     e2 = pickle.loads(pickle.dumps(err))
     assert isinstance(e2, SpoolFull) and e2.path == err.path and str(e2) == str(err)
@@ -202,9 +202,9 @@ def test_disk_full_raises_spoolfull_and_removes_tmp(tmp_path, monkeypatch, code)
     assert ei.value.errno == code
     assert _files(tmp_path) == [f"{keep.id}.dlq"]
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
-    assert sp.count == 1
+    assert len(sp) == 1
     monkeypatch.undo()
-    assert Spool(str(tmp_path)).count == 1
+    assert len(Spool(str(tmp_path))) == 1
 
 
 def test_other_io_error_propagates_unchanged(tmp_path, monkeypatch):
@@ -253,12 +253,12 @@ def test_remove_deletes_file_and_updates_totals(tmp_path):
     a, b = _put(sp, seq=0), _put(sp, seq=1)
     sp.remove(a.id)
     assert _files(tmp_path) == [f"{b.id}.dlq"]
-    assert sp.count == 1 and sp.total_bytes == b.bytes
+    assert len(sp) == 1 and sp.total_bytes == b.bytes
     with pytest.raises(KeyError):
         sp.remove(a.id)
     with pytest.raises(KeyError):
         sp.get(a.id)
-    assert Spool(str(tmp_path)).count == 1
+    assert len(Spool(str(tmp_path))) == 1
 
 
 def test_due_excludes_parked_and_future_and_orders_by_id(tmp_path):
@@ -276,7 +276,7 @@ def test_due_excludes_parked_and_future_and_orders_by_id(tmp_path):
 
 def test_stats_oldest_and_counts(tmp_path):
     sp = Spool(str(tmp_path))
-    assert sp.oldest_first_failed_at is None and sp.count == 0 and sp.total_bytes == 0
+    assert sp.oldest_first_failed_at is None and len(sp) == 0 and sp.total_bytes == 0
     _put(sp, now=500.0)
     _put(sp, now=300.0, parked=True)
     assert sp.oldest_first_failed_at == 300.0
@@ -308,7 +308,7 @@ def test_unpackable_meta_raises_typeerror_and_writes_nothing(tmp_path):
     sp = Spool(str(tmp_path))
     with pytest.raises(TypeError):
         _put(sp, meta={"x": object()})
-    assert os.listdir(tmp_path) == ["quarantine"] and sp.count == 0
+    assert os.listdir(tmp_path) == ["quarantine"] and len(sp) == 0
 
 
 def test_backoff_grows_then_caps():
@@ -343,5 +343,5 @@ def test_failed_directory_fsync_after_rename_leaves_no_item_behind(tmp_path, mon
     with pytest.raises(SpoolFull):
         _put(sp)
     monkeypatch.undo()
-    assert _files(tmp_path) == [] and sp.count == 0
-    assert Spool(str(tmp_path)).count == 0
+    assert _files(tmp_path) == [] and len(sp) == 0
+    assert len(Spool(str(tmp_path))) == 0
