@@ -17,6 +17,7 @@ class Init:
     spec: the child's ChildSpec. settings: TreeSettings. config: the daemon config
     (a plain dict). main_pid: the daemon's main process (every actor exits when it
     is gone). run_dir: where pidfiles live. directory: name -> address known so far.
+    supervisor_name: the name of the supervisor sending it.
     """
 
     spec: Any
@@ -62,7 +63,8 @@ class ExitingNormally:
 class StatusRows:
     """Supervisor -> parent (forwarded up to the root): status rows of its subtree.
 
-    rows: list of dicts {name, supervisor, state, pid, restarts, started_at, last_exit}.
+    rows: tuple of dicts {name, supervisor, state, pid, restarts, uptime_s, started_at,
+    last_exit, is_supervisor}.
     at: time.monotonic() when the rows were made (one clock for every process of the
     host). Thespian may deliver two reports of one supervisor out of order; the root
     keeps, per row, only the newest.

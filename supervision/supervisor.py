@@ -4,9 +4,10 @@ Owns: starting its children in order (each after the previous answered
 `Started`), stopping them in reverse order within their shutdown timeouts,
 restarting them by strategy (one_for_one, one_for_all, rest_for_one) and
 restart type (permanent, transient, temporary) with exponential backoff and
-jitter scheduled by `wakeupAfter` (never a blocking loop), the restart
-intensity window (beyond it: stop everything and crash, so the parent sees an
-abnormal exit; the root tells the daemon instead), the heartbeat watchdog
+jitter scheduled by `wakeupAfter` (never a blocking loop), giving up past
+its `RestartIntensity` (stop everything and crash, so the parent sees an
+abnormal exit; the root tells the daemon instead), its children's states
+(changed only through `states.transition`), the heartbeat watchdog
 (SIGKILL by pid), and reporting status rows and addresses upward.
 
 All work is a queue of small operations (stop X, wait, start X) processed one
