@@ -417,6 +417,7 @@ def test_rescue_adds_band_without_duplicates():
             cfg = PairsConfig(bucket="exact", corr_max=corr_max, rescue_corr_max=rescue, max_pairs=max_pairs, **LOOSE)
             ev = check_against_reference(cands, cfg)
             ids = [s.pair_id for s in ev.slots]
+            assert ids, (corr_max, rescue, max_pairs)  # every setting here keeps at least one pair
             assert len(ids) == len(set(ids))
             _, _, kept, allp = ref_evaluate(cands, cfg)
             first = [p for p in allp if abs(p["corr"]) <= corr_max]
@@ -506,7 +507,8 @@ def _random_pool(n, trades, seed, span_days):
 def test_pruned_selection_matches_brute_force(bucket):
     cands = _random_pool(70, 30, seed=5, span_days=40)
     cfg = PairsConfig(min_trades=20, window_trades=25, per_group=1000, bucket=bucket, max_pairs=7)
-    check_against_reference(cands, cfg)
+    ev = check_against_reference(cands, cfg)
+    assert len(ev.slots) == 7  # the pool fills every slot, so the checks above ran on 7 pairs
 
 
 def test_dense_and_light_paths_agree(monkeypatch):
@@ -517,15 +519,23 @@ def test_dense_and_light_paths_agree(monkeypatch):
         monkeypatch.setattr(pairs, "_DENSE_MIN_SHARE", share)
         monkeypatch.setattr(pairs, "_BLOCK_ELEMS", 64)  # many row blocks
         results.append(evaluate(cands, cfg).as_dict()["slots"])
+    assert len(results[0]) == 8, results[0]  # every slot filled: the comparison below is not vacuous
     assert [s["pair_id"] for s in results[0]] == [s["pair_id"] for s in results[1]]
     for a, b in zip(*results):
         for key in ("weight_a", "corr", "sharpe", "profit_factor", "score"):
             assert close(a[key], b[key], 1e-9)
 
 
-def test_bench_runs():
-    assert pairs.bench(40) > 0.0
-    assert pairs.bench(40, bucket="exact") > 0.0
+@pytest.mark.parametrize("bucket", ["day", "exact"])
+def test_bench_evaluates_every_synthetic_strategy(bucket):
+    seconds = pairs.bench(40, bucket=bucket)
+    assert math.isfinite(seconds) and seconds > 0.0
+    # what bench times: all 40 strategies enter pairing and the top slots match the reference
+    cands = pairs.synthetic_candidates(40, 0)
+    assert len(cands) == 40
+    ev = check_against_reference(cands, PairsConfig(per_group=40, bucket=bucket))
+    assert ev.candidates == 40 and sum(ev.excluded.values()) == 0, ev.excluded
+    assert len(ev.slots) == PairsConfig().max_pairs and not ev.safe_stop
 
 
 # ------------------------------------------------------------------ config
