@@ -6,6 +6,7 @@ result visible; and every actor RUNNING again, admin answering.
 """
 from __future__ import annotations
 
+import sqlite3
 import time
 
 import msgpack
@@ -21,15 +22,44 @@ from .conftest import FAST
 pytestmark = pytest.mark.timeout(240)
 
 
+def assert_stored_replies(stored: dict) -> None:
+    """Every `stored` reply a producer saw is the promise for exactly its own result."""
+    for rid, (n, reply) in stored.items():
+        assert reply["type"] == "stored" and reply["request_id"] == rid, reply
+        assert reply["trades"] == n and reply["location"] in ("db", "dlq"), (n, reply)
+
+
+def assert_unstored_never_partial(db_path: str, traffic) -> None:
+    """A result whose producer never saw `stored` may be absent, in progress (`receiving`/`spooled`,
+    not visible) or complete with its exact row count; a dropped one keeps no rows."""
+    unstored = {rid: n for rid, n in traffic.sent.items() if rid not in traffic.stored}
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
+    try:
+        status = dict(conn.execute("SELECT request_id, status FROM backtest_results"))
+        counts = dict(conn.execute("SELECT request_id, count(*) FROM backtest_trade_logs GROUP BY request_id"))
+    finally:
+        conn.close()
+    for rid, n in unstored.items():
+        st, rows = status.get(rid), counts.get(rid, 0)
+        if st == "complete":
+            assert rows == n, (rid, st, rows, n)
+        elif st in (None, "failed", "abandoned"):
+            assert rows == 0, (rid, st, rows)
+        else:
+            assert st in ("receiving", "spooled"), (rid, st)
+
+
 def assert_promises(d, traffic, min_stored=2):
     traffic.stop()
     assert len(traffic.stored) >= min_stored, f"too little got through: {len(traffic.stored)} stored, " \
                                               f"errors {list(traffic.errors.values())[:3]}"
+    assert_stored_replies(traffic.stored)
     res = check(d.db_path, traffic.stored)
     assert res["lost"] == [], res
     assert res["wrong_row_counts"] == [], res
     assert res["duplicate_rows"] == 0, res
     assert res["partial_visible"] == [], res
+    assert_unstored_never_partial(d.db_path, traffic)
     wait_all_running(d)
     return res
 
@@ -174,9 +204,14 @@ def test_producers_die_resend_duplicate_and_reorder(shared_daemon):
     dead.connect(d.gateway_endpoint)
     dead.send(msgpack.packb({"type": "begin", "request_id": "dies", "strategy_name": "D", "total_trades": 30_000,
                              "total_chunks": len(plan)}))
-    dead.recv()
+    assert dead.poll(20000)
+    granted = msgpack.unpackb(dead.recv())
+    assert granted["type"] == "credit" and granted["request_id"] == "dies" and granted["credit"] >= 1, granted
     dead.send(encode_chunk("dies", 0, cols, *plan[0]))
-    dead.recv()
+    assert dead.poll(20000)
+    durable = msgpack.unpackb(dead.recv())
+    assert (durable["type"], durable["request_id"], durable["credit"], durable["seq"]) == ("credit", "dies", 1, 0), \
+        durable
     dead.close(0)
     # one that sends every chunk twice, in reverse order, then resends everything after `stored`
     s = ctx.socket(zmq.DEALER)
@@ -196,30 +231,40 @@ def test_producers_die_resend_duplicate_and_reorder(shared_daemon):
             i += 1
         assert s.poll(20000)
         r = msgpack.unpackb(s.recv())
-        if r.get("type") == "credit" and "seq" in r:
-            acked.add(r["seq"])
+        # a duplicate is dropped (in flight) or credited again (durable): never an error
+        assert r.get("type") == "credit" and r.get("request_id") == "dupes" and "seq" in r, r
+        acked.add(r["seq"])
     s.send(msgpack.packb({"type": "end", "request_id": "dupes"}))
     while True:
         assert s.poll(20000)
         r = msgpack.unpackb(s.recv())
         if r.get("type") != "credit":
             break
-    assert r["type"] == "stored", r
+    assert r["type"] == "stored" and r["trades"] == 30_000, r
     s.close(0)
     with Producer(d.gateway_endpoint, timeout_s=5) as p:
         again = p.send_result("dupes", "D", cols)
-    assert again["type"] == "stored"
+    assert again["type"] == "stored" and again["trades"] == 30_000, again
     stored = dict(traffic.stored)
     assert_promises(d, traffic)
     res = check(d.db_path, {"dupes": (30_000, again), **stored})
     assert res["duplicate_rows"] == 0 and res["wrong_row_counts"] == [], res
-    time.sleep(FAST["gateway"]["assembly_timeout_s"] + 3)
-    import sqlite3
-    conn = sqlite3.connect(d.db_path)
-    st = conn.execute("SELECT status FROM backtest_results WHERE request_id = 'dies'").fetchone()
-    rows = conn.execute("SELECT count(*) FROM backtest_trade_logs WHERE request_id = 'dies'").fetchone()[0]
-    conn.close()
-    assert st is None or st[0] == "abandoned", st
+    # `dies` was begun and had a durable chunk: it has a status, and idle past
+    # assembly_timeout_s that status becomes `abandoned`, with no rows left
+    deadline = time.monotonic() + FAST["gateway"]["assembly_timeout_s"] + 15
+    while True:
+        conn = sqlite3.connect(f"file:{d.db_path}?mode=ro", uri=True, timeout=10)
+        try:
+            st = conn.execute("SELECT status FROM backtest_results WHERE request_id = 'dies'").fetchone()
+            rows = conn.execute("SELECT count(*) FROM backtest_trade_logs WHERE request_id = 'dies'").fetchone()[0]
+        finally:
+            conn.close()
+        assert st is not None, "the begun request `dies` has no status"
+        if st[0] == "abandoned" or time.monotonic() > deadline:
+            break
+        assert st[0] in ("receiving", "spooled"), st  # never visible while its producer is gone
+        time.sleep(0.2)  # polling interval of the wait on the row, not a synchronisation
+    assert st[0] == "abandoned", st
     assert rows == 0
 
 
