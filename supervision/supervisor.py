@@ -444,7 +444,12 @@ class Supervisor(Worker):
                 "strategy": self.spec.strategy.value,
                 "crashes_in_window": self.intensity.in_window() if self.intensity else 0,
                 "max_restarts": self.max_restarts, "window_s": self.window_s,
-                "pending_ops": [o.kind + (f":{o.name}" if o.name else "") for o in self.ops]}
+                "current_op": self._op_label(self.current) if self.current else None,
+                "pending_ops": [self._op_label(o) for o in self.ops]}
+
+    @staticmethod
+    def _op_label(op: Op) -> str:
+        return op.kind + (f":{op.name}" if op.name else "")
 
     def on_stop(self) -> None:
         pass

@@ -21,8 +21,8 @@ import pytest
 
 from pairlane import config as cfgmod
 from supervision import procs
-from supervision.messages import (RestartChild, StartTree, StatusReply, StatusRequest, StopDaemon,
-                                  TreeStarted, TreeStopped)
+from supervision.messages import (InspectReply, InspectRequest, RestartChild, StartTree, StatusReply,
+                                  StatusRequest, StopDaemon, TreeStarted, TreeStopped)
 from supervision.intensity import RestartIntensity
 from supervision.spec import ChildSpec, Restart, Strategy, TreeSettings
 from supervision.states import (RUNNING_STATES, STOPPED_STATES, TRANSITIONS, IllegalTransition, State,
@@ -107,6 +107,32 @@ class Tree:
             if left <= 0:
                 raise AssertionError(f"no StatusReply within {timeout}s")
             msg = self.asys.listen(left)
+
+    def inspect_root(self, timeout: float = 2.0) -> dict:
+        token = next(self.tokens)
+        deadline = time.monotonic() + timeout
+        msg = self.asys.ask(self.root, InspectRequest(token), timeout)
+        while True:
+            if isinstance(msg, InspectReply) and msg.token == token:
+                return msg.state
+            if msg is not None and not isinstance(msg, (InspectReply, StatusReply)):
+                self.inbox.append(msg)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no InspectReply within {timeout}s")
+            msg = self.asys.listen(left)
+
+    def settled(self, timeout: float = 5.0) -> dict:
+        """Status once the root has no operation running or queued (no stop, backoff wait or
+        start to come): from then on nothing changes without a new event."""
+        deadline = time.monotonic() + timeout
+        state = None
+        while time.monotonic() < deadline:
+            state = self.inspect_root()
+            if state["current_op"] is None and not state["pending_ops"]:
+                return self.status()
+            time.sleep(0.02)
+        raise AssertionError(f"root still busy after {timeout}s: {state}")
 
     def status(self, timeout: float = 2.0) -> dict:
         return {r["name"]: r for r in self.status_reply(timeout).rows}
@@ -248,8 +274,7 @@ def test_one_for_one_restarts_only_the_crashed_child(make_tree):
     assert gone(before["b"])
     for n in "ac":
         assert rows[n]["pid"] == before[n] and rows[n]["restarts"] == 0
-    time.sleep(0.3)  # nothing else happens afterwards
-    rows = t.status()
+    rows = t.settled()  # nothing else happens afterwards
     assert [rows[n]["pid"] for n in "abc"] == [before["a"], rows["b"]["pid"], before["c"]]
     no_overlap(t.run_dir, "a", "b", "c")
 
@@ -276,8 +301,7 @@ def test_rest_for_one_restarts_the_child_and_those_started_after_it(make_tree, v
     t.forward(victim, Crash())
     rows = t.wait(lambda r: all(r[n]["state"] == "RUNNING" and r[n]["restarts"] == 1 for n in restarted),
                   what=f"{restarted} restarted")
-    time.sleep(0.2)
-    rows = t.status()
+    rows = t.settled()
     for n in "abc":
         if n in restarted:
             assert rows[n]["pid"] != before[n] and rows[n]["restarts"] == 1, rows[n]
@@ -302,9 +326,8 @@ def test_transient_child_is_restarted_after_a_crash_but_not_after_a_normal_exit(
     t.forward("t_crash", Crash())
     rows = t.wait_running("t_crash", 1)
     assert rows["t_crash"]["pid"] != before["t_crash"] and rows["t_crash"]["last_exit"] == "crashed"
-    rows = t.wait(lambda r: r["t_exit"]["state"] == "STOPPED", what="t_exit STOPPED")
-    time.sleep(0.5)
-    rows = t.status()
+    t.wait(lambda r: r["t_exit"]["state"] == "STOPPED", what="t_exit STOPPED")
+    rows = t.settled()  # no restart of t_exit queued or waiting
     assert rows["t_exit"]["state"] == "STOPPED" and rows["t_exit"]["pid"] is None
     assert rows["t_exit"]["restarts"] == 0 and rows["t_exit"]["last_exit"] == "exited normally"
     assert gone(before["t_exit"])
@@ -320,8 +343,7 @@ def test_temporary_child_is_never_restarted(make_tree):
     os.kill(before["tmp_kill"], signal.SIGKILL)
     t.wait(lambda r: r["tmp_crash"]["state"] == "STOPPED" and r["tmp_kill"]["state"] == "STOPPED",
            what="temporary children STOPPED")
-    time.sleep(0.5)
-    rows = t.status()
+    rows = t.settled()  # no restart queued or waiting
     for n in ("tmp_crash", "tmp_kill"):
         assert rows[n]["state"] == "STOPPED" and rows[n]["pid"] is None and rows[n]["restarts"] == 0
         assert len(read_starts(t.run_dir, n)) == 1
@@ -518,14 +540,16 @@ def test_an_actor_process_dies_with_its_parent_even_before_its_first_message():
         "pid = os.fork()\n"
         "if pid == 0:\n"
         "    procs.die_with_parent(parent)\n"
+        "    print('armed', flush=True)\n"
         "    time.sleep(60)\n"
         "    os._exit(0)\n"
         "print(pid, flush=True)\n"
         "time.sleep(60)\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
-        child = int(parent.stdout.readline())
-        time.sleep(0.2)
+        lines = {parent.stdout.readline().strip() for _ in range(2)}  # its pid, and the child armed
+        assert "armed" in lines, lines
+        child = int((lines - {"armed"}).pop())
         assert procs.alive(child)
     finally:
         parent.kill()
