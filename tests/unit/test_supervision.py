@@ -665,3 +665,19 @@ def test_intensity_reads_only_the_injected_clock():
     ri.record()
     ri.record()
     assert ri.in_window() == 2           # the real clock moved, the injected one did not
+
+
+def test_the_daemon_main_process_counts_root_deaths_with_the_same_intensity():
+    from entry.daemon import Daemon
+    clock = Clock()
+    d = Daemon(cfgmod.load(None), None)
+    d.settings = TreeSettings(max_restarts=2, window_s=10.0, backoff_min_s=0.0)
+    d.root_intensity = RestartIntensity(d.settings.max_restarts, d.settings.window_s, clock=clock)
+    started = []
+    d._start_root = lambda: started.append(clock.now)
+    assert d._restart_root() and d._restart_root()
+    assert d._restart_root() is False            # a third death within 10 s: the daemon gives up
+    assert len(started) == 2
+    clock.now += 60.0
+    assert d._restart_root() is True             # long after: the window slid, it restarts again
+    assert len(started) == 3
