@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pairlane import pairs
+from pairlane import pairs, synthetic
 from pairlane.pairs import (
     REASONS,
     Candidate,
@@ -531,7 +531,7 @@ def test_bench_evaluates_every_synthetic_strategy(bucket):
     seconds = pairs.bench(40, bucket=bucket)
     assert math.isfinite(seconds) and seconds > 0.0
     # what bench times: all 40 strategies enter pairing and the top slots match the reference
-    cands = pairs.synthetic_candidates(40, 0)
+    cands = synthetic.pair_candidates(40, 0)
     assert len(cands) == 40
     ev = check_against_reference(cands, PairsConfig(per_group=40, bucket=bucket))
     assert ev.candidates == 40 and sum(ev.excluded.values()) == 0, ev.excluded
