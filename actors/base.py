@@ -10,6 +10,7 @@ import zmq
 from supervision.worker import Worker
 
 from pairlane.metrics import MetricBatch
+from pairlane.vocab import AlertName, AlertState
 
 from .messages import Alert, MetricUpdates
 
@@ -54,5 +55,5 @@ class PairlaneActor(Worker):
     def tick(self) -> None:
         """Per-heartbeat work of subclasses."""
 
-    def alert(self, name: str, state: str, severity: str = "warning", reasons: dict | None = None) -> None:
-        self.tell("metrics", Alert(name, state, severity, dict(reasons or {})))
+    def alert(self, name: AlertName, state: AlertState, reasons: dict | None = None) -> None:
+        self.tell("metrics", Alert(name, state, dict(reasons or {})))

@@ -17,6 +17,7 @@ import time
 
 from pairlane import spool as spoolmod
 from pairlane.spool import Spool, SpoolFull
+from pairlane.vocab import AlertName, AlertState
 
 from .base import PairlaneActor
 from .admin import serve_admin
@@ -184,10 +185,10 @@ class DLQ(PairlaneActor):
                 self._parked_alert()
         self._gauges()
         if self.spool.parked_count == 0:
-            self.alert("dlq_parked", "cleared", "critical")
+            self.alert(AlertName.DLQ_PARKED, AlertState.CLEARED)
 
     def _parked_alert(self) -> None:
-        self.alert("dlq_parked", "raised", "critical", {"parked": self.spool.parked_count,
+        self.alert(AlertName.DLQ_PARKED, AlertState.RAISED, {"parked": self.spool.parked_count,
                                                          "items": len(self.spool)})
 
     def _gauges(self) -> None:
@@ -247,7 +248,7 @@ class DLQ(PairlaneActor):
                        "ok": 0, "failed": 0, "skipped": 0, "waiting": set(), "started_at": now}
         self.log("INFO", "dlq_replay_started", items=len(ids), rate=rate)
         if self.spool.parked_count == 0:
-            self.alert("dlq_parked", "cleared", "critical")
+            self.alert(AlertName.DLQ_PARKED, AlertState.CLEARED)
         return {"ok": True, "queued": len(ids)}
 
     def admin_dlq_purge(self, args: dict, respond) -> dict:
@@ -263,7 +264,7 @@ class DLQ(PairlaneActor):
             self.log("WARNING", "dlq_item_purged", item=iid, request_id=it.request_id, seq=it.seq)
         self._gauges()
         if self.spool.parked_count == 0:
-            self.alert("dlq_parked", "cleared", "critical")
+            self.alert(AlertName.DLQ_PARKED, AlertState.CLEARED)
         return {"ok": True, "purged": len(ids)}
 
     def _select(self, args: dict) -> list[str] | str:

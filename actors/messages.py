@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pairlane.vocab import AlertName, AlertState
+
 
 @dataclass(frozen=True)
 class AdminCommand:
@@ -46,9 +48,8 @@ class MetricUpdates:
 class Alert:
     """Any actor -> metrics (which owns the PUB socket): raise or clear a named alert."""
 
-    name: str
-    state: str          # "raised" | "cleared"
-    severity: str
+    name: AlertName
+    state: AlertState
     reasons: dict = field(default_factory=dict)
 
 

@@ -19,6 +19,7 @@ import msgpack
 import zmq
 
 from pairlane.metrics import Metrics, serve
+from pairlane.vocab import AlertName, AlertState
 from supervision.messages import Escalated, StatusReply, StatusRequest
 
 from .admin import serve_admin
@@ -80,12 +81,12 @@ class MetricsActor(PairlaneActor):
                 if u[1] == "pairlane_last_result_timestamp_seconds":
                     self.last_result_ts = max(self.last_result_ts or 0, u[3])
         elif isinstance(msg, Alert):
-            self.set_alert(msg.name, msg.state, msg.severity, msg.reasons)
+            self.set_alert(msg.name, msg.state, msg.reasons)
         elif isinstance(msg, StatusReply):
             self._restarts(msg.rows)
         elif isinstance(msg, Escalated):  # from the root: a supervisor gave up and crashed
             self.escalated_at = time.time()
-            self.set_alert("supervisor_escalated", "raised", "critical",
+            self.set_alert(AlertName.SUPERVISOR_ESCALATED, AlertState.RAISED,
                            {"supervisor": msg.name, "reason": msg.reason})
         elif isinstance(msg, AdminCommand):
             serve_admin(self, msg, sender)
@@ -94,16 +95,21 @@ class MetricsActor(PairlaneActor):
         """admin `metrics` (declared in pairlane.admin_commands)."""
         return {"ok": True, "metrics": self.m.snapshot(), "alerts": self.alerts}
 
-    def set_alert(self, name: str, state: str, severity: str, reasons: dict) -> None:
-        prev = self.alerts.get(name, {}).get("state", "cleared")
-        if state == "cleared" and prev == "cleared":
+    def raised(self, name: AlertName) -> bool:
+        return self.alerts.get(name, {}).get("state") == AlertState.RAISED
+
+    def set_alert(self, name: AlertName, state: AlertState, reasons: dict) -> None:
+        name, state = AlertName(name), AlertState(state)
+        severity = name.severity
+        prev = self.alerts.get(name, {}).get("state", AlertState.CLEARED)
+        if state == AlertState.CLEARED and prev == AlertState.CLEARED:
             return
         self.alerts[name] = {"state": state, "severity": severity, "reasons": reasons, "ts": time.time()}
-        if state == "raised" and prev != "raised":
+        if state == AlertState.RAISED and prev != AlertState.RAISED:
             self.m.apply([("inc", "pairlane_alerts_raised_total", {"name": name}, 1.0)])
             self.log("ERROR" if severity == "critical" else "WARNING", "alert_raised", alert=name,
                      reasons=reasons)
-        elif state == "cleared":
+        elif state == AlertState.CLEARED:
             self.log("INFO", "alert_cleared", alert=name)
         frame = {"type": "alert", "name": name, "state": state, "severity": severity,
                  "reasons": reasons, "ts": time.time()}
@@ -127,10 +133,10 @@ class MetricsActor(PairlaneActor):
         self.m.apply(updates)
         if fatal:
             self.escalated_at = time.time()
-            self.set_alert("supervisor_escalated", "raised", "critical", {"fatal": fatal})
-        elif self.alerts.get("supervisor_escalated", {}).get("state") == "raised" and \
+            self.set_alert(AlertName.SUPERVISOR_ESCALATED, AlertState.RAISED, {"fatal": fatal})
+        elif self.raised(AlertName.SUPERVISOR_ESCALATED) and \
                 time.time() - self.escalated_at > ESCALATION_CLEAR_S:
-            self.set_alert("supervisor_escalated", "cleared", "critical", {})
+            self.set_alert(AlertName.SUPERVISOR_ESCALATED, AlertState.CLEARED, {})
 
     # ----- periodic ----------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -148,10 +154,10 @@ class MetricsActor(PairlaneActor):
         last = self.last_result_ts or self.started
         stalled = now - last > limit
         if stalled:
-            self.set_alert("ingest_stalled", "raised", "warning",
+            self.set_alert(AlertName.INGEST_STALLED, AlertState.RAISED,
                            {"seconds_since_last_result": round(now - last, 1), "limit_s": limit})
-        elif self.alerts.get("ingest_stalled", {}).get("state") == "raised":
-            self.set_alert("ingest_stalled", "cleared", "warning", {})
+        elif self.raised(AlertName.INGEST_STALLED):
+            self.set_alert(AlertName.INGEST_STALLED, AlertState.CLEARED, {})
 
     def _check_disk(self) -> None:
         reasons = {}
@@ -174,9 +180,9 @@ class MetricsActor(PairlaneActor):
             except OSError:
                 pass
         if reasons:
-            self.set_alert("disk_low", "raised", "critical", reasons)
-        elif self.alerts.get("disk_low", {}).get("state") == "raised":
-            self.set_alert("disk_low", "cleared", "critical", {})
+            self.set_alert(AlertName.DISK_LOW, AlertState.RAISED, reasons)
+        elif self.raised(AlertName.DISK_LOW):
+            self.set_alert(AlertName.DISK_LOW, AlertState.CLEARED, {})
 
     def flush_metrics(self) -> None:  # our own batch goes straight into the registry
         if len(self.metrics):

@@ -18,6 +18,7 @@ import time
 
 from pairlane import pairs as pairlogic
 from pairlane.store import connect
+from pairlane.vocab import AlertName, AlertState
 from supervision.requests import Requests
 
 from .admin import serve_admin
@@ -101,9 +102,9 @@ class PairsActor(PairlaneActor):
             reasons = {k: v for k, v in ev.excluded.items() if v}
             self.log("ERROR", "pair_safe_stop", strategies=total, candidates=ev.candidates,
                      **{f"excluded_{k}": v for k, v in ev.excluded.items()})
-            self.alert("pair_safe_stop", "raised", "critical", dict(reasons, strategies=total))
+            self.alert(AlertName.PAIR_SAFE_STOP, AlertState.RAISED, dict(reasons, strategies=total))
         else:
-            self.alert("pair_safe_stop", "cleared", "critical")
+            self.alert(AlertName.PAIR_SAFE_STOP, AlertState.CLEARED)
         self.flush_metrics()
         return result
 

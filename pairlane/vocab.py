@@ -50,6 +50,12 @@ class AlertName(StrEnum):
     SUPERVISOR_ESCALATED = "supervisor_escalated"
     DISK_LOW = "disk_low"
 
+    @property
+    def severity(self) -> str:
+        """The alert's `severity` field: a stalled ingest is a warning (evaluation goes on with stored
+        data); every other alert needs an operator."""
+        return "warning" if self is AlertName.INGEST_STALLED else "critical"
+
 
 class AlertState(StrEnum):
     RAISED = "raised"
