@@ -17,7 +17,7 @@ import time
 
 from pairlane import spool as spoolmod
 from pairlane.spool import Spool, SpoolFull
-from pairlane.vocab import AlertName, AlertState
+from pairlane.vocab import AlertName, AlertState, ResultStatus
 
 from .base import PairlaneActor
 from .admin import serve_admin
@@ -108,7 +108,7 @@ class DLQ(PairlaneActor):
         self.log("WARNING", "dlq_spooled", item=item.id, request_id=item.request_id, seq=item.seq,
                  reason=sb.reason, bytes=item.bytes)
         if isinstance(w, WriteChunk):
-            self.send_ordered(w.reply_to, ChunkDurable(w.meta["request_id"], w.seq, "dlq", "spooled", w.nrows))
+            self.send_ordered(w.reply_to, ChunkDurable(w.meta["request_id"], w.seq, "dlq", ResultStatus.SPOOLED, w.nrows))
         else:
             self.send_ordered(w.reply_to, LiveDone(w.batch_id, w.nrows, "dlq", "stored"))
         self._gauges()

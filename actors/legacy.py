@@ -25,6 +25,7 @@ from pairlane import codec, sexpr
 from pairlane.chunks import pack_chunk
 from pairlane.conversation import Conversation, Send
 from pairlane.store import meta_from_message
+from pairlane.vocab import ResultStatus
 
 from .base import PairlaneActor
 from .messages import Inbound, LegacyResult, Outbound
@@ -147,7 +148,7 @@ class Legacy(PairlaneActor):
         if r.error is not None:
             meta = meta_from_message(dict(m, total_chunks=1, error=r.error), "legacy")
             meta["total_trades"] = 0
-            self.tell("writer", LegacyResult(meta, "failed"))
+            self.tell("writer", LegacyResult(meta, ResultStatus.FAILED))
             self.counts["failed_results"] += 1
             self.metrics.inc("pairlane_legacy_results_total", outcome="failed")
             return

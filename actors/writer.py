@@ -13,6 +13,7 @@ import time
 
 from pairlane import codec
 from pairlane.store import Store, StoreError
+from pairlane.vocab import ResultStatus, WriteOutcome
 
 from .base import PairlaneActor
 from .messages import (BeginRequest, ChunkDurable, ChunkRejected, LegacyResult,
@@ -67,7 +68,7 @@ class Writer(PairlaneActor):
                 ids = self.store.abandon_stale(msg.older_than, set(msg.active))
                 for rid in ids:
                     self.log("WARNING", "stale_request_abandoned", request_id=rid)
-                    self.metrics.inc("pairlane_results_total", outcome="abandoned")
+                    self.metrics.inc("pairlane_results_total", outcome=ResultStatus.ABANDONED)
             except StoreError:
                 pass
         elif isinstance(msg, ReplaceSlots):
@@ -86,14 +87,15 @@ class Writer(PairlaneActor):
         except StoreError as exc:
             return self._failed(w, sender, exc)
         self.metrics.observe("pairlane_sqlite_write_seconds", time.perf_counter() - t0)
-        if status not in ("duplicate", "discarded"):
+        wrote = status not in (WriteOutcome.DUPLICATE, WriteOutcome.DISCARDED)
+        if wrote:
             self.metrics.inc("pairlane_sqlite_rows_written_total", w.nrows)
-        if status == "complete":
+        if status == WriteOutcome.COMPLETE:
             self.metrics.set("pairlane_last_result_timestamp_seconds", time.time())
         if w.item_id is not None:  # reason tells the dlq a duplicate or discarded (result gone) apart
-            reason = status if status in ("duplicate", "discarded") else ""
+            reason = "" if wrote else str(status)
             self.send_ordered(sender, RetryDone(w.item_id, True, reason))
-            if status == "complete":
+            if status == WriteOutcome.COMPLETE:
                 self.log("INFO", "result_complete_from_dlq", request_id=w.meta["request_id"])
         if w.reply_to is not None:
             self.send_ordered(w.reply_to, ChunkDurable(w.meta["request_id"], w.seq, "db", status, w.nrows))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Callable, ClassVar
 
 from .codec import error_reply
 from .vocab import VISIBLE_STATUSES, ResultStatus, WriteOutcome

@@ -63,6 +63,8 @@ from typing import Any, Mapping
 import numpy as np
 from numpy.typing import ArrayLike
 
+from .vocab import ResultStatus
+
 __all__ = [
     "REASONS",
     "Candidate",
@@ -173,7 +175,7 @@ class Candidate:
     """One strategy's latest result."""
 
     name: str
-    status: str  # 'complete' | 'failed' | 'abandoned'
+    status: str  # a ResultStatus: complete, failed or abandoned
     sharpe: float | None = None
     rank: str | None = None
     symbol: str | None = None
@@ -328,7 +330,7 @@ def evaluate(cands: list[Candidate], cfg: PairsConfig) -> Evaluation:
     ranks = {_norm_rank(r) for r in cfg.ranks}
     pool: list[Candidate] = []
     for c in latest.values():
-        if c.status != "complete":
+        if c.status != ResultStatus.COMPLETE:
             excluded["missing"] += 1
         elif c.rank is not None and _norm_rank(c.rank) not in ranks:
             excluded["rank"] += 1
@@ -765,7 +767,7 @@ def _load(conn: sqlite3.Connection, window_trades: int | None) -> list[Candidate
             timeframe=None if timeframe is None else int(timeframe),
         )
         out.append(c)
-        if status == "complete":
+        if status == ResultStatus.COMPLETE:
             complete[int(k)] = (request_id, c, None if total is None else int(total))
 
     if window_trades is not None:

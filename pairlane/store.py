@@ -21,7 +21,7 @@ import time
 
 from . import codec
 from .lifecycle import settle
-from .vocab import VISIBLE_STATUSES, ResultStatus, WriteOutcome
+from .vocab import ResultStatus, WriteOutcome
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS backtest_results(
