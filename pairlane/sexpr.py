@@ -47,10 +47,14 @@ Interpretation choices (see :func:`parse_backtest_result`)
   ``type`` entry).  Entries outside ``result`` are merged under it (``result``
   wins).  When a ``type`` is present anywhere it must be ``BACKTEST_RESULT``
   (string or symbol, case-insensitive).
-* Metrics that are NaN or infinite are left out of ``metrics``; a metric of
-  the wrong type is an error.  Trade values: ``timestamp`` and ``pnl`` are
-  required, ``pnl`` must be finite; optional numeric columns reject NaN and
-  infinities too.  Ints are accepted as floats, integral floats as ints,
+* Metrics that are NaN or infinite are left out of ``metrics`` (stored as
+  NULL), whether read as numbers (``+nan.0``, ``1e999``) or spelled as
+  Guardian's strings/symbols (``"NaN"``, ``"inf"``, ``"-inf"``); a metric of
+  any other wrong type is an error.  Trade values: ``timestamp`` and ``pnl``
+  are required; a non-finite ``pnl`` (number or such a string) does not make
+  the message unreadable but the result ``failed``: ``error`` names the trade
+  index and no columns are returned.  Optional numeric columns reject NaN and
+  infinities.  Ints are accepted as floats, integral floats as ints,
   booleans are never numbers.  Unknown keys are ignored.
 """
 
@@ -83,6 +87,10 @@ class SexprError(ValueError):
             message = f"{message} (at byte {offset})"
         super().__init__(message)
         self.offset = offset
+
+
+class NonFinitePnl(SexprError):
+    """A trade's pnl is NaN or infinite: the result is readable, but ``failed`` (internal)."""
 
 
 class Symbol(str):
@@ -199,6 +207,13 @@ _T2_RUN = re.compile(
 _T2_ITEM = re.compile(_T2_ENTRY.replace(b"{G}", b"(") + rb"|(\))", re.S)
 _isfinite = math.isfinite
 _MISSING = object()
+_NONFINITE_TEXT = frozenset({"nan", "inf", "infinity", "+nan", "-nan", "+inf", "-inf", "+infinity", "-infinity",
+                             "+nan.0", "-nan.0", "+inf.0", "-inf.0"})
+
+
+def _nonfinite_text(v) -> bool:
+    """True for a string or symbol spelling NaN or an infinity (Guardian writes them as strings)."""
+    return isinstance(v, str) and v.strip().lower() in _NONFINITE_TEXT
 
 
 class _TradeBlock:
@@ -624,9 +639,11 @@ def _add_trade(d: dict, i: int, ts_col: list, pnl_col: list, opt: dict) -> None:
     if pv is None:
         raise SexprError("missing pnl")
     tsv = tsv if type(tsv) is int and _INT64_MIN <= tsv <= _INT64_MAX else _to_int(tsv, "timestamp")
+    if _nonfinite_text(pv):
+        raise NonFinitePnl(f"pnl is not finite ({str(pv)!r})")
     pv = pv if type(pv) is float else _to_float(pv, "pnl")
     if not _isfinite(pv):
-        raise SexprError(f"pnl is not finite ({pv!r})")
+        raise NonFinitePnl(f"pnl is not finite ({pv!r})")
     if len(d) > 2:
         conv_all = []
         for key, val in d.items():
@@ -693,8 +710,8 @@ def _columns(trades: list, positions: dict) -> tuple[dict, int]:
             if type(t) is not list:
                 raise SexprError(f"not an association list but {_describe(t)}")
             _add_trade(_alist(t), i, ts_col, pnl_col, opt)
-        except SexprError as e:
-            raise SexprError(f"trade {i}: {e}", where) from None
+        except SexprError as e:  # NonFinitePnl keeps its type: the result is failed, not unreadable
+            raise type(e)(f"trade {i}: {e}", where) from None
         i += 1
     cols: dict = {"timestamp": ts_col, "pnl": pnl_col}
     for name in _COLUMN_KIND:
@@ -766,6 +783,8 @@ def _interpret(tree, positions: dict) -> LegacyResult:
         v = d.get(name)
         if v is None or v == []:
             continue
+        if _nonfinite_text(v):
+            continue  # Guardian's "NaN" / "inf" / "-inf": stored as NULL
         f = _to_float(v, name)
         if _isfinite(f):
             metrics[name] = f
@@ -776,8 +795,17 @@ def _interpret(tree, positions: dict) -> LegacyResult:
 
     trades = _trades_of(d.get("trade_list"))
     res.has_trade_list = bool(trades)
-    res.columns, res.total_trades = _columns(trades, positions)
-    res.truncated = "trades" in metrics and metrics["trades"] != res.total_trades
+    try:
+        res.columns, res.total_trades = _columns(trades, positions)
+    except NonFinitePnl as e:
+        # the result is read, but cannot be stored as trades: failed, with the trade index
+        if res.error is None:
+            res.error = str(e)
+        res.columns, res.total_trades = {"timestamp": [], "pnl": []}, 0
+        return res
+    # Guardian keeps only the last 500 trades: a list shorter than the reported count. An absent
+    # list (Brain asked for none) or a longer one is not a truncation.
+    res.truncated = res.has_trade_list and "trades" in metrics and res.total_trades < metrics["trades"]
     return res
 
 
@@ -787,8 +815,10 @@ def parse_backtest_result(data: bytes | str, *, max_bytes: int = 64 << 20,
 
     A missing request_id is not an error (``request_id`` is None: the caller
     rejects it).  ``has_trade_list`` is False when there is no ``trade_list``
-    or it is ``nil``/empty.  ``truncated`` is True when a reported ``trades``
-    count is present and differs from ``total_trades`` (= len(trade_list)).
+    or it is ``nil``/empty.  ``truncated`` is True only when a trade_list is
+    present and shorter than a reported ``trades`` count.  A trade whose
+    ``pnl`` is NaN or infinite sets ``error`` ("trade N: pnl is not finite
+    ...", unless the message has an error of its own) and leaves no columns.
     ``_fast=False`` disables the trade fast path (for tests only).
     """
     buf = _prepare(data, max_bytes)

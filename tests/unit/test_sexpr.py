@@ -214,7 +214,8 @@ def test_truncated_flag(style, reported, actual):
     assert r.total_trades == actual
     assert len(r.columns["timestamp"]) == len(r.columns["pnl"]) == actual
     assert r.metrics["trades"] == reported
-    assert r.truncated == (reported != actual)
+    # issue 12: truncated means a list shorter than the reported count (Guardian kept the last 500)
+    assert r.truncated == (actual < reported)
 
 
 def test_not_truncated_without_reported_count():
@@ -264,9 +265,6 @@ def test_extra_columns_match_generator(style):
         (b"((timestamp . 1))", "pnl"),
         (b"((timestamp . 1) (pnl . nil))", "pnl"),
         (b"((timestamp . 1) (pnl))", "pnl"),
-        (b"((timestamp . 1) (pnl . +nan.0))", "finite"),
-        (b"((timestamp . 1) (pnl . -inf.0))", "finite"),
-        (b"((timestamp . 1) (pnl . 1e999))", "finite"),
         (b'((timestamp . 1) (pnl . "0.5"))', "pnl"),
         (b"((timestamp . 1) (pnl . abc))", "pnl"),
         (b"((timestamp . 1) (pnl . #t))", "pnl"),
@@ -620,13 +618,14 @@ def test_100k_trades_exact():
 def test_lexpr_large_exact():
     r = parse_backtest_result(synthetic(20_000, style="lexpr", seed=11, reported_trades=500))
     assert r.columns == synthetic_columns(20_000, seed=11)
-    assert r.truncated and r.total_trades == 20_000
+    # issue 12: a list longer than the reported count is not a truncation
+    assert not r.truncated and r.total_trades == 20_000
 
 
 def test_synthetic_options():
     assert b"request_id" not in synthetic(1, request_id=None)
     r = both(synthetic(4, with_trade_list=False, reported_trades=4))
-    assert not r.has_trade_list and r.truncated  # reported 4, list length 0
+    assert not r.has_trade_list and not r.truncated  # reported 4, no list: absent, not truncated (issue 12)
     with pytest.raises(ValueError):
         synthetic(1, style="json")
     assert synthetic(10, seed=1) == synthetic(10, seed=1) != synthetic(10, seed=2)
@@ -639,3 +638,56 @@ def test_thread_safe():
     with ThreadPoolExecutor(4) as ex:
         got = list(ex.map(parse_backtest_result, msgs * 3))
     assert got == expected * 3
+
+
+# --------------------------------------------------------------------------
+# Issue 12: what swimmy really sends (non-finite numbers, absent lists)
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "pnl",
+    [b"+nan.0", b"-inf.0", b"1e999", b'"NaN"', b'"inf"', b'"-inf"', b"NaN", b'"nan"'],
+)
+@pytest.mark.parametrize("fast", [True, False])
+def test_non_finite_pnl_makes_result_failed_naming_the_trade(pnl, fast):
+    # formerly a SexprError (the whole message rejected); now the result is readable and failed
+    good = b"((timestamp . 1) (pnl . 2)) " * 50
+    data = (b'((request_id . "R") (strategy_name . "S") (trades . 101) (trade_list . ('
+            + good + b"((timestamp . 1) (pnl . " + pnl + b")) " + good + b")))")
+    r = parse_backtest_result(data, _fast=fast)
+    assert r.request_id == "R" and r.strategy_name == "S"
+    assert r.error is not None and "trade 50" in r.error and "pnl is not finite" in r.error, r.error
+    assert r.total_trades == 0 and r.columns == {"timestamp": [], "pnl": []}
+    assert not r.truncated
+
+
+def test_message_error_wins_over_non_finite_pnl():
+    r = both(b'((request_id . "R") (error . "guardian died") (trade_list . (((timestamp . 1) (pnl . "NaN")))))')
+    assert r.error == "guardian died" and r.total_trades == 0
+
+
+def test_non_finite_metric_strings_are_left_out():
+    r = both(b'((request_id . "R") (sharpe . "NaN") (profit_factor . "inf") (win_rate . "-inf") '
+             b'(max_dd . 0.25) (sharpe_ci_lower . "-inf") (sortino . "inf") (trades . 0))')
+    assert r.metrics == {"max_dd": 0.25, "trades": 0}
+    r = both(b'((request_id . "R") (sharpe . NaN) (profit_factor . -Infinity) (win_rate . 1e999))')
+    assert r.metrics == {}
+    with pytest.raises(SexprError):  # other strings are still not numbers
+        parse_backtest_result(b'((request_id . "R") (sharpe . "0.5"))')
+
+
+@pytest.mark.parametrize(
+    "tail,truncated",
+    [
+        (b"(trades . 7)", False),                                                  # no list at all
+        (b"(trades . 7) (trade_list . nil)", False),                               # nil list
+        (b"(trades . 7) (trade_list)", False),                                     # lexpr None
+        (b"(trades . 2) (trade_list . (((timestamp . 1) (pnl . 1)) ((timestamp . 2) (pnl . 2))))", False),
+        (b"(trades . 1) (trade_list . (((timestamp . 1) (pnl . 1)) ((timestamp . 2) (pnl . 2))))", False),
+        (b"(trades . 3) (trade_list . (((timestamp . 1) (pnl . 1)) ((timestamp . 2) (pnl . 2))))", True),
+        (b"(trade_list . (((timestamp . 1) (pnl . 1))))", False),                  # no count reported
+    ],
+)
+def test_truncated_only_for_a_present_shorter_list(tail, truncated):
+    r = both(b'((request_id . "R") ' + tail + b")")
+    assert r.truncated is truncated
