@@ -195,10 +195,23 @@ class SweepDone:
 
 @dataclass(frozen=True)
 class LegacyResult:
-    """Legacy -> writer: a legacy result without trades (status complete or failed)."""
+    """Legacy -> writer: a legacy result without trades (status complete or failed).
+    reply_to: told LegacyWritten with `token` once the write committed (None: no reply)."""
 
     meta: dict
     status: str
+    reply_to: Any = None
+    token: int = 0
+
+
+@dataclass(frozen=True)
+class LegacyWritten:
+    """Writer -> legacy: the LegacyResult with `token` is applied. before: the row's status before
+    the write ("" when there was none); a stored one (complete, spooled) was kept, not replaced."""
+
+    token: int
+    request_id: str
+    before: str
 
 
 # ----- dead-letter queue ------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pairlane.store import Store, StoreError
 from pairlane.vocab import ResultStatus, WriteOutcome
 
 from .base import PairlaneActor
-from .messages import (BeginRequest, ChunkDurable, ChunkRejected, LegacyResult,
+from .messages import (BeginRequest, ChunkDurable, ChunkRejected, LegacyResult, LegacyWritten,
                        LiveDone, Lookup, LookupReply, ReplaceSlots, RetryDone, SetStatus, SlotsWritten,
                        SpoolBatch, SweepStale, WriteChunk, WriteLive)
 
@@ -62,7 +62,7 @@ class Writer(PairlaneActor):
         elif isinstance(msg, SetStatus):
             self._status_change(("status", msg.request_id, msg.status, msg.error))
         elif isinstance(msg, LegacyResult):
-            self._status_change(("legacy", msg.meta, msg.status))
+            self._status_change(("legacy", msg.meta, msg.status, msg.reply_to, msg.token))
         elif isinstance(msg, SweepStale):
             try:
                 ids = self.store.abandon_stale(msg.older_than, set(msg.active))
@@ -141,7 +141,9 @@ class Writer(PairlaneActor):
             elif change[0] == "status":
                 self.store.set_status(change[1], change[2], change[3])
             elif change[0] == "legacy":
-                self.store.write_result_without_trades(change[1], change[2])
+                before = self.store.write_result_without_trades(change[1], change[2])
+                if change[3] is not None:  # the legacy actor removes its spooled message only now
+                    self.send_ordered(change[3], LegacyWritten(change[4], change[1]["request_id"], before))
             return True
         except StoreError as exc:
             if not retrying:

@@ -126,6 +126,10 @@ def check_values(cfg: dict) -> None:
             raise ConfigError(f"config key '{dotted}' must be >= 0 (got {cfg[sect][key]!r})")
     if cfg["dlq"]["retry_max_s"] < cfg["dlq"]["retry_min_s"]:
         raise ConfigError("config key 'dlq.retry_max_s' must be >= dlq.retry_min_s")
+    suffix = cfg["gateway"]["legacy_oos_suffix"]
+    if suffix != suffix.strip() or len(suffix) > 64:
+        raise ConfigError("config key 'gateway.legacy_oos_suffix' must be \"\" or at most 64 characters "
+                          f"without surrounding whitespace (got {suffix!r})")
     if cfg["pairs"]["bucket"] not in ("day", "exact"):
         raise ConfigError("config key 'pairs.bucket' must be \"day\" or \"exact\"")
     if cfg["daemon"]["log_level"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -304,14 +304,27 @@ class Store:
                 raise ValueError(status)
         self._tx(tx)
 
-    def write_result_without_trades(self, meta: dict, status: str) -> None:
-        """A legacy result with no trade list (`complete`, 0 trades) or with an error (`failed`)."""
+    def write_result_without_trades(self, meta: dict, status: str) -> str:
+        """A legacy result with no trade list (`complete`, 0 trades) or with an error (`failed`).
+
+        Returns the row's status before the write ("" when there was none). A stored result
+        (complete, spooled) is a promise and is kept; any other row (an earlier failed one, an
+        abandoned or receiving one) is replaced whole, its rows removed: the later result wins."""
+        rid = meta["request_id"]
+
         def tx(conn):
             now = time.time()
+            row = conn.execute("SELECT status FROM backtest_results WHERE request_id = ?", (rid,)).fetchone()
+            if row is not None:
+                if ResultStatus(row[0]).stored:
+                    return row[0]
+                self._drop_rows(conn, rid)
+                conn.execute("DELETE FROM backtest_results WHERE request_id = ?", (rid,))
             self._insert_result(conn, meta, now)
             conn.execute("UPDATE backtest_results SET status = ?, completed_at = ?, updated_at = ? "
-                         "WHERE request_id = ? AND status = 'receiving'", (status, now, now, meta["request_id"]))
-        self._tx(tx)
+                         "WHERE request_id = ?", (status, now, now, rid))
+            return "" if row is None else row[0]
+        return self._tx(tx)
 
     def abandon_stale(self, older_than: float, active: set) -> list[str]:
         """Abandon `receiving` results not touched since `older_than` and not in `active`."""
