@@ -142,3 +142,48 @@ def test_sigkill_of_the_daemon_loses_no_legacy_result(make_daemon, moment):
     assert st.get("received", 0) == 0 and st.get("replayed", 0) == left, st
     with contextlib.closing(sqlite3.connect(d.db_path)) as c:
         assert c.execute("SELECT count(*) FROM backtest_results WHERE request_id LIKE 'crash-%'").fetchone()[0] == 16
+
+
+def test_full_spool_stops_reading_the_socket_and_drops_nothing(make_daemon):
+    """32 messages already spooled (left by a crash; the first two of 100k trades): the legacy actor
+    does not read its socket while the spool is full; swimmy's 10 later pushes wait in ZMQ and are
+    all stored once there is room."""
+    from pairlane.spool import Spool
+    from actors.legacy import SPOOL_MAX_ITEMS
+
+    d = make_daemon(FAST, start=False)
+    spool = Spool(str(Path(d.cfg["dlq"]["path"]) / "legacy"))
+    early = [(f"full-{i:02d}", N_BIG if i < 2 else 50 + i, 300 + i) for i in range(SPOOL_MAX_ITEMS)]
+    for rid, n, seed in early:
+        spool.put(request_id=None, seq=None, stage="legacy", reason="received", error="",
+                  payload=synthetic.legacy_message(n, seed=seed, request_id=rid, strategy_name="Full"))
+    d.start()
+    late = [(f"late-{i:02d}", 20 + i, 400 + i) for i in range(10)]
+    sock = zmq.Context.instance().socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 10000)
+    sock.setsockopt(zmq.SNDTIMEO, 10000)
+    sock.connect(d.cfg["gateway"]["legacy_endpoint"])
+    try:
+        for rid, n, seed in late:
+            sock.send(synthetic.legacy_message(n, seed=seed, request_id=rid, strategy_name="Late"))
+
+        def feeding_first():
+            st = inspect(d, "legacy")
+            return st if st["job"] is not None and st["job"]["request_id"] == "full-00" else None
+        st = wait_until(feeding_first, timeout=60, interval=0.02, what="the first spooled 100k result being fed")
+        assert st["spool"]["messages"] == SPOOL_MAX_ITEMS and st.get("received", 0) == 0, st
+        with contextlib.closing(db(d)) as c:
+            def all_done():
+                return c.execute("SELECT count(*) FROM backtest_results WHERE status = 'complete' AND "
+                                 "(request_id LIKE 'full-%' OR request_id LIKE 'late-%')").fetchone()[0] == 42
+            wait_until(all_done, timeout=180, interval=0.2, what="all 42 results complete")
+            for rid, n, seed in early + late:
+                got = c.execute("SELECT count(*), total(pnl) FROM backtest_trade_logs WHERE request_id = ?",
+                                (rid,)).fetchone()
+                cols = synthetic.legacy_columns(n, seed=seed)
+                assert got[0] == n and got[1] == pytest.approx(sum(cols["pnl"]), abs=1e-6), (rid, got, n)
+        st = inspect(d, "legacy")
+        assert st["received"] == 10 and st["replayed"] == SPOOL_MAX_ITEMS and st["stored"] == 42, st
+        assert not spool_files(d)
+    finally:
+        sock.close(0)
