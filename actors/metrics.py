@@ -1,24 +1,28 @@
 """The metrics actor: the one place metrics and alerts live (PROTOCOL.md section 6).
 
 Owns: the prometheus registry (`pairlane.metrics.Metrics`), the /metrics HTTP
-endpoint (a background thread serving the registry), the alerts PUB socket
-and the state of every alert (published when it changes, and again whenever
-its owner re-asserts it while raised), and the figures it measures itself:
-database file sizes and growth, actor restarts (from the root's status
-table), ingest stall, disk low, supervisor escalation. Other actors send it
-batched `MetricUpdates` and `Alert`s. Never blocks on the network.
+endpoint (prometheus_client's server in a background thread), the alerts PUB
+socket (an XPUB: a new subscriber is sent every raised alert at once) and the
+state of every alert (published when it changes, whenever its owner
+re-asserts it while raised, and every `REPUBLISH_S` while raised otherwise;
+listed by `admin alerts`), and the figures it measures itself: database file
+sizes and growth, the root's status table (restarts that keep counting across
+a supervisor's restart, actor up/down, RSS/CPU/fds of every actor process
+from /proc), thresholds and caps, free disk, ingest stall, disk low,
+supervisor escalation. Other actors send it batched `MetricUpdates` and
+`Alert`s (and re-send their gauges when it restarts). Never blocks on the
+network, never decides what another actor measures.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import time
 
 import msgpack
 import zmq
 
-from pairlane.metrics import Metrics, serve
+from pairlane.metrics import Metrics, read_process, serve
 from pairlane.vocab import AlertName, AlertState
 from supervision.messages import Escalated, StatusReply, StatusRequest
 
@@ -28,26 +32,39 @@ from .messages import AdminCommand, Alert, MetricUpdates
 
 SLOW_TICK_S = 2.0
 ESCALATION_CLEAR_S = 10.0   # cleared once every actor has been RUNNING this long after an escalation
+REPUBLISH_S = 30.0          # a raised alert nobody re-asserted for this long is published again
+
+
+def tree_actor_names(config: dict) -> tuple[str, ...]:
+    """Every actor and supervisor of the tree this config builds (their series start at 0)."""
+    from .tree import build_tree
+    return tuple(spec.name for spec in build_tree(config).walk())
 
 
 class MetricsActor(PairlaneActor):
     def on_start(self) -> None:
-        self.m = Metrics()
+        self.m = Metrics(actors=tree_actor_names(self.config))
         self.server = None
         listen = self.config["metrics"]["listen"]
         if listen:
             host, _, port = listen.rpartition(":")
             self.server = serve(self.m, host.strip("[]"), int(port))
-        self.pub = self.bind_socket(zmq.PUB, self.config["alerts"]["endpoint"], SNDHWM=1000)
+        # XPUB: a subscription arriving tells us a subscriber connected (XPUB_VERBOSE: every one)
+        self.pub = self.bind_socket(zmq.XPUB, self.config["alerts"]["endpoint"], SNDHWM=1000, XPUB_VERBOSE=1)
         self.alerts: dict[str, dict] = {}
         self.published = 0
-        self.restarts_seen: dict[str, int] = {}
+        self.subscribers_greeted = 0
+        self.restarts_seen: dict[str, tuple[int, int | None]] = {}  # name -> (restarts, last known pid)
         self.escalated_at = 0.0
         self.last_slow = 0.0
         self.last_result_ts = self._newest_result_time()
         if self.last_result_ts:
             self.m.apply([("set", "pairlane_last_result_timestamp_seconds", None, self.last_result_ts)])
+        self.m.apply([("set", "pairlane_ingest_stall_threshold_seconds", None,
+                       float(self.config["alerts"]["ingest_stall_s"]))])
+        self._check_disk()
         self.started = time.time()
+        self.tell("root", StatusRequest(0))   # actor gauges from the first scrape, not 2 s later
 
     def on_stop(self) -> None:
         if self.server is not None:
@@ -70,8 +87,34 @@ class MetricsActor(PairlaneActor):
 
     def inspect(self) -> dict:
         return {"alerts": {k: v["state"] for k, v in self.alerts.items()}, "alerts_published": self.published,
+                "subscribers_greeted": self.subscribers_greeted,
                 "metrics_endpoint": self.config["metrics"]["listen"],
                 "last_result_timestamp": self.last_result_ts}
+
+    def watch_fds(self) -> list:
+        return [self.pub.FD] if not self._stopping else []
+
+    def on_readable(self, fds) -> None:
+        self._read_subscriptions()
+
+    def _read_subscriptions(self) -> None:
+        """Drain the XPUB's subscription messages (its FD is edge-triggered: read until empty);
+        a new subscription gets every raised alert at once."""
+        greet = False
+        while True:
+            try:
+                frame = self.pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            except zmq.ZMQError:
+                break
+            if frame[:1] == b"\x01":
+                greet = True
+        if greet:
+            self.subscribers_greeted += 1
+            for name, a in list(self.alerts.items()):
+                if a["state"] == AlertState.RAISED:
+                    self._publish(name, a)
 
     # ----- inputs ----------------------------------------------------------------------------------
     def on_message(self, msg, sender) -> None:
@@ -95,6 +138,12 @@ class MetricsActor(PairlaneActor):
         """admin `metrics` (declared in pairlane.admin_commands)."""
         return {"ok": True, "metrics": self.m.snapshot(), "alerts": self.alerts}
 
+    def admin_alerts(self, args: dict, respond) -> dict:
+        """admin `alerts` (declared in pairlane.admin_commands): the raised alerts, by name."""
+        return {"ok": True, "alerts": [{"name": str(n), "severity": a["severity"], "reasons": a["reasons"],
+                                        "since": a["since"]}
+                                       for n, a in sorted(self.alerts.items()) if a["state"] == AlertState.RAISED]}
+
     def raised(self, name: AlertName) -> bool:
         return self.alerts.get(name, {}).get("state") == AlertState.RAISED
 
@@ -104,33 +153,71 @@ class MetricsActor(PairlaneActor):
         prev = self.alerts.get(name, {}).get("state", AlertState.CLEARED)
         if state == AlertState.CLEARED and prev == AlertState.CLEARED:
             return
-        self.alerts[name] = {"state": state, "severity": severity, "reasons": reasons, "ts": time.time()}
+        now = time.time()
+        since = self.alerts[name]["since"] if prev == AlertState.RAISED else now
+        self.alerts[name] = {"state": state, "severity": severity, "reasons": reasons, "ts": now,
+                             "since": since if state == AlertState.RAISED else None}
+        self.m.apply([("set", "pairlane_alert_active", {"name": name},
+                       1.0 if state == AlertState.RAISED else 0.0)])
         if state == AlertState.RAISED and prev != AlertState.RAISED:
             self.m.apply([("inc", "pairlane_alerts_raised_total", {"name": name}, 1.0)])
             self.log("ERROR" if severity == "critical" else "WARNING", "alert_raised", alert=name,
                      reasons=reasons)
         elif state == AlertState.CLEARED:
             self.log("INFO", "alert_cleared", alert=name)
-        frame = {"type": "alert", "name": name, "state": state, "severity": severity,
-                 "reasons": reasons, "ts": time.time()}
+        self._publish(name, self.alerts[name])
+
+    def _publish(self, name: str, a: dict) -> None:
+        now = time.time()
+        a["published_at"] = now
+        frame = {"type": "alert", "name": str(name), "state": str(a["state"]), "severity": a["severity"],
+                 "reasons": a["reasons"], "ts": now}
         try:
             self.pub.send(msgpack.packb(frame, use_bin_type=True, default=str), zmq.NOBLOCK)
             self.published += 1
         except zmq.ZMQError:
             pass
 
+    def _republish(self, now: float) -> None:
+        """Raised alerts whose owner has not re-asserted them for REPUBLISH_S go out again, so a
+        subscriber that missed the change still learns of them."""
+        for name, a in list(self.alerts.items()):
+            if a["state"] == AlertState.RAISED and now - a.get("published_at", 0.0) >= REPUBLISH_S:
+                self._publish(name, a)
+
+    def _restart_delta(self, name: str, restarts: int, pid: int | None) -> int:
+        """Starts after the first since the previous status row of `name`. A supervisor that is
+        itself restarted counts its children's restarts from 0 again: a count lower than the last
+        one seen (or a new pid with an unchanged count) means the new supervisor started it again."""
+        last, known_pid = self.restarts_seen.get(name, (0, None))
+        if restarts >= last:
+            delta = restarts - last
+        else:  # counting began again: its first start under the new supervisor is a restart too
+            delta = restarts + (1 if pid is not None or restarts > 0 else 0)
+        if delta == 0 and pid is not None and known_pid is not None and pid != known_pid:
+            delta = 1
+        self.restarts_seen[name] = (restarts, pid if pid is not None else known_pid)
+        return delta
+
     def _restarts(self, rows) -> None:
+        """The root's status table: restart counters, actor up/down, the processes' figures, FATAL."""
         updates = []
         fatal = []
+        procs = {}
         for r in rows:
-            name = r["name"]
-            seen = self.restarts_seen.get(name, 0)
-            if r["restarts"] > seen:
-                updates.append(("inc", "pairlane_actor_restarts_total", {"actor": name}, float(r["restarts"] - seen)))
-            self.restarts_seen[name] = max(seen, r["restarts"])
+            name, pid = r["name"], r.get("pid")
+            delta = self._restart_delta(name, int(r.get("restarts") or 0), pid)
+            if delta:
+                updates.append(("inc", "pairlane_actor_restarts_total", {"actor": name}, float(delta)))
+            updates.append(("set", "pairlane_actor_up", {"actor": name}, 1.0 if r["state"] == "RUNNING" else 0.0))
+            if pid:
+                st = read_process(pid)
+                if st is not None:
+                    procs[name] = st
             if r["state"] == "FATAL":
                 fatal.append(name)
         self.m.apply(updates)
+        self.m.set_processes(procs)
         if fatal:
             self.escalated_at = time.time()
             self.set_alert(AlertName.SUPERVISOR_ESCALATED, AlertState.RAISED, {"fatal": fatal})
@@ -140,6 +227,7 @@ class MetricsActor(PairlaneActor):
 
     # ----- periodic ----------------------------------------------------------------------------------
     def tick(self) -> None:
+        self._read_subscriptions()   # the FD is edge-triggered: never leave one waiting
         now = time.time()
         if now - self.last_slow < SLOW_TICK_S:
             return
@@ -148,6 +236,7 @@ class MetricsActor(PairlaneActor):
         self.m.track_db_files(self.config["store"]["path"], now)
         self._check_stall(now)
         self._check_disk()
+        self._republish(now)
 
     def _check_stall(self, now: float) -> None:
         limit = self.config["alerts"]["ingest_stall_s"]
@@ -172,13 +261,11 @@ class MetricsActor(PairlaneActor):
                     spool += e.stat().st_size
         if dlq["max_bytes"] and spool >= 0.9 * dlq["max_bytes"]:
             reasons["spool"] = f"{spool} of {dlq['max_bytes']} bytes"
-        for what, path in (("store_disk", os.path.dirname(store["path"])), ("spool_disk", dlq["path"])):
-            try:
-                du = shutil.disk_usage(path)
-                if du.free < 0.1 * du.total:
-                    reasons[what] = f"{du.free} bytes free of {du.total}"
-            except OSError:
-                pass
+        usage = self.m.track_disk({"store": os.path.dirname(store["path"]) or ".", "spool": dlq["path"]},
+                                  {"store": store["max_bytes"], "spool": dlq["max_bytes"]})
+        for area, (free, total) in usage.items():
+            if free < 0.1 * total:
+                reasons[f"{area}_disk"] = f"{free} bytes free of {total}"
         if reasons:
             self.set_alert(AlertName.DISK_LOW, AlertState.RAISED, reasons)
         elif self.raised(AlertName.DISK_LOW):

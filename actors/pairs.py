@@ -37,7 +37,18 @@ class PairsActor(PairlaneActor):
         self.evaluations = 0
         self.errors = 0
         self.requests = Requests(self)   # pairs.evaluate awaiting the writer's SlotsWritten
+        self.metrics_addr = self.peer("metrics")
         self.after(min(5.0, self.interval), "evaluate")
+
+    def on_directory(self) -> None:
+        addr = self.peer("metrics")
+        if addr is not None and addr != self.metrics_addr:
+            # a restarted metrics actor starts from zero: give it our gauges and alert again now,
+            # not at the next evaluation (a safe stop would otherwise look resolved until then)
+            self.metrics_addr = addr
+            if self.last is not None:
+                self._report(self.last)
+                self.flush_metrics()
 
     def on_stop(self) -> None:
         if self.conn is not None:
@@ -92,21 +103,27 @@ class PairsActor(PairlaneActor):
         result.update(evaluated_at=now, evaluation_s=round(elapsed, 6), strategies=total,
                       newest_result_age_s=round(now - newest, 3) if newest else None)
         self.last = result
-        missing = ev.excluded.get("missing", 0)
         self.metrics.inc("pairlane_pair_evaluations_total", outcome="safe_stop" if ev.safe_stop else "ok")
         self.metrics.observe("pairlane_pair_evaluation_seconds", elapsed)
-        self.metrics.set("pairlane_pair_missing_ratio", missing / total if total else 0.0)
-        self.metrics.set("pairlane_pair_slots_filled", float(len(ev.slots)))
-        self.metrics.set("pairlane_pair_safe_stop", 1.0 if ev.safe_stop else 0.0)
         if ev.safe_stop:
-            reasons = {k: v for k, v in ev.excluded.items() if v}
             self.log("ERROR", "pair_safe_stop", strategies=total, candidates=ev.candidates,
                      **{f"excluded_{k}": v for k, v in ev.excluded.items()})
+        self._report(result)
+        self.flush_metrics()
+        return result
+
+    def _report(self, result: dict) -> None:
+        """The gauges and the safe-stop alert of an evaluation (again for a restarted metrics actor)."""
+        total = result["strategies"]
+        missing = result["excluded"].get("missing", 0)
+        self.metrics.set("pairlane_pair_missing_ratio", missing / total if total else 0.0)
+        self.metrics.set("pairlane_pair_slots_filled", float(len(result["slots"])))
+        self.metrics.set("pairlane_pair_safe_stop", 1.0 if result["safe_stop"] else 0.0)
+        if result["safe_stop"]:
+            reasons = {k: v for k, v in result["excluded"].items() if v}
             self.alert(AlertName.PAIR_SAFE_STOP, AlertState.RAISED, dict(reasons, strategies=total))
         else:
             self.alert(AlertName.PAIR_SAFE_STOP, AlertState.CLEARED)
-        self.flush_metrics()
-        return result
 
     def write_slots(self, result: dict, respond=None) -> None:
         """Hand the slots to the writer. With respond (admin pairs.evaluate): answer once the

@@ -380,9 +380,27 @@ class Metrics(Command):
         return kv_render(reply.get("metrics", {}))
 
 
+class Alerts(Command):
+    """The raised alerts: NAME, SEVERITY, SINCE (UTC), AGE, REASONS."""
+
+    name = "alerts"
+    owner = "metrics"
+
+    def render(self, reply):
+        now = time.time()
+        rows = [[a["name"], a["severity"],
+                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(a["since"])) if a.get("since") else "",
+                 f"{max(0.0, now - a['since']):.0f}s" if a.get("since") else "",
+                 " ".join(f"{k}={v}" for k, v in (a.get("reasons") or {}).items())]
+                for a in reply.get("alerts", [])]
+        if not rows:
+            return "no alert raised"
+        return table(rows, ["NAME", "SEVERITY", "SINCE", "AGE", "REASONS"])
+
+
 COMMANDS: dict[str, Command] = {c.name: c for c in (
     Status(), Inspect(), Restart(), Inject(), Stop(), Result(), Verify(), DlqList(), DlqShow(),
-    DlqReplay(), DlqPurge(), Pairs(), PairsEvaluate(), Metrics(), Help())}
+    DlqReplay(), DlqPurge(), Pairs(), PairsEvaluate(), Metrics(), Alerts(), Help())}
 
 
 def lookup(name: Any) -> Command:

@@ -4,7 +4,10 @@ Owns: every pairlane metric name, type, label set and histogram buckets (one
 private ``prometheus_client.CollectorRegistry``; PROTOCOL.md section 6);
 applying update batches sent by other actors; the Prometheus text exposition;
 the plain-map snapshot for ``admin metrics``; the database file size and
-growth gauges; the ``/metrics`` HTTP server; ``MetricBatch``, which actors use
+growth gauges; the series created at zero at start (every label value known
+in advance, so ``increase()`` sees the first increments); the per-process
+figures read from ``/proc`` (``read_process``); the ``/metrics`` HTTP server
+(prometheus_client's WSGI app and server); ``MetricBatch``, which actors use
 to collect updates before sending them.
 
 Never does: touch prometheus_client's global registry or multiprocess mode,
@@ -21,7 +24,6 @@ int or float (not bool).
 
 from __future__ import annotations
 
-import http.server
 import logging
 import math
 import os
@@ -29,10 +31,16 @@ import socket
 import socketserver
 import threading
 from typing import Any, Iterable
+from wsgiref.simple_server import make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
-__all__ = ["CONTENT_TYPE", "METRIC_SPECS", "Metrics", "MetricBatch", "MetricsServer", "serve"]
+from .vocab import AlertName
+
+__all__ = ["ACTORS", "CONTENT_TYPE", "METRIC_SPECS", "Metrics", "MetricBatch", "MetricsServer", "ProcessStat",
+           "build_version", "read_process", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +85,121 @@ METRIC_SPECS: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | Non
     "pairlane_pair_safe_stop": ("gauge", "1 while no pair slot is filled (safe stop), else 0.", (), None),
     # alerts and self
     "pairlane_alerts_raised_total": ("counter", "Alerts raised, by alert name.", ("name",), None),
+    "pairlane_alert_active": ("gauge", "1 while the alert is raised, else 0.", ("name",), None),
     "pairlane_metrics_dropped_total": ("counter", "Metric updates ignored, by reason.", ("reason",), None),
+    "pairlane_auth_failures_total": ("counter", "Connections or requests refused by authentication, "
+                                     "by endpoint and reason.", ("endpoint", "reason"), None),
+    # state of the tree (from the root's status table)
+    "pairlane_actor_up": ("gauge", "1 while the actor (or supervisor) is RUNNING, else 0.", ("actor",), None),
+    "pairlane_pairs_leader": ("gauge", "1 while this daemon evaluates pairs (always 1 on a single daemon).", (), None),
+    "pairlane_build_info": ("gauge", "Always 1; the label carries the pairlane version.", ("version",), None),
+    # thresholds, caps and disk space, so alerting rules need no copy of the configuration
+    "pairlane_ingest_stall_threshold_seconds": ("gauge", "alerts.ingest_stall_s: no new result for this "
+                                                "long raises ingest_stalled.", (), None),
+    "pairlane_disk_cap_bytes": ("gauge", "Configured size cap of the store or spool (0 = no cap).", ("area",), None),
+    "pairlane_disk_free_bytes": ("gauge", "Free bytes on the filesystem holding the store or spool.", ("area",), None),
+    "pairlane_disk_size_bytes": ("gauge", "Size in bytes of the filesystem holding the store or spool.", ("area",), None),
+    # the actor processes (read from /proc by the pids of the status table)
+    "pairlane_process_resident_memory_bytes": ("gauge", "Resident memory of the actor's process.", ("actor",), None),
+    "pairlane_process_cpu_seconds_total": ("counter", "User and system CPU seconds of the actor's current "
+                                           "process (restarts from 0 with a new process).", ("actor",), None),
+    "pairlane_process_open_fds": ("gauge", "Open file descriptors of the actor's process.", ("actor",), None),
 }
 
-# Label values created at zero at start, so rate() and absent() work from the first scrape.
+# Every actor and supervisor of the default tree (actors/tree.py); the metrics actor passes the real list.
+ACTORS = ("root", "metrics", "store", "writer", "dlq", "ingest", "assembler", "gateway", "legacy", "pairs",
+          "admin")
+AREAS = ("store", "spool")
+# Metrics set only by the metrics actor itself (never accepted from a sender's batch).
+_INTERNAL = {"pairlane_metrics_dropped_total", "pairlane_process_cpu_seconds_total"}
+
+# Label values created at zero at start, so rate(), increase() and absent() see every increment from
+# the first scrape (a series born at 4 loses those 4). Actor names come from the tree (`Metrics(actors=)`).
 _PRESET_LABELS: dict[str, tuple[str, ...]] = {
-    "pairlane_ingest_messages_total": ("begin", "chunk", "end", "abort", "result", "live_trades", "legacy"),
+    "pairlane_ingest_messages_total": ("begin", "chunk", "end", "abort", "result", "live_trades", "legacy",
+                                       "invalid"),
+    "pairlane_results_total": ("stored_db", "stored_dlq", "failed", "aborted", "abandoned"),
+    "pairlane_errors_total": ("too_large", "malformed", "unknown_request", "bad_chunk", "conflict",
+                              "incomplete", "busy", "unavailable"),
+    "pairlane_legacy_results_total": ("stored", "failed", "rejected_malformed", "rejected_no_request_id",
+                                      "rejected_bad_trades", "rejected_gave_up"),
+    "pairlane_dlq_replayed_total": ("landed", "discarded", "failed"),
+    "pairlane_pair_evaluations_total": ("ok", "safe_stop", "error"),
+    "pairlane_alerts_raised_total": tuple(a.value for a in AlertName),
+    "pairlane_alert_active": tuple(a.value for a in AlertName),
     "pairlane_db_bytes": ("main", "wal"),
-    "pairlane_actor_restarts_total": ("gateway", "legacy", "assembler", "writer", "dlq", "pairs", "metrics", "admin"),
+    "pairlane_disk_cap_bytes": AREAS,
+    "pairlane_disk_free_bytes": AREAS,
+    "pairlane_disk_size_bytes": AREAS,
     "pairlane_metrics_dropped_total": ("unknown_name", "bad_op", "bad_labels", "bad_value", "too_many_series"),
 }
+_PRESET_PAIRS: dict[str, tuple[tuple[str, ...], ...]] = {
+    # CURVE (gateway, admin) and the legacy allowlist (ZAP) refuse with these reasons; the admin token too
+    "pairlane_auth_failures_total": (("gateway", "unknown_key"), ("admin", "unknown_key"),
+                                     ("admin", "bad_token"), ("legacy", "address_not_allowed")),
+}
+_PER_ACTOR = ("pairlane_actor_restarts_total", "pairlane_actor_up")
+
+
+def build_version() -> str:
+    """The installed pairlane version (package metadata), or "unknown" when not installed."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            return version("pairlane")
+        except PackageNotFoundError:
+            return "unknown"
+    except Exception:  # pragma: no cover - importlib.metadata is in the standard library
+        return "unknown"
+
+
+class ProcessStat(tuple):
+    """(rss_bytes, cpu_seconds, open_fds) of one process."""
+
+    __slots__ = ()
+
+    def __new__(cls, rss_bytes: int, cpu_seconds: float, open_fds: int) -> "ProcessStat":
+        return super().__new__(cls, (rss_bytes, cpu_seconds, open_fds))
+
+    rss_bytes = property(lambda self: self[0])
+    cpu_seconds = property(lambda self: self[1])
+    open_fds = property(lambda self: self[2])
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def read_process(pid: int, proc: str = "/proc") -> ProcessStat | None:
+    """RSS, CPU seconds (user + system) and open fds of ``pid`` from ``/proc``; None when the
+    process is gone or unreadable (never raises)."""
+    try:
+        with open(f"{proc}/{pid}/statm") as f:
+            rss = int(f.read().split()[1]) * _PAGE
+        with open(f"{proc}/{pid}/stat") as f:
+            stat = f.read()
+        # fields after the parenthesised command name (which may hold spaces): utime is the 14th field
+        rest = stat[stat.rindex(")") + 2:].split()
+        cpu = (int(rest[11]) + int(rest[12])) / _TICKS
+        fds = len(os.listdir(f"{proc}/{pid}/fd"))
+    except (OSError, ValueError, IndexError):
+        return None
+    return ProcessStat(rss, cpu, fds)
+
+
+class _SettableCounter:
+    """A counter family whose values are set from outside (CPU seconds read from /proc): what
+    prometheus_client's Counter cannot do. ``collect`` yields it like any collector."""
+
+    def __init__(self, name: str, help_: str, label: str) -> None:
+        self.name, self.help, self.label = name, help_, label
+        self.values: dict[str, float] = {}
+
+    def collect(self):
+        fam = CounterMetricFamily(self.name[:-len("_total")], self.help, labels=[self.label])
+        for v, x in sorted(self.values.items()):
+            fam.add_metric([v], x)
+        yield fam
 
 _OPS_BY_TYPE = {"counter": {"inc"}, "gauge": {"inc", "set"}, "histogram": {"observe"}}
 
@@ -109,14 +222,17 @@ class Metrics:
     the series bookkeeping is guarded by a lock.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, actors: Iterable[str] = ACTORS, version: str | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._metrics: dict[str, Any] = {}
         self._series: dict[str, set[tuple[str, ...]]] = {}
         self._lock = threading.Lock()
         self._db_prev: tuple[float, int] | None = None   # (now, main+wal) of the previous sample
         for name, (kind, help_, labels, buckets) in METRIC_SPECS.items():
-            if kind == "counter":
+            if name == "pairlane_process_cpu_seconds_total":
+                m = _SettableCounter(name, help_, labels[0])
+                self.registry.register(m)
+            elif kind == "counter":
                 m = Counter(name, help_, labels, registry=self.registry)
             elif kind == "gauge":
                 m = Gauge(name, help_, labels, registry=self.registry)
@@ -124,11 +240,17 @@ class Metrics:
                 m = Histogram(name, help_, labels, registry=self.registry, buckets=buckets)
             self._metrics[name] = m
             self._series[name] = set()
-        for name, values in _PRESET_LABELS.items():
-            (label,) = METRIC_SPECS[name][2]
+        presets: dict[str, tuple[tuple[str, ...], ...]] = {n: tuple((v,) for v in vs)
+                                                           for n, vs in _PRESET_LABELS.items()}
+        presets.update(_PRESET_PAIRS)
+        for name in _PER_ACTOR:
+            presets[name] = tuple((a,) for a in actors)
+        for name, values in presets.items():
             for v in values:
-                self._metrics[name].labels(**{label: v})
-                self._series[name].add((v,))
+                self._metrics[name].labels(*v)
+                self._series[name].add(tuple(v))
+        self._metrics["pairlane_build_info"].labels(version or build_version()).set(1)
+        self._metrics["pairlane_pairs_leader"].set(1)   # one daemon: it is the one evaluating pairs
 
     def apply(self, batch: Iterable[Any]) -> None:
         """Apply updates ``(op, name, labels, value)``; bad ones are dropped and counted.
@@ -152,7 +274,7 @@ class Metrics:
             return
         op, name, labels, value = update
         spec = METRIC_SPECS.get(name) if isinstance(name, str) else None
-        if spec is None or name == "pairlane_metrics_dropped_total":
+        if spec is None or name in _INTERNAL:
             self._drop("unknown_name")
             return
         kind, _, label_names, _ = spec
@@ -236,6 +358,41 @@ class Metrics:
                 out[name].setdefault("sum", 0.0)
         return out
 
+    def set_processes(self, stats: dict[str, ProcessStat]) -> None:
+        """The figures of each actor's process (name -> ProcessStat); actors left out (not running,
+        or unreadable) lose their series until they are back."""
+        cpu: _SettableCounter = self._metrics["pairlane_process_cpu_seconds_total"]
+        rss = self._metrics["pairlane_process_resident_memory_bytes"]
+        fds = self._metrics["pairlane_process_open_fds"]
+        with self._lock:
+            for gone in set(cpu.values) - set(stats):
+                for g in (rss, fds):
+                    try:
+                        g.remove(gone)
+                    except KeyError:
+                        pass
+            cpu.values = {a: float(s.cpu_seconds) for a, s in stats.items()}
+            for a, s in stats.items():
+                rss.labels(a).set(s.rss_bytes)
+                fds.labels(a).set(s.open_fds)
+
+    def track_disk(self, paths: dict[str, str], caps: dict[str, int]) -> dict[str, tuple[int, int]]:
+        """Free and total bytes of the filesystem holding each area's path (area -> path: "store"
+        -> the database's directory, "spool" -> the spool directory) and the areas' caps;
+        returns area -> (free, total) for the areas it could read."""
+        out: dict[str, tuple[int, int]] = {}
+        for area, cap in caps.items():
+            self._metrics["pairlane_disk_cap_bytes"].labels(area).set(cap)
+        for area, path in paths.items():
+            try:
+                du = _disk_usage(path)
+            except OSError:
+                continue
+            self._metrics["pairlane_disk_free_bytes"].labels(area).set(du[0])
+            self._metrics["pairlane_disk_size_bytes"].labels(area).set(du[1])
+            out[area] = du
+        return out
+
     def track_db_files(self, db_path: str, now: float) -> None:
         """Sample the sizes of ``db_path`` and ``db_path-wal`` (a missing file is 0).
 
@@ -273,43 +430,46 @@ class Metrics:
 # --------------------------------------------------------------------- HTTP
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    metrics: Metrics            # set on the per-server subclass
-    timeout = 10                # seconds a client may take to send its request
-    server_version = "pairlane"
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
-        if self.path.split("?", 1)[0] != "/metrics":
-            self._send(404, b"not found: try /metrics\n", "text/plain; charset=utf-8")
-            return
+def _disk_usage(path: str) -> tuple[int, int]:
+    """(free bytes for unprivileged users, total bytes) of the filesystem holding ``path``, or of
+    its nearest existing ancestor (a spool directory not made yet lives on its parent's disk)."""
+    p = os.path.abspath(path or ".")
+    while True:
         try:
-            body = self.metrics.render()
-        except Exception as exc:  # pragma: no cover - render does not fail in practice
-            log.exception("event=metrics_render_failed")
-            self._send(500, f"render failed: {exc}\n".encode(), "text/plain; charset=utf-8")
-            return
-        self._send(200, body, CONTENT_TYPE)
-
-    def _send(self, code: int, body: bytes, ctype: str) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet: no stderr per scrape
-        log.debug("event=metrics_http client=%s %s", self.client_address[0], format % args)
+            st = os.statvfs(p)
+            return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        except FileNotFoundError:
+            parent = os.path.dirname(p)
+            if parent == p:
+                raise
+            p = parent
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
+def _only_metrics(app):
+    """prometheus_client's app answers every path; ours answers /metrics (and 404 elsewhere)."""
+    def wrapped(environ, start_response):
+        if environ.get("PATH_INFO") != "/metrics":
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"not found: try /metrics\n"]
+        return app(environ, start_response)
+    return wrapped
+
+
+class _Server(ThreadingWSGIServer):
+    """prometheus_client's threaded WSGI server, bound to exactly the given host (IPv4 or IPv6)."""
+
     allow_reuse_address = True   # TIME_WAIT only; a live listener still gives EADDRINUSE
 
     def server_bind(self) -> None:
-        # HTTPServer.server_bind calls socket.getfqdn(), a reverse DNS lookup
-        # that can stall for seconds; the name is unused here.
+        # HTTPServer.server_bind calls socket.getfqdn(), a reverse DNS lookup that can stall for
+        # seconds; the name is unused here.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+        self.setup_environ()
+
+
+class _Quiet(_SilentHandler):
+    timeout = 10                # seconds a client may take to send its request
 
 
 class MetricsServer:
@@ -339,15 +499,15 @@ class MetricsServer:
 
 
 def serve(metrics: Metrics, host: str, port: int) -> MetricsServer:
-    """Serve ``GET /metrics`` (``metrics.render()``) on exactly ``host:port`` from a
-    background daemon thread; any other path answers 404. ``port`` 0 picks a
-    free port (see the handle's ``.port``). Raises OSError when the address is
-    busy or not local.
+    """Serve ``GET /metrics`` (prometheus_client's WSGI app on ``metrics.registry``) on exactly
+    ``host:port`` from a background daemon thread; any other path answers 404. ``port`` 0 picks
+    a free port (see the handle's ``.port``). Raises OSError when the address is busy or not
+    local.
     """
-    handler = type("MetricsHandler", (_Handler,), {"metrics": metrics})
     server_cls = type("MetricsHTTPServer", (_Server,),
                       {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
-    server = server_cls((host, port), handler)
+    server = make_server(host, port, _only_metrics(make_wsgi_app(metrics.registry)), server_cls,
+                         handler_class=_Quiet)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                               name=f"metrics-http-{server.server_address[1]}", daemon=True)
     thread.start()

@@ -9,7 +9,7 @@ import urllib.request
 import msgpack
 import pytest
 
-from pairlane.metrics import METRIC_SPECS, MetricBatch, Metrics, serve
+from pairlane.metrics import METRIC_SPECS, MetricBatch, Metrics, ProcessStat, read_process, serve
 
 REQUIRED = [
     "pairlane_ingest_bytes_total", "pairlane_ingest_messages_total", "pairlane_results_total",
@@ -96,8 +96,12 @@ def test_apply_inc_set_observe_shows_in_render_and_snapshot():
     assert snap["pairlane_ingest_bytes_total"] == 123.0
     assert snap["pairlane_ingest_messages_total"]["type=begin"] == 2.0
     assert snap["pairlane_ingest_messages_total"]["type=chunk"] == 0.0
-    assert snap["pairlane_results_total"] == {"outcome=stored": 1.0}
-    assert snap["pairlane_pair_evaluations_total"] == {}
+    # every outcome known at start exists at 0 (issue 15); "stored" is a label no sender uses
+    assert snap["pairlane_results_total"] == {"outcome=stored": 1.0, "outcome=stored_db": 0.0,
+                                              "outcome=stored_dlq": 0.0, "outcome=failed": 0.0,
+                                              "outcome=aborted": 0.0, "outcome=abandoned": 0.0}
+    assert snap["pairlane_pair_evaluations_total"] == {"outcome=ok": 0.0, "outcome=safe_stop": 0.0,
+                                                       "outcome=error": 0.0}
     assert snap["pairlane_dlq_items"] == 8.0
     assert snap["pairlane_pair_safe_stop"] == 1.0
     assert snap["pairlane_sqlite_write_seconds"] == {"count": 2.0, "sum": 1.0}
@@ -147,11 +151,13 @@ def test_apply_of_a_non_iterable_does_not_raise():
 def test_label_values_are_capped_per_metric():
     from pairlane.metrics import MAX_SERIES_PER_METRIC
     m = Metrics()
+    preset = len(m.snapshot()["pairlane_errors_total"])   # the error codes created at 0 (issue 15)
+    assert preset == 8
     m.apply([("inc", "pairlane_errors_total", {"code": f"c{i}"}, 1)
              for i in range(MAX_SERIES_PER_METRIC + 10)])
     snap = m.snapshot()
     assert len(snap["pairlane_errors_total"]) == MAX_SERIES_PER_METRIC
-    assert snap["pairlane_metrics_dropped_total"]["reason=too_many_series"] == 10.0
+    assert snap["pairlane_metrics_dropped_total"]["reason=too_many_series"] == 10.0 + preset
 
 
 def test_label_values_are_escaped_in_exposition():
@@ -301,3 +307,96 @@ def test_metric_batch_label_order_and_types_do_not_split_series():
     batch = b.drain()
     assert ("inc", "pairlane_errors_total", {"code": "404"}, 2.0) in batch
     assert len(batch) == 2
+
+
+# ----------------------------------------------------------------- issue 15: zeros, new gauges, /proc
+ZERO_SERIES = [
+    'pairlane_results_total{outcome="stored_db"}', 'pairlane_results_total{outcome="stored_dlq"}',
+    'pairlane_results_total{outcome="failed"}', 'pairlane_results_total{outcome="aborted"}',
+    'pairlane_results_total{outcome="abandoned"}', 'pairlane_ingest_messages_total{type="live_trades"}',
+    'pairlane_errors_total{code="malformed"}', 'pairlane_errors_total{code="busy"}',
+    'pairlane_pair_evaluations_total{outcome="ok"}', 'pairlane_pair_evaluations_total{outcome="safe_stop"}',
+    'pairlane_pair_evaluations_total{outcome="error"}', 'pairlane_alerts_raised_total{name="pair_safe_stop"}',
+    'pairlane_alerts_raised_total{name="disk_low"}', 'pairlane_legacy_results_total{outcome="stored"}',
+    'pairlane_legacy_results_total{outcome="rejected_malformed"}', 'pairlane_dlq_replayed_total{outcome="landed"}',
+    'pairlane_actor_restarts_total{actor="store"}', 'pairlane_actor_restarts_total{actor="root"}',
+    'pairlane_auth_failures_total{endpoint="gateway",reason="unknown_key"}',
+    'pairlane_alert_active{name="ingest_stalled"}', 'pairlane_actor_up{actor="writer"}',
+]
+
+
+@pytest.mark.parametrize("sample", ZERO_SERIES)
+def test_every_known_series_exists_at_zero_from_the_start(sample):
+    assert _value(Metrics(), sample) == 0.0
+
+
+def test_actor_series_follow_the_given_tree_and_build_info_carries_the_version():
+    m = Metrics(actors=("root", "only"), version="9.9.9")
+    text = m.render().decode()
+    assert 'pairlane_actor_up{actor="only"} 0.0' in text
+    assert 'pairlane_actor_restarts_total{actor="writer"}' not in text
+    assert _value(m, 'pairlane_build_info{version="9.9.9"}') == 1.0
+    assert _value(m, "pairlane_pairs_leader") == 1.0
+
+
+def test_senders_cannot_set_internal_metrics():
+    m = Metrics()
+    m.apply([("inc", "pairlane_process_cpu_seconds_total", {"actor": "x"}, 1)])
+    assert m.snapshot()["pairlane_metrics_dropped_total"]["reason=unknown_name"] == 1.0
+    assert m.snapshot()["pairlane_process_cpu_seconds_total"] == {}
+
+
+def test_read_process_of_this_process_and_of_a_missing_pid(tmp_path):
+    import os
+    st = read_process(os.getpid())
+    assert st is not None and st.rss_bytes > 1_000_000 and st.cpu_seconds > 0 and st.open_fds >= 3
+    fake = tmp_path / "proc" / "42"
+    (fake / "fd").mkdir(parents=True)
+    for i in range(5):
+        (fake / "fd" / str(i)).write_text("")
+    (fake / "statm").write_text("1000 250 10 1 0 100 0\n")
+    (fake / "stat").write_text("42 (a (weird) name) S 1 42 42 0 -1 4194560 10 0 0 0 300 200 0 0 20 0 1 0\n")
+    st = read_process(42, proc=str(tmp_path / "proc"))
+    import pairlane.metrics as pm
+    assert st == (250 * pm._PAGE, 500 / pm._TICKS, 5)
+    assert read_process(2 ** 30) is None
+
+
+def test_set_processes_shows_and_drops_series():
+    m = Metrics()
+    m.set_processes({"writer": ProcessStat(1000, 2.5, 7), "dlq": ProcessStat(2000, 1.0, 9)})
+    assert _value(m, 'pairlane_process_resident_memory_bytes{actor="writer"}') == 1000.0
+    assert _value(m, 'pairlane_process_cpu_seconds_total{actor="writer"}') == 2.5
+    assert _value(m, 'pairlane_process_open_fds{actor="dlq"}') == 9.0
+    assert "# TYPE pairlane_process_cpu_seconds_total counter" in m.render().decode()
+    m.set_processes({"writer": ProcessStat(1100, 3.0, 8)})
+    text = m.render().decode()
+    assert 'actor="dlq"' not in "\n".join(ln for ln in text.splitlines() if ln.startswith("pairlane_process"))
+    snap = m.snapshot()
+    assert snap["pairlane_process_cpu_seconds_total"] == {"actor=writer": 3.0}
+    assert snap["pairlane_process_open_fds"] == {"actor=writer": 8.0}
+
+
+def test_track_disk_exports_caps_and_free_space(tmp_path):
+    m = Metrics()
+    got = m.track_disk({"store": str(tmp_path), "spool": str(tmp_path / "not" / "yet")},
+                       {"store": 5000, "spool": 0})
+    assert set(got) == {"store", "spool"} and 0 < got["store"][0] <= got["store"][1]
+    assert _value(m, 'pairlane_disk_cap_bytes{area="store"}') == 5000.0
+    assert _value(m, 'pairlane_disk_cap_bytes{area="spool"}') == 0.0
+    assert _value(m, 'pairlane_disk_free_bytes{area="spool"}') > 0
+    assert _value(m, 'pairlane_disk_size_bytes{area="store"}') >= _value(m, 'pairlane_disk_free_bytes{area="store"}')
+
+
+def test_served_by_prometheus_client_with_openmetrics_on_request():
+    m = Metrics()
+    handle = serve(m, "127.0.0.1", 0)
+    try:
+        req = urllib.request.Request(f"http://127.0.0.1:{handle.port}/metrics",
+                                     headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            body = r.read().decode()
+            assert r.headers["Content-Type"].startswith("application/openmetrics-text")
+        assert body.rstrip().endswith("# EOF")
+    finally:
+        handle.close()
