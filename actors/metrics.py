@@ -150,6 +150,8 @@ class MetricsActor(PairlaneActor):
     def set_alert(self, name: AlertName, state: AlertState, reasons: dict) -> None:
         name, state = AlertName(name), AlertState(state)
         severity = name.severity
+        if name == AlertName.PAIR_SAFE_STOP and reasons.get("no_data"):
+            severity = "warning"   # an empty store: waiting for the first result, nothing is wrong yet
         prev = self.alerts.get(name, {}).get("state", AlertState.CLEARED)
         if state == AlertState.CLEARED and prev == AlertState.CLEARED:
             return

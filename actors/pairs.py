@@ -6,7 +6,9 @@ visible), handing the slots to the writer (pair_slots replaced whole, history
 appended, in one transaction), the exclusion counts, the safe-stop state
 (ERROR log with reasons, gauge, alert raised and cleared), the data age
 (`newest_result_age_s`; evaluation goes on with stored data when ingest
-stalls), the pair metrics, and the admin commands `pairs` and `pairs.evaluate` (their
+stalls; an empty store is a safe stop waiting for data: WARNING with reason
+`no_data`, never ERROR), the pair metrics (re-sent to a restarted metrics
+actor), and the admin commands `pairs` and `pairs.evaluate` (their
 handlers below; the commands themselves are declared in pairlane.admin_commands). Never writes
 the database itself, and never serves `result` or `verify` (the admin actor reads those).
 """
@@ -105,7 +107,10 @@ class PairsActor(PairlaneActor):
         self.last = result
         self.metrics.inc("pairlane_pair_evaluations_total", outcome="safe_stop" if ev.safe_stop else "ok")
         self.metrics.observe("pairlane_pair_evaluation_seconds", elapsed)
-        if ev.safe_stop:
+        if ev.safe_stop and total == 0:
+            # an empty store is not an error: nothing to pair yet, waiting for the first result
+            self.log("WARNING", "pair_safe_stop", reason="no_data", strategies=0, candidates=0)
+        elif ev.safe_stop:   # data present, yet no slot filled (or the slots emptied): an operator is needed
             self.log("ERROR", "pair_safe_stop", strategies=total, candidates=ev.candidates,
                      **{f"excluded_{k}": v for k, v in ev.excluded.items()})
         self._report(result)
@@ -121,6 +126,8 @@ class PairsActor(PairlaneActor):
         self.metrics.set("pairlane_pair_safe_stop", 1.0 if result["safe_stop"] else 0.0)
         if result["safe_stop"]:
             reasons = {k: v for k, v in result["excluded"].items() if v}
+            if not total:
+                reasons["no_data"] = 1   # waiting for the first result (logged as a WARNING, not an ERROR)
             self.alert(AlertName.PAIR_SAFE_STOP, AlertState.RAISED, dict(reasons, strategies=total))
         else:
             self.alert(AlertName.PAIR_SAFE_STOP, AlertState.CLEARED)

@@ -14,6 +14,7 @@ What is proved here (PROTOCOL.md sections 6 and 7):
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -104,10 +105,12 @@ def test_every_series_known_at_start_is_on_the_first_scrape_at_zero(make_daemon)
     assert 0 < val(s, "pairlane_disk_free_bytes", area="spool") <= du.total
 
     # every actor up, and its process measured, once the status table has been read
-    s = wait_metric(d, "pairlane_actor_up", 1.0, actor="admin")
+    def all_up():
+        s, _ = scrape(d)
+        return s if all(val(s, "pairlane_actor_up", actor=n) == 1.0 for n in names) else None
+    s = wait_until(all_up, 10, 0.1, "every actor up in /metrics")
     pids = {a["name"]: a["pid"] for a in d.status()["actors"]}
     for name in names:
-        assert val(s, "pairlane_actor_up", actor=name) == 1.0, name
         assert val(s, "pairlane_process_resident_memory_bytes", actor=name) > 10_000_000, name
         assert val(s, "pairlane_process_open_fds", actor=name) >= 3, name
         assert val(s, "pairlane_process_cpu_seconds_total", actor=name) >= 0.0, name
@@ -221,7 +224,7 @@ def test_admin_alerts_lists_raised_alerts_and_a_late_subscriber_gets_them(make_d
     sub = late_subscriber(d)
     try:
         a = first_alert(sub, lambda a: a["name"] == "pair_safe_stop", 5)
-        assert a["state"] == "raised" and a["severity"] == "critical", a
+        assert a["state"] == "raised" and a["reasons"].get("no_data") == 1 and a["severity"] == "warning", a
         assert inspect(d, "metrics")["subscribers_greeted"] == greeted + 1
     finally:
         sub.close(0)
@@ -254,3 +257,35 @@ def test_a_raised_alert_is_published_again_while_nothing_reasserts_it(make_daemo
         assert inspect(d, "pairs")["evaluations"] == 1    # nobody re-evaluated: the metrics actor re-sent it
     finally:
         sub.close(0)
+
+
+def log_lines(d, level: str, event: str) -> list[str]:
+    """Lines of `event` at `level` (bare or quoted values: the log format may quote them)."""
+    lv = re.compile(rf'\blevel="?{level}"?(\s|$)')
+    ev = re.compile(rf'\bevent="?{event}"?(\s|$)')
+    return [ln for ln in d.log().splitlines() if lv.search(ln) and ev.search(ln)]
+
+
+def test_an_empty_store_is_a_safe_stop_waiting_for_data_not_an_error(make_daemon):
+    d = make_daemon({"pairs": PAIRS_CFG})
+    wait_until(lambda: inspect(d, "pairs")["evaluations"] >= 1, 15, 0.1, "start-up pair evaluation")
+    d.wait_for(lambda: log_lines(d, "WARNING", "pair_safe_stop"), 10, what="WARNING pair_safe_stop")
+    (line,) = log_lines(d, "WARNING", "pair_safe_stop")
+    assert re.search(r'\breason="?no_data"?', line) and re.search(r"\bstrategies=0\b", line), line
+    assert not [ln for ln in d.log().splitlines() if re.search(r'\blevel="?ERROR"?', ln)], d.log()
+    (a,) = d.admin("alerts")["alerts"]     # still a safe stop (no slot to trade), reported as waiting for data
+    assert a["name"] == "pair_safe_stop" and a["reasons"] == {"no_data": 1, "strategies": 0}, a
+    assert a["severity"] == "warning", a
+    assert d.admin("pairs")["safe_stop"] is True
+
+    # data present but no slot filled: an ERROR again, with the exclusion counts
+    from pairlane.client import Producer, synthetic_columns
+    with Producer(d.gateway_endpoint, timeout_s=10) as p:
+        p.send_result("nd.1", "few", synthetic_columns(10, seed=3))
+    assert evaluate(d)["safe_stop"] is True
+    d.wait_for(lambda: log_lines(d, "ERROR", "pair_safe_stop"), 10, what="ERROR pair_safe_stop")
+    (err,) = log_lines(d, "ERROR", "pair_safe_stop")
+    assert re.search(r"\bexcluded_too_few_trades=1\b", err) and "no_data" not in err, err
+    a = {a["name"]: a for a in d.admin("alerts")["alerts"]}["pair_safe_stop"]
+    assert a["reasons"] == {"too_few_trades": 1, "strategies": 1} and a["severity"] == "critical", a
+    assert len(log_lines(d, "WARNING", "pair_safe_stop")) == 1
