@@ -52,6 +52,7 @@ class MetricsActor(PairlaneActor):
         # XPUB: a subscription arriving tells us a subscriber connected (XPUB_VERBOSE: every one)
         self.pub = self.bind_socket(zmq.XPUB, self.config["alerts"]["endpoint"], SNDHWM=1000, XPUB_VERBOSE=1)
         self.alerts: dict[str, dict] = {}
+        self.published_at: dict[str, float] = {}   # alert name -> when it last went out on the PUB socket
         self.published = 0
         self.subscribers_greeted = 0
         self.restarts_seen: dict[str, tuple[int, int | None]] = {}  # name -> (restarts, last known pid)
@@ -171,7 +172,7 @@ class MetricsActor(PairlaneActor):
 
     def _publish(self, name: str, a: dict) -> None:
         now = time.time()
-        a["published_at"] = now
+        self.published_at[name] = now
         frame = {"type": "alert", "name": str(name), "state": str(a["state"]), "severity": a["severity"],
                  "reasons": a["reasons"], "ts": now}
         try:
@@ -184,7 +185,7 @@ class MetricsActor(PairlaneActor):
         """Raised alerts whose owner has not re-asserted them for REPUBLISH_S go out again, so a
         subscriber that missed the change still learns of them."""
         for name, a in list(self.alerts.items()):
-            if a["state"] == AlertState.RAISED and now - a.get("published_at", 0.0) >= REPUBLISH_S:
+            if a["state"] == AlertState.RAISED and now - self.published_at.get(name, 0.0) >= REPUBLISH_S:
                 self._publish(name, a)
 
     def _restart_delta(self, name: str, restarts: int, pid: int | None) -> int:
