@@ -218,12 +218,15 @@ class MetricsActor(PairlaneActor):
                 if st is not None:
                     procs[name] = st
             if r["state"] == "FATAL":
-                fatal.append(name)
+                fatal.append((name, r.get("supervisor")))
         self.m.apply(updates)
         self.m.set_processes(procs)
         if fatal:
             self.escalated_at = time.time()
-            self.set_alert(AlertName.SUPERVISOR_ESCALATED, AlertState.RAISED, {"fatal": fatal})
+            # named like the root's Escalated (which may come a moment later): the supervisor that gave up
+            self.set_alert(AlertName.SUPERVISOR_ESCALATED, AlertState.RAISED,
+                           {"supervisor": ",".join(sorted({str(s) for _, s in fatal})),
+                            "fatal": [n for n, _ in fatal]})
         elif self.raised(AlertName.SUPERVISOR_ESCALATED) and \
                 time.time() - self.escalated_at > ESCALATION_CLEAR_S:
             self.set_alert(AlertName.SUPERVISOR_ESCALATED, AlertState.CLEARED, {})
