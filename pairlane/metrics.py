@@ -122,7 +122,7 @@ _PRESET_LABELS: dict[str, tuple[str, ...]] = {
     "pairlane_errors_total": ("too_large", "malformed", "unknown_request", "bad_chunk", "conflict",
                               "incomplete", "busy", "unavailable"),
     "pairlane_legacy_results_total": ("stored", "failed", "rejected_malformed", "rejected_no_request_id",
-                                      "rejected_bad_trades", "rejected_gave_up"),
+                                      "rejected_bad_trades", "rejected_conflict"),
     "pairlane_dlq_replayed_total": ("landed", "discarded", "failed"),
     "pairlane_pair_evaluations_total": ("ok", "safe_stop", "error"),
     "pairlane_alerts_raised_total": tuple(a.value for a in AlertName),
