@@ -74,8 +74,8 @@ class DLQ(PairlaneActor):
             serve_admin(self, msg, sender)
 
     def _inventory(self) -> Inventory:
-        return Inventory(tuple((it.request_id, it.seq, it.meta.get("nrows", 0)) for it in self.spool.items()
-                               if it.stage == "chunk"))
+        return Inventory(tuple((it.request_id, it.seq, it.meta.get("nrows", 0), totals(it.meta["meta"]))
+                               for it in self.spool.items() if it.stage == "chunk"))
 
     def on_directory(self) -> None:
         self.inflight.clear()  # a restarted writer lost what we sent it; retry later

@@ -241,7 +241,8 @@ class InventoryRequest:
 
 @dataclass(frozen=True)
 class Inventory:
-    """Dlq -> assembler: ((request_id, seq, nrows), ...) of every chunk item held."""
+    """Dlq -> assembler: ((request_id, seq, nrows, totals), ...) of every chunk item held; totals
+    (lifecycle.totals of the item's request) tell an earlier request under the same id apart."""
 
     items: tuple
 

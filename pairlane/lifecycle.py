@@ -150,7 +150,8 @@ class LookupAnswer:
 
 @dataclass(frozen=True)
 class Inventory:
-    """((request_id, seq, nrows), ...) of every chunk the dlq holds."""
+    """((request_id, seq, nrows, totals), ...) of every chunk the dlq holds; totals: `totals()` of the
+    request the chunk was sent under."""
     items: tuple
 
 
@@ -311,7 +312,7 @@ class Lifecycle:
         self.lookups: dict[str, tuple[float, list]] = {}    # rid -> (asked_at, queued events)
         self.recent: collections.OrderedDict = collections.OrderedDict()  # rid -> (totals, trades, location)
         self.live: dict[str, bytes] = {}                     # batch_id -> identity waiting
-        self.inventory: dict[str, dict] = {}                 # rid -> {seq: rows} held by the dlq
+        self.inventory: dict[str, dict] = {}                 # rid -> {seq: (rows, totals)} held by the dlq
         self.status_sent: collections.OrderedDict = collections.OrderedDict()  # rids with status changes sent
         self.sweep_pending = False                           # a Sweep the writer has not confirmed yet
         self.bulk_waiting: collections.deque = collections.deque()  # big chunks not yet at the writer
@@ -469,8 +470,9 @@ class Lifecycle:
         if visible:  # receiving or spooled: resume with what the database holds
             for seq, rows in row["durable"].items():
                 req.durable[seq] = (rows, "db")
-        for seq, rows in self.inventory.get(rid, {}).items():
-            req.durable.setdefault(seq, (rows, "dlq"))
+        for seq, (rows, held_for) in self.inventory.get(rid, {}).items():
+            if held_for == totals(meta):  # chunks of an earlier request under this id are not this one's
+                req.durable.setdefault(seq, (rows, "dlq"))
         self.reqs[rid] = req
         self.stats["begun"] += 1
         if not visible:
@@ -608,9 +610,9 @@ class Lifecycle:
     # ----- answers from the writer, the dlq and the store ------------------------------------------
     def _durable(self, ev: Durable) -> None:
         self._release(ev.request_id, ev.seq)
-        if ev.location == "dlq":
-            self.inventory.setdefault(ev.request_id, {})[ev.seq] = ev.nrows
         req = self.reqs.get(ev.request_id)
+        if ev.location == "dlq":  # whose chunk it is, unknown once the request left memory: never counted
+            self.inventory.setdefault(ev.request_id, {})[ev.seq] = (ev.nrows, totals(req.meta) if req else None)
         sent = req.inflight.pop(ev.seq, None) if req is not None else None
         self._bulk_done(sent, ev.nrows)
         if req is None:
@@ -709,8 +711,8 @@ class Lifecycle:
 
     def _inventory(self, ev: Inventory) -> None:
         self.inventory = {}
-        for rid, seq, rows in ev.items:
-            self.inventory.setdefault(rid, {})[seq] = rows
+        for rid, seq, rows, held_for in ev.items:
+            self.inventory.setdefault(rid, {})[seq] = (rows, tuple(held_for))
 
     def _sweep_done(self, ev: SweepDone) -> None:
         self.sweep_pending = False

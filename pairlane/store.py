@@ -20,7 +20,7 @@ import threading
 import time
 
 from . import codec
-from .lifecycle import settle
+from .lifecycle import settle, totals
 from .vocab import ResultStatus, WriteOutcome
 
 SCHEMA = """
@@ -241,14 +241,18 @@ class Store:
 
     def write_chunk(self, meta: dict, seq: int, trades: dict, nrows: int) -> WriteOutcome:
         """Commit one chunk. Returns the result's status after the commit: receiving | complete |
-        failed, or `duplicate` (seq already committed), or `discarded` (result abandoned/failed)."""
+        failed, or `duplicate` (seq already committed), or `discarded` (result abandoned/failed, or
+        the chunk belongs to an earlier request under this request_id with other totals, e.g. a dlq
+        item of an aborted request retried after the id was begun again)."""
         rid = meta["request_id"]
 
         def tx(conn):
             now = time.time()
             self._insert_result(conn, meta, now)
-            status = conn.execute("SELECT status FROM backtest_results WHERE request_id = ?", (rid,)).fetchone()[0]
-            if ResultStatus(status).final_without_rows:
+            status, *row_totals = conn.execute(
+                "SELECT status, strategy_name, total_trades, total_chunks FROM backtest_results "
+                "WHERE request_id = ?", (rid,)).fetchone()
+            if ResultStatus(status).final_without_rows or tuple(row_totals) != totals(meta):
                 return WriteOutcome.DISCARDED
             if conn.execute("SELECT 1 FROM backtest_chunks WHERE request_id = ? AND seq = ?",
                             (rid, seq)).fetchone():

@@ -232,7 +232,7 @@ def test_begin_for_stored_request_answers_stored_at_once():
 def test_resume_after_restart_from_store_row_and_dlq_inventory():
     w = World(dlq_up=True)
     w.db["R"] = {"meta": meta("R", 3, 30), "status": ResultStatus.RECEIVING, "chunks": {0: 10}}
-    w.send(lc.Inventory((("R", 1, 10),)))
+    w.send(lc.Inventory((("R", 1, 10, lc.totals(meta("R", 3, 30))),)))
     assert only(w.begin("R"))["credit"] == 3
     assert only(w.chunk("R", 0))["seq"] == 0 and only(w.chunk("R", 1))["seq"] == 1  # both durable: credit at once
     assert not any(isinstance(e, lc.Record) for e in w.effects)  # resumed, not started over
@@ -652,10 +652,8 @@ def test_invariants_over_random_event_orders(actions, auto_lookup):
         assert set(w.lc.lookups) <= set(RIDS)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: the dlq inventory of an aborted or abandoned request "
-                   "counts as durable for a new request under the same request_id, even seqs out of range")
 @pytest.mark.parametrize("drop", ["abort", "abandon"])
-def test_stale_dlq_chunks_of_an_earlier_request_complete_a_new_one(drop):
+def test_dlq_chunks_of_an_earlier_request_never_count_for_a_new_one_with_other_totals(drop):
     w = World(dlq_up=True)
     w.begin("R", chunks=2, trades=20)
     w.chunk("R", 1)
@@ -665,14 +663,14 @@ def test_stale_dlq_chunks_of_an_earlier_request_complete_a_new_one(drop):
     else:
         w.tick(61)
     assert only(w.begin("R", chunks=1, trades=10))["credit"] == 1     # a new request, nothing sent yet
-    r = only(w.end("R"))                  # answered `stored` (seq 1 of the old request counted)
+    r = only(w.end("R"))                  # the old request's seq 1 is not this one's seq 0
     assert r["code"] == "incomplete" and r["missing"] == [0]
 
 
 # ----- invariants for a producer that completes its requests ---------------------------------------
 # The producer sends what it has credit for, ends when everything is sent and begins again after an
 # error that says so, always with the same totals for a request_id (other totals only once stored:
-# see test_stale_dlq_chunks_of_an_earlier_request_complete_a_new_one); the daemon side makes most
+# see test_dlq_chunks_of_an_earlier_request_never_count_for_a_new_one_with_other_totals); the daemon side makes most
 # chunks durable and answers lookups. So most requests get stored, and
 # then the producer keeps poking them (begin again, end again, resend any chunk) while the writer,
 # the dlq, timers and lookups interleave. Invariants (PROTOCOL.md section 1):
