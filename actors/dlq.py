@@ -16,6 +16,7 @@ import collections
 import time
 
 from pairlane import spool as spoolmod
+from pairlane.lifecycle import totals
 from pairlane.spool import Spool, SpoolFull
 from pairlane.vocab import AlertName, AlertState, ResultStatus
 
