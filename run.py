@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""pairlane command line.
+"""pairlane command line from a source tree (installed, the same is the `pairlane` command).
 
   python run.py [--config FILE]          run the daemon (default)
   python run.py admin CMD [ARGS] [--json] talk to a running daemon
   python run.py send ...                 send a backtest result (producer)
   python run.py bench [--json]           benchmarks, as ratios against a raw floor
   python run.py chaos --duration S       bounded randomized fault run
+  python run.py --version                print the version
+
+`--config FILE` may stand anywhere on the line; without it, $PAIRLANE_CONFIG is used.
+The dispatching lives in entry/cli.py.
 """
 from __future__ import annotations
 
@@ -14,23 +18,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-SUBCOMMANDS = {
-    "admin": "entry.admin_cli",
-    "send": "entry.send",
-    "bench": "bench.run",
-    "chaos": "entry.chaos",
-}
-
 
 def main(argv: list[str]) -> int:
-    if argv and argv[0] in SUBCOMMANDS:
-        import importlib
-        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        print()
-    from entry.daemon import main as daemon_main
-    return daemon_main(argv)
+    from entry.cli import run
+    return run(argv)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Owns: the command line (one subcommand per command of the registry
 `pairlane.admin_commands.COMMANDS`, whose arguments, help and rendering it
 uses), sending the request to `admin.endpoint` (REQ, msgpack), and printing
 the reply as the command renders it (or raw JSON). Exit codes (PROTOCOL.md
-section 4): 0 ok, 1 error reply, 3 an actor is FATAL, 4 daemon unreachable.
+section 4): 0 ok, 1 error reply, 3 an actor is FATAL, 4 daemon unreachable (a refused
+connection is known within 1 s; under --json a JSON error object is printed too).
 Stdlib + pyzmq + msgpack only. Never talks to Thespian, and knows no command
 by name.
 """
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
+import time
 
 import msgpack
 import zmq
@@ -34,6 +37,37 @@ def request(endpoint: str, cmd: str, args: dict | None = None, token: str = "",
         return msgpack.unpackb(sock.recv(), raw=False, strict_map_key=False)
     finally:
         sock.close(0)
+
+
+PROBE_S = 1.0  # how long an endpoint may refuse connections before the daemon counts as down
+
+
+def reachable(endpoint: str, within_s: float = PROBE_S) -> str | None:
+    """None if something accepts TCP connections at a tcp:// endpoint within `within_s` (retried:
+    the admin actor may be restarting), else why not. Other transports are not probed."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    deadline = time.monotonic() + within_s
+    why = "no answer"
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=max(0.05, left)):
+                return None
+        except (OSError, ValueError) as exc:
+            why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        if time.monotonic() + 0.1 >= deadline:
+            return why
+        time.sleep(0.1)
+
+
+def _unreachable(endpoint: str, detail: str, as_json: bool) -> int:
+    message = f"no answer from {endpoint}: {detail} (is the daemon running?)"
+    if as_json:
+        print(json.dumps({"ok": False, "error": "unreachable", "endpoint": endpoint, "detail": message}))
+    print(f"pairlane admin: {message}", file=sys.stderr)
+    return EXIT_UNREACHABLE
 
 
 def main(argv: list[str]) -> int:
@@ -69,11 +103,12 @@ def main(argv: list[str]) -> int:
     if refusal:
         print(refusal, file=sys.stderr)
         return EXIT_ERROR
+    down = reachable(endpoint, min(PROBE_S, ns.timeout))
+    if down:
+        return _unreachable(endpoint, down, ns.json)
     reply = request(endpoint, ns.cmd, cmd.request_args(ns), token, ns.timeout)
     if reply is None:
-        print(f"pairlane admin: no answer from {endpoint} within {ns.timeout:g} s (is the daemon running?)",
-              file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return _unreachable(endpoint, f"no reply within {ns.timeout:g} s", ns.json)
     if ns.json:
         print(json.dumps(reply, indent=2, default=str))
     elif reply.get("ok"):

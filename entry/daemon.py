@@ -24,6 +24,7 @@ from pairlane import config as cfgmod
 from pairlane.lock import InstanceLock, LockBusy
 
 EXIT_CONFIG = 2
+PROCESS_TITLE = "pairlane: {name}"  # every actor process, as ps/top show it
 
 
 def run_dir_for(cfg: dict) -> str:
@@ -64,7 +65,7 @@ class Daemon:
         self.asys = start_system(self.cfg["daemon"]["actor_port"])
         self.spec = build_tree(self.cfg)
         self.settings = TreeSettings.from_config(self.cfg["supervision"], log_level=self.cfg["daemon"]["log_level"],
-                                                 event_sink="metrics")
+                                                 process_title=PROCESS_TITLE, event_sink="metrics")
         self.root_cls = RootSupervisor
         self.root_intensity = RestartIntensity(self.settings.max_restarts, self.settings.window_s)
         self._start_root()

@@ -59,9 +59,15 @@ resuming: a send that fails (exit 1) or is interrupted can simply be run
 again with the same --request-id: chunks the daemon already made durable are
 not stored twice.
 
-exit codes: 0 stored, 1 refused by the daemon or no answer after retries,
-2 bad arguments or input file, 130 interrupted.
+unreachable daemon: before sending, the gateway endpoint is probed; if it refuses
+connections for 5 s (or --timeout, if shorter) the send fails at once with exit 1
+("daemon unreachable"). A daemon that accepts but does not answer is retried:
+--retries resumes of --timeout seconds each (defaults 5 and 30).
+
+exit codes: 0 stored, 1 refused by the daemon, unreachable, or no answer after
+retries, 2 bad arguments or input file, 130 interrupted.
 """
+UNREACHABLE_PROBE_S = 5.0
 
 
 class _UsageError(Exception):
@@ -231,6 +237,12 @@ def _run(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             meta[key] = getattr(args, key)
     n = len(cols["pnl"])
+    from entry.admin_cli import reachable
+    down = reachable(endpoint, min(UNREACHABLE_PROBE_S, args.timeout))
+    if down:
+        print(f"run.py send: failed: daemon unreachable at {endpoint}: {down} "
+              f"(is pairlane running and listening on this endpoint?)", file=sys.stderr)
+        return 1
 
     bar = _Progress(sys.stderr) if (not args.quiet and sys.stderr.isatty()) else None
     t0 = time.monotonic()

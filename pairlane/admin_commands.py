@@ -16,9 +16,13 @@ which is handed its view).
 from __future__ import annotations
 
 import argparse
+import datetime
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
+
+from .vocab import ResultStatus
 
 EXIT_OK, EXIT_ERROR, EXIT_FATAL, EXIT_UNREACHABLE = 0, 1, 3, 4
 FATAL = "FATAL"   # the `state` of a status row whose supervisor gave up (PROTOCOL.md section 4)
@@ -168,8 +172,40 @@ def fmt_uptime(s: Any) -> str:
     return f"{h}:{m:02d}:{sec:02d}"
 
 
+EPOCH_MIN = 1e9  # a number this large under a time-like key is a Unix timestamp (2001 on)
+_TIME_KEY = re.compile(r"(_at|_ts|^ts|^since|_since|^at|_time)$")
+
+
+def iso(ts: float) -> str:
+    """Unix seconds -> '2026-11-30T02:10:00Z' (UTC, whole seconds)."""
+    return datetime.datetime.fromtimestamp(float(ts), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def fmt_value(v: Any, key: str = "") -> str:
+    """One value as an operator reads it: yes/no, '-' for nothing, ISO for timestamps under a
+    time-like key, '(none)' for an empty map or list, lists of scalars comma-joined; never a
+    Python repr."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (int, float)) and key and _TIME_KEY.search(key) and v >= EPOCH_MIN:
+        return iso(v)
+    if isinstance(v, float):
+        return f"{v:.6g}" if abs(v) < 1e15 else str(v)
+    if isinstance(v, (dict, list, tuple)) and not v:
+        return "(none)"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(fmt_value(x, key) for x in v)
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={fmt_value(x, str(k))}" for k, x in v.items())
+    return str(v)
+
+
 def table(rows: list[list], headers: list[str]) -> str:
-    cells = [headers] + [["" if v is None else str(v) for v in r] for r in rows]
+    """Columns padded to their widest cell; a cell is rendered by fmt_value under its header."""
+    cells = [headers] + [[v if isinstance(v, str) else fmt_value(v, h.lower()) for v, h in zip(r, headers)]
+                         for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
@@ -177,7 +213,7 @@ def table(rows: list[list], headers: list[str]) -> str:
 def kv_render(d: dict, indent: str = "") -> str:
     lines = []
     for k, v in d.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and v:
             lines.append(f"{indent}{k}:")
             lines.append(kv_render(v, indent + "  "))
         elif isinstance(v, list) and v and isinstance(v[0], dict):
@@ -186,8 +222,38 @@ def kv_render(d: dict, indent: str = "") -> str:
             lines.append("\n".join(indent + "  " + ln for ln in
                                    table([[r.get(h) for h in heads] for r in v], [h.upper() for h in heads]).splitlines()))
         else:
-            lines.append(f"{indent}{k}: {v}")
+            lines.append(f"{indent}{k}: {fmt_value(v, str(k))}")
     return "\n".join(lines)
+
+
+def parse_since(text: str) -> float:
+    """A --since value as Unix seconds: a number (Unix seconds), an age ('90s', '30m', '2h',
+    '7d': that long ago) or an ISO 8601 time (UTC unless it names a zone)."""
+    text = text.strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text)
+    if m:
+        return time.time() - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time: give Unix seconds, an age like 2h or 7d, or ISO 8601") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=datetime.timezone.utc)
+    return dt.timestamp()
+
+
+def fmt_age(seconds: Any) -> str:
+    """An age in seconds as '42s', '5m', '3h', '2d'."""
+    s = max(0.0, float(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s / size:.0f}{unit}"
+    return f"{s:.0f}s"
 
 
 ACTOR = Arg("actor", "an actor name", help="actor name (see `admin status`)")
@@ -288,6 +354,40 @@ class Verify(StoreRead):
                      ["KIND", "REQUEST_ID", "DETAIL"])
 
 
+class Results(StoreRead):
+    """backtest_results rows, newest first: REQUEST_ID, STRATEGY, STATUS, TRADES, SOURCE, RECEIVED, AGE."""
+
+    name = "results"
+    arguments = (Arg("status", "one of " + ", ".join(ResultStatus), default=None, choices=tuple(ResultStatus),
+                     help="only results with this status"),
+                 Arg("strategy", "a strategy name", default=None, help="only this strategy's results"),
+                 Arg("since", "Unix seconds", float, default=None, check=lambda v: v >= 0,
+                     help="only results received at or after this time"),
+                 Arg("limit", "a positive integer", int, default=100, check=_positive,
+                     help="at most this many rows (default 100)"))
+
+    def add_arguments(self, p):
+        for a in self.arguments:
+            if a.name == "since":
+                p.add_argument("--since", type=parse_since, default=None,
+                               help="received at or after: Unix seconds, an age (30m, 2h, 7d) or ISO 8601")
+            else:
+                a.add_to(p)
+
+    def read(self, view, args, config):
+        return {"ok": True, "results": view.results(args["status"], args["strategy"], args["since"],
+                                                    args["limit"])}
+
+    def render(self, reply):
+        now = time.time()
+        rows = []
+        for r in reply.get("results", []):
+            when = r.get("received_at") or r.get("completed_at") or r.get("updated_at")
+            rows.append([r["request_id"], r["strategy_name"], r["status"], r["total_trades"], r.get("source"),
+                         iso(when) if when else "-", fmt_age(now - when) if when else "-"])
+        return table(rows, ["REQUEST_ID", "STRATEGY", "STATUS", "TRADES", "SOURCE", "RECEIVED", "AGE"])
+
+
 # ----- the dead-letter queue: served by the dlq actor -------------------------------------------
 class DlqList(Command):
     """Dead-letter items: ID, REQUEST_ID, STAGE, REASON, ATTEMPTS, AGE, BYTES, PARKED."""
@@ -299,7 +399,7 @@ class DlqList(Command):
     def render(self, reply):
         now = time.time()
         rows = [[i["id"], i["request_id"], i["stage"], i["reason"], i["attempts"],
-                 f"{now - i['first_failed_at']:.0f}s", i["bytes"], "yes" if i["parked"] else "no"]
+                 fmt_age(now - i["first_failed_at"]), i["bytes"], "yes" if i["parked"] else "no"]
                 for i in reply.get("items", [])]
         return table(rows, ["ID", "REQUEST_ID", "STAGE", "REASON", "ATTEMPTS", "AGE", "BYTES", "PARKED"])
 
@@ -351,8 +451,9 @@ class Pairs(Command):
     owner = "pairs"
 
     def render(self, reply):
-        out = [f"safe_stop: {reply.get('safe_stop')}   candidates: {reply.get('candidates')}   "
-               f"newest_result_age_s: {reply.get('newest_result_age_s')}"]
+        age = reply.get("newest_result_age_s")
+        out = [f"safe_stop: {fmt_value(reply.get('safe_stop'))}   candidates: {fmt_value(reply.get('candidates'))}   "
+               f"newest_result_age: {'-' if age is None else fmt_age(age)}"]
         slots = reply.get("slots", [])
         out.append(table([[s["pair_id"], s["strategy_a"], s["strategy_b"], f"{s['weight_a']:.3f}",
                            f"{s['weight_b']:.3f}", f"{s['corr']:.3f}", f"{s['sharpe']:.3f}",
@@ -399,7 +500,7 @@ class Alerts(Command):
 
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (
-    Status(), Inspect(), Restart(), Inject(), Stop(), Result(), Verify(), DlqList(), DlqShow(),
+    Status(), Inspect(), Restart(), Inject(), Stop(), Result(), Results(), Verify(), DlqList(), DlqShow(),
     DlqReplay(), DlqPurge(), Pairs(), PairsEvaluate(), Metrics(), Alerts(), Help())}
 
 

@@ -14,7 +14,16 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-DEFAULTS_PATH = Path(__file__).resolve().parent.parent / "config" / "default.toml"
+
+def _defaults_path() -> Path:
+    """config/default.toml of the source tree, else the copy installed as package data
+    (pairlane/defaults/default.toml, see pyproject.toml)."""
+    here = Path(__file__).resolve().parent
+    source = here.parent / "config" / "default.toml"
+    return source if source.is_file() else here / "defaults" / "default.toml"
+
+
+DEFAULTS_PATH = _defaults_path()
 
 
 class ConfigError(Exception):
@@ -134,6 +143,8 @@ def check_values(cfg: dict) -> None:
         raise ConfigError("config key 'pairs.bucket' must be \"day\" or \"exact\"")
     if cfg["daemon"]["log_level"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("config key 'daemon.log_level' must be DEBUG, INFO, WARNING or ERROR")
+    if cfg["daemon"]["log_format"] not in ("logfmt", "json"):
+        raise ConfigError("config key 'daemon.log_format' must be \"logfmt\" or \"json\"")
     if not 1 <= cfg["daemon"]["actor_port"] <= 65535:
         raise ConfigError("config key 'daemon.actor_port' must be a TCP port (1-65535)")
     if cfg["supervision"]["heartbeat_timeout_s"] <= cfg["supervision"]["heartbeat_s"]:
@@ -157,6 +168,10 @@ def load(path: str | None) -> dict:
     for sect in ("store", "dlq"):
         p = cfg[sect]["path"]
         cfg[sect]["path"] = p if os.path.isabs(p) else os.path.abspath(p)
+    if not cfg["daemon"]["name"]:
+        cfg["daemon"]["name"] = socket.gethostname()
+    if cfg["daemon"]["log_file"]:
+        cfg["daemon"]["log_file"] = os.path.abspath(cfg["daemon"]["log_file"])
     return cfg
 
 

@@ -492,6 +492,34 @@ class StoreView:
                         pass  # a read-only snapshot: nothing to lose
         return self._snapshot(read)
 
+    RESULT_COLUMNS = ("request_id", "strategy_name", "status", "total_trades", "total_chunks", "sharpe",
+                      "profit_factor", "win_rate", "max_dd", "symbol", "timeframe", "rank", "oos_kind",
+                      "truncated", "error", "source", "received_at", "completed_at", "updated_at")
+
+    def results(self, status: str | None = None, strategy: str | None = None, since: float | None = None,
+                limit: int = 100) -> list[dict]:
+        """backtest_results rows (RESULT_COLUMNS), newest first by received_at (else completed_at,
+        updated_at), filtered by status, strategy name and that time >= since; at most `limit`."""
+        when = "COALESCE(received_at, completed_at, updated_at, 0)"
+        where, params = [], []
+        if status:
+            where.append("status = ?")
+            params.append(status)
+        if strategy:
+            where.append("strategy_name = ?")
+            params.append(strategy)
+        if since is not None:
+            where.append(f"{when} >= ?")
+            params.append(float(since))
+        sql = (f"SELECT {', '.join(self.RESULT_COLUMNS)} FROM backtest_results"
+               f"{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {when} DESC, request_id LIMIT ?")
+        params.append(int(limit))
+
+        def read():
+            rows = self._store.conn.execute(sql, params).fetchall()
+            return [dict(zip(self.RESULT_COLUMNS, r)) for r in rows]
+        return self._snapshot(read)
+
     def verify(self, assembly_timeout_s: float, now: float | None = None) -> list[dict]:
         """Store.verify, in one snapshot."""
         return self._snapshot(lambda: self._store.verify(assembly_timeout_s, now))

@@ -34,6 +34,18 @@ _RESEQ = "pl.reseq"
 REORDER_GAP_S = 5.0  # a message missing this long is given up on (delivered alone if it comes)
 
 
+def set_process_title(template: str, name: str) -> None:
+    """Title this process `template` with {name} filled in (seen in ps/top); nothing when the
+    template is empty or setproctitle is not installed."""
+    if not template:
+        return
+    try:
+        from setproctitle import setproctitle
+    except ImportError:
+        return
+    setproctitle(template.format(name=name))
+
+
 class Worker(Actor):
     """Subclass and override the `on_*` hooks; never override `receiveMessage`."""
 
@@ -193,6 +205,7 @@ class Worker(Actor):
         self.supervisor = supervisor
         self._started_at = time.time()
         set_level(self.settings.log_level)
+        set_process_title(self.settings.process_title, self.name)
         procs.write_pidfile(self.run_dir, self.name)
 
     def _init(self, msg: Init, sender) -> None:

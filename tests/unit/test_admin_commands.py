@@ -23,7 +23,7 @@ OWNERS = {"admin": Admin, "dlq": DLQ, "metrics": MetricsActor, "pairs": PairsAct
 # PROTOCOL.md section 4, plus `help`
 PROTOCOL_COMMANDS = {"status", "inspect", "result", "dlq.list", "dlq.show", "dlq.replay", "dlq.purge", "pairs",
                      "pairs.evaluate", "verify", "metrics", "restart", "inject", "stop", "help"}
-PROTOCOL_COMMANDS |= {"alerts"}   # PROTOCOL.md section 7 additions
+PROTOCOL_COMMANDS |= {"alerts", "results"}   # PROTOCOL.md section 7 additions
 
 
 def test_the_registry_holds_every_command_of_the_protocol_each_with_help_and_a_known_owner():
