@@ -50,6 +50,12 @@ class DLQ(PairlaneActor):
             self._parked_alert()
         self.after(0.1, "retry")
 
+    def on_reload(self, old_config: dict, new_config: dict) -> None:
+        """SIGHUP: new retry bounds apply to the next retry scheduled (dlq.path and max_bytes need a restart)."""
+        d = new_config["dlq"]
+        self.min_s, self.max_s = float(d["retry_min_s"]), float(d["retry_max_s"])
+        self.max_attempts = d["max_attempts"]
+
     def inspect(self) -> dict:
         oldest = self.spool.oldest_first_failed_at
         rp = None

@@ -40,6 +40,9 @@ class PairsActor(PairlaneActor):
         self.errors = 0
         self.requests = Requests(self)   # pairs.evaluate awaiting the writer's SlotsWritten
         self.metrics_addr = self.peer("metrics")
+        # the periodic evaluation is due at this monotonic time; an "evaluate" timer firing earlier
+        # was scheduled under an interval a reload since replaced, and is ignored
+        self.due = time.monotonic() + min(5.0, self.interval)
         self.after(min(5.0, self.interval), "evaluate")
 
     def on_directory(self) -> None:
@@ -51,6 +54,16 @@ class PairsActor(PairlaneActor):
             if self.last is not None:
                 self._report(self.last)
                 self.flush_metrics()
+
+    def on_reload(self, old_config: dict, new_config: dict) -> None:
+        """SIGHUP: new pair parameters apply from the next evaluation; a new interval at once."""
+        self.cfg = pairlogic.PairsConfig.from_mapping(new_config["pairs"])
+        interval = float(new_config["pairs"]["interval_s"])
+        if interval != self.interval:
+            self.log("INFO", "pairs_interval_changed", old_s=self.interval, new_s=interval)
+            self.interval = interval
+            self.due = time.monotonic() + interval
+            self.after(interval, "evaluate")
 
     def on_stop(self) -> None:
         if self.conn is not None:
@@ -73,10 +86,13 @@ class PairsActor(PairlaneActor):
         if self.requests.on_timer(payload):
             return
         if payload == "evaluate":
+            if time.monotonic() < self.due - 0.05:
+                return  # a timer of an interval a reload replaced
             result = self.evaluate()
             if result.get("ok", True):
                 self.write_slots(result)
             if not self._stopping:
+                self.due = time.monotonic() + self.interval
                 self.after(self.interval, "evaluate")
 
     def evaluate(self) -> dict:

@@ -9,6 +9,8 @@ process of the actor system outlives the daemon. Never handles data.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import os
 import signal
 import sys
@@ -16,8 +18,8 @@ import time
 
 from supervision import procs
 from supervision.intensity import RestartIntensity
-from supervision.log import log, set_level
-from supervision.messages import StartTree, StopDaemon, TreeStarted, TreeStopped
+from supervision.log import log, reopen, set_level
+from supervision.messages import Reload, StartTree, StopDaemon, TreeStarted, TreeStopped
 from supervision.spec import TreeSettings
 
 from pairlane import config as cfgmod
@@ -25,6 +27,22 @@ from pairlane.lock import InstanceLock, LockBusy
 
 EXIT_CONFIG = 2
 PROCESS_TITLE = "pairlane: {name}"  # every actor process, as ps/top show it
+
+
+# What SIGHUP applies without a restart (a dotted key, or a table prefix ending in "."); any
+# other changed key is logged as needing a restart and keeps its running value.
+RELOADABLE = ("daemon.log_level", "pairs.", "alerts.ingest_stall_s", "dlq.retry_min_s", "dlq.retry_max_s",
+              "dlq.max_attempts")
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two loaded configs."""
+    return sorted(f"{sect}.{key}" for sect, table in new.items() for key, value in table.items()
+                  if old.get(sect, {}).get(key) != value)
+
+
+def reloadable(key: str) -> bool:
+    return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RELOADABLE)
 
 
 def run_dir_for(cfg: dict) -> str:
@@ -36,6 +54,7 @@ class Daemon:
         self.cfg = cfg
         self.config_path = config_path
         self.stop_requested: str | None = None
+        self.reload_requested = False
         self.asys = None
         self.root = None
         self.root_pid: int | None = None
@@ -76,6 +95,30 @@ class Daemon:
         self.asys.tell(self.root, StartTree(spec=self.spec, settings=self.settings, config=self.cfg,
                                             main_pid=os.getpid(), run_dir=self.run_dir))
 
+    # ----- SIGHUP ----------------------------------------------------------------------------------
+    def reload(self) -> None:
+        """Reopen the log, re-read the config file and send what may change to the tree."""
+        reopen()
+        try:
+            new = cfgmod.load(self.config_path)
+        except cfgmod.ConfigError as exc:
+            log("ERROR", "config_reload_failed", actor="main", error=str(exc), kept="running config")
+            return
+        changed = config_changes(self.cfg, new)
+        applied = [k for k in changed if reloadable(k)]
+        restart = [k for k in changed if not reloadable(k)]
+        effective = copy.deepcopy(self.cfg)
+        for key in applied:
+            sect, name = key.split(".", 1)
+            effective[sect][name] = new[sect][name]
+        self.cfg = effective
+        set_level(effective["daemon"]["log_level"])
+        log("INFO", "config_reloaded", actor="main", applied=applied, needs_restart=restart)
+        if self.asys is None or self.root is None:
+            return
+        self.settings = dataclasses.replace(self.settings, log_level=effective["daemon"]["log_level"])
+        self.asys.tell(self.root, Reload(settings=self.settings, config=self.cfg))
+
     # ----- the wait loop -------------------------------------------------------------------------
     def loop(self) -> int:
         stop_sent_at = None
@@ -92,6 +135,9 @@ class Daemon:
                 else:
                     log("INFO", "daemon_tree_stopped", actor="main", reason=msg.reason)
                 return msg.exit_code
+            if self.reload_requested and stop_sent_at is None:
+                self.reload_requested = False
+                self.reload()
             if self.stop_requested and stop_sent_at is None:
                 log("INFO", "daemon_stopping", actor="main", reason=self.stop_requested)
                 self.asys.tell(self.root, StopDaemon(self.stop_requested))
@@ -173,8 +219,12 @@ def main(argv: list[str]) -> int:
     def on_signal(signum, frame):
         daemon.stop_requested = signal.Signals(signum).name
 
+    def on_hangup(signum, frame):
+        daemon.reload_requested = True
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)  # never stops the daemon: reopen the log, reload settings
     log("INFO", "daemon_starting", actor="main", config=args.config or "default",
         actor_port=cfg["daemon"]["actor_port"], gateway=cfg["gateway"]["endpoint"],
         admin=cfg["admin"]["endpoint"], store=cfg["store"]["path"])

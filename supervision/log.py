@@ -20,6 +20,10 @@ def set_level(level: str) -> None:
     _threshold = LEVELS.get(level.upper(), 20)
 
 
+def reopen() -> None:
+    """Reopen the log output (after logrotate renamed the file). Stderr needs nothing."""
+
+
 def _fmt(value: object) -> str:
     s = str(value)
     if s == "" or any(c in s for c in ' ="\n\t'):

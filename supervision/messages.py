@@ -30,6 +30,19 @@ class Init:
 
 
 @dataclass(frozen=True)
+class Reload:
+    """Daemon main -> root -> every actor, down the tree: settings and config changed (SIGHUP).
+
+    Each actor takes the new `settings` (TreeSettings: log level and log output) and `config`,
+    reopens its log output, passes the message to its children if it supervises any, and
+    applies what it can in its `on_reload` hook. Never restarts anything.
+    """
+
+    settings: Any
+    config: dict
+
+
+@dataclass(frozen=True)
 class Started:
     """Child -> supervisor: Init handled; pid is the child's process id."""
 

@@ -257,6 +257,13 @@ class Supervisor(Worker):
         if self.supervisor is not None:
             self.send(self.supervisor, msg)
 
+    def forward_reload(self, msg) -> None:
+        """Every child gets the Reload; children started later get the new settings and config
+        in their Init (self.settings and self.config are already the new ones)."""
+        for child in self.children.values():
+            if child.address is not None:
+                self.send(child.address, msg)
+
     def on_directory(self) -> None:
         for child in self.children.values():
             if child.address is not None:

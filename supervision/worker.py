@@ -23,9 +23,9 @@ from thespian.actors import (Actor, ActorExitRequest, ChildActorExited, Thespian
                              WakeupMessage, WatchMessage)
 
 from . import procs
-from .log import log, set_level
+from .log import log, reopen, set_level
 from .messages import (Directory, ExitingNormally, Heartbeat, InjectFault, Init, InspectReply,
-                       InspectRequest, Shutdown, Started)
+                       InspectRequest, Reload, Shutdown, Started)
 from .ordering import Numberer, Resequencer, Sequenced
 
 CRASH_EXIT_CODE = 70
@@ -90,6 +90,13 @@ class Worker(Actor):
 
     def on_stop(self) -> None:
         """Graceful stop: flush and close. Must finish within the child spec's shutdown_s."""
+
+    def on_reload(self, old_config: dict, new_config: dict) -> None:
+        """`Reload` arrived: `self.config` is already `new_config` (and `self.settings` the new
+        settings, the log reopened); apply what can change without a restart. Never restart."""
+
+    def forward_reload(self, msg: Reload) -> None:
+        """Pass a Reload down; supervisors send it to their children."""
 
     def inspect(self) -> dict:
         """The actor's own figures for `admin inspect`."""
@@ -164,6 +171,8 @@ class Worker(Actor):
             state.setdefault("delivery", dict(self._reseq.stats, held=self._reseq.held()))
             state.setdefault("uptime_s", round(time.time() - self._started_at, 3))
             self.send(sender, InspectReply(msg.token, self.name, state))
+        elif isinstance(msg, Reload):
+            self._reload(msg)
         elif isinstance(msg, InjectFault):
             self._inject(msg.fault)
         elif isinstance(msg, Shutdown):
@@ -207,6 +216,15 @@ class Worker(Actor):
         set_level(self.settings.log_level)
         set_process_title(self.settings.process_title, self.name)
         procs.write_pidfile(self.run_dir, self.name)
+
+    def _reload(self, msg: Reload) -> None:
+        old = self.config
+        self.settings = msg.settings
+        self.config = msg.config
+        set_level(self.settings.log_level)
+        reopen()
+        self.forward_reload(msg)
+        self.on_reload(old, msg.config)
 
     def _init(self, msg: Init, sender) -> None:
         self.adopt(msg, sender, msg.directory)

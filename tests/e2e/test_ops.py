@@ -176,3 +176,47 @@ def test_a_closed_pipe_gives_no_traceback_and_actors_are_titled(make_daemon):
         with open(f"/proc/{a['pid']}/cmdline", "rb") as fh:
             title = fh.read().replace(b"\0", b" ").decode().strip()
         assert title == f"pairlane: {a['name']}", (a["name"], title)
+
+
+# ----- signals -----------------------------------------------------------------------------------
+def _log_after(d: Daemon, marker: str) -> str:
+    text = d.log_path.read_text(errors="replace")
+    at = text.find(marker)
+    return text[at:] if at >= 0 else ""
+
+
+def test_sighup_keeps_the_daemon_up_and_applies_log_level_and_pairs_interval(make_daemon):
+    import signal
+    import tomllib
+    d = make_daemon({"pairs": {"interval_s": 300.0}})
+    assert d.admin("inspect", {"actor": "pairs"})["state"]["interval_s"] == 300.0
+    d.admin("status")
+    assert "level=DEBUG" not in d.log_path.read_text()
+    pids = {a["name"]: a["pid"] for a in d.status()["actors"]}
+
+    cfg = tomllib.loads(d.config_path.read_text())
+    cfg["daemon"]["log_level"] = "DEBUG"
+    cfg["pairs"]["interval_s"] = 0.5
+    cfg["gateway"]["credit"] = 4  # cannot change while running: reported, not applied
+    write_toml(d.config_path, cfg)
+    d.proc.send_signal(signal.SIGHUP)
+
+    reloaded = d.wait_for(lambda: _log_after(d, "event=config_reloaded"), 10, what="config_reloaded line")
+    first = reloaded.splitlines()[0]
+    assert "daemon.log_level" in first and "pairs.interval_s" in first and "gateway.credit" in first
+    applied, restart = first.split("applied=")[1], first.split("needs_restart=")[1]
+    assert "gateway.credit" in restart and "gateway.credit" not in applied.split("needs_restart=")[0]
+    state = d.wait_for(lambda: (s := d.admin("inspect", {"actor": "pairs"})["state"])["interval_s"] == 0.5 and s,
+                       10, what="pairs interval 0.5")
+    before = state["evaluations"]
+    d.wait_for(lambda: d.admin("inspect", {"actor": "pairs"})["state"]["evaluations"] >= before + 2, 15,
+               what="evaluations at the new interval")
+    # the admin actor logs each command at DEBUG: after the reload such lines appear
+    d.wait_for(lambda: (d.admin("status") or True) and "level=DEBUG" in _log_after(d, "event=config_reloaded"),
+               10, what="a DEBUG line after the reload")
+    assert d.proc.poll() is None
+    # SIGHUP restarts nothing, and the daemon still stops gracefully
+    assert {a["name"]: a["pid"] for a in d.status()["actors"]} == pids
+    assert d.admin("inspect", {"actor": "gateway"})["ok"]
+    assert d.stop() == 0
+    assert "event=daemon_exit" in d.log_path.read_text()
