@@ -18,6 +18,7 @@ import time
 
 from supervision import procs
 from supervision.intensity import RestartIntensity
+from supervision.log import configure as configure_log
 from supervision.log import log, reopen, set_level
 from supervision.messages import Reload, StartTree, StopDaemon, TreeStarted, TreeStopped
 from supervision.spec import TreeSettings
@@ -26,6 +27,7 @@ from pairlane import config as cfgmod
 from pairlane.lock import InstanceLock, LockBusy
 
 EXIT_CONFIG = 2
+LEFTOVER_GRACE_S = 2.0  # actor processes still alive this long after the actor system's shutdown are killed
 PROCESS_TITLE = "pairlane: {name}"  # every actor process, as ps/top show it
 
 
@@ -43,6 +45,12 @@ def config_changes(old: dict, new: dict) -> list[str]:
 
 def reloadable(key: str) -> bool:
     return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RELOADABLE)
+
+
+def log_settings(cfg: dict) -> dict:
+    """The [daemon] log keys as supervision.log.configure / TreeSettings take them."""
+    d = cfg["daemon"]
+    return {"log_format": d["log_format"], "log_file": d["log_file"], "log_fields": {"daemon": d["name"]}}
 
 
 def run_dir_for(cfg: dict) -> str:
@@ -84,7 +92,8 @@ class Daemon:
         self.asys = start_system(self.cfg["daemon"]["actor_port"])
         self.spec = build_tree(self.cfg)
         self.settings = TreeSettings.from_config(self.cfg["supervision"], log_level=self.cfg["daemon"]["log_level"],
-                                                 process_title=PROCESS_TITLE, event_sink="metrics")
+                                                 process_title=PROCESS_TITLE, event_sink="metrics",
+                                                 **log_settings(self.cfg))
         self.root_cls = RootSupervisor
         self.root_intensity = RestartIntensity(self.settings.max_restarts, self.settings.window_s)
         self._start_root()
@@ -160,7 +169,7 @@ class Daemon:
             log("ERROR", "daemon_exit_escalated", actor="main",
                 reason="root supervisor keeps dying", exit_code=1)
             return False
-        log("ERROR", "root_died_restarting", actor="main", pid=self.root_pid)
+        log("ERROR", "root_died_restarting", actor="main", root_pid=self.root_pid)
         time.sleep(self.settings.backoff_min_s)
         self._start_root()
         return True
@@ -180,6 +189,12 @@ class Daemon:
                 pgid = None
         if pgid and pgid != os.getpgid(0) and pgid > 1:
             left = procs.group_pids(pgid)
+            # after a clean Thespian shutdown the actor processes are on their way out: give them
+            # a moment before calling any of them a leftover
+            grace = time.monotonic() + LEFTOVER_GRACE_S
+            while left and time.monotonic() < grace:
+                time.sleep(0.02)
+                left = procs.group_pids(pgid)
             if left:
                 log("WARNING", "killing_leftover_processes", actor="main", pids=",".join(map(str, left)))
                 try:
@@ -208,6 +223,13 @@ def main(argv: list[str]) -> int:
         print(f"pairlane: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     set_level(cfg["daemon"]["log_level"])
+    logs = log_settings(cfg)
+    try:
+        configure_log(logs["log_format"], logs["log_file"], logs["log_fields"])
+    except OSError as exc:
+        print(f"pairlane: configuration error: config key 'daemon.log_file': cannot open "
+              f"{cfg['daemon']['log_file']}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONFIG
     daemon = Daemon(cfg, args.config)
     try:
         daemon.preflight()

@@ -648,6 +648,9 @@ class Lifecycle:
                 now = self.wall()
                 self._metric("observe", "pairlane_result_receive_seconds", now - req.began_at)
                 self._metric("set", "pairlane_last_result_timestamp_seconds", now)
+                self._emit(Log("INFO", "result_stored", (
+                    ("request_id", req.rid), ("trades", req.meta["total_trades"]),
+                    ("seconds", round(now - req.began_at, 3)), ("location", loc))))
                 self.stats["completed"] += 1
         if req.status == ResultStatus.FAILED and all_durable:
             self._metric("inc", "pairlane_results_total", outcome="failed")

@@ -66,13 +66,17 @@ class TreeSettings:
     log_level: str = "INFO"       # every worker's log threshold (DEBUG, INFO, WARNING, ERROR)
     strict_states: bool = False   # an illegal state change raises (tests) instead of being logged and refused
     process_title: str = ""       # e.g. "app: {name}": each actor process's title in ps/top ("" = untouched)
+    log_format: str = "logfmt"    # "logfmt" or "json" (supervision.log)
+    log_file: str = ""            # "" = stderr; else appended and reopened on Reload
+    log_fields: dict = field(default_factory=dict)  # static fields on every log line (e.g. an instance name)
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, sup: dict, log_level: str = "INFO", process_title: str = "",
-                    **extra) -> "TreeSettings":
+    def from_config(cls, sup: dict, log_level: str = "INFO", process_title: str = "", log_format: str = "logfmt",
+                    log_file: str = "", log_fields: dict | None = None, **extra) -> "TreeSettings":
         """From the [supervision] table; extra: e.g. event_sink = the actor told of escalations."""
-        return cls(log_level=log_level, process_title=process_title, max_restarts=sup["max_restarts"], window_s=float(sup["window_s"]),
+        return cls(log_level=log_level, process_title=process_title, log_format=log_format, log_file=log_file,
+                   log_fields=dict(log_fields or {}), max_restarts=sup["max_restarts"], window_s=float(sup["window_s"]),
                    backoff_min_s=float(sup["backoff_min_s"]), backoff_max_s=float(sup["backoff_max_s"]),
                    heartbeat_s=float(sup["heartbeat_s"]),
                    heartbeat_timeout_s=float(sup["heartbeat_timeout_s"]), extra=dict(extra))

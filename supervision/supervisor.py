@@ -223,7 +223,7 @@ class Supervisor(Worker):
                 self._set_state(child, State.RUNNING)
             child.started_at = time.time()
             child.last_hb = time.monotonic()
-            log("INFO", "child_started", actor=self.name, child=child.spec.name, pid=msg.pid,
+            log("INFO", "child_started", actor=self.name, child=child.spec.name, child_pid=msg.pid,
                 restarts=child.restarts)
             self.registered(child.spec.name, sender)
             self._report()
@@ -405,7 +405,7 @@ class Supervisor(Worker):
                         pid=child.pid)
                     self.on_child_exited(_LostExit(child.address))
                     continue
-                log("ERROR", "watchdog_kill", actor=self.name, child=child.spec.name, pid=child.pid,
+                log("ERROR", "watchdog_kill", actor=self.name, child=child.spec.name, child_pid=child.pid,
                     silent_s=f"{now - child.last_hb:.2f}")
                 child.hung = True
                 self._kill(child)

@@ -23,6 +23,7 @@ from thespian.actors import (Actor, ActorExitRequest, ChildActorExited, Thespian
                              WakeupMessage, WatchMessage)
 
 from . import procs
+from .log import configure as configure_log
 from .log import log, reopen, set_level
 from .messages import (Directory, ExitingNormally, Heartbeat, InjectFault, Init, InspectReply,
                        InspectRequest, Reload, Shutdown, Started)
@@ -214,6 +215,10 @@ class Worker(Actor):
         self.supervisor = supervisor
         self._started_at = time.time()
         set_level(self.settings.log_level)
+        try:
+            configure_log(self.settings.log_format, self.settings.log_file, self.settings.log_fields)
+        except (OSError, ValueError) as exc:  # keep the inherited output; the main process checked it
+            log("ERROR", "log_output_failed", actor=self.name, error=exc)
         set_process_title(self.settings.process_title, self.name)
         procs.write_pidfile(self.run_dir, self.name)
 

@@ -220,3 +220,96 @@ def test_sighup_keeps_the_daemon_up_and_applies_log_level_and_pairs_interval(mak
     assert d.admin("inspect", {"actor": "gateway"})["ok"]
     assert d.stop() == 0
     assert "event=daemon_exit" in d.log_path.read_text()
+
+
+# ----- logging -----------------------------------------------------------------------------------
+_LOGFMT_PAIR = None
+
+
+def parse_logfmt(line: str) -> dict:
+    """key=value pairs, values bare words or JSON strings; AssertionError on anything else or a
+    repeated key."""
+    import re
+    global _LOGFMT_PAIR
+    if _LOGFMT_PAIR is None:
+        _LOGFMT_PAIR = re.compile(r'([A-Za-z_][A-Za-z0-9_.]*)=("(?:[^"\\]|\\.)*"|[^\s="\\]+)(?: |$)')
+    out: dict = {}
+    pos = 0
+    while pos < len(line):
+        m = _LOGFMT_PAIR.match(line, pos)
+        assert m, f"not logfmt at {pos}: {line!r}"
+        key, raw = m.group(1), m.group(2)
+        assert key not in out, f"repeated key {key}: {line!r}"
+        out[key] = json.loads(raw) if raw.startswith('"') else raw
+        pos = m.end()
+    return out
+
+
+def _exercise(d: Daemon) -> None:
+    """Results stored, an actor restarted (child_started with the child's pid), a DLQ list."""
+    _send(d, "log-1", "Alpha")
+    _send(d, "log-2", "Beta", n=123)
+    old = d.actor("writer")["restarts"]
+    assert d.admin("restart", {"actor": "writer"})["ok"]
+    d.wait_running("writer", restarts=old + 1, timeout=15)
+    d.admin("pairs.evaluate")
+
+
+def test_logfmt_lines_parse_with_unique_keys_and_a_line_per_result_and_a_clean_stop_warns_nothing(make_daemon,
+                                                                                                    tmp_path):
+    log_file = tmp_path / "logs" / "pairlane.log"
+    d = make_daemon({"daemon": {"log_file": str(log_file), "name": "ops-test"},
+                     "pairs": {"min_trades": 10_000}})  # every strategy excluded: an alert with a map
+    _exercise(d)
+    assert d.stop() == 0
+    lines = log_file.read_text().splitlines()
+    assert len(lines) > 20
+    parsed = [parse_logfmt(ln) for ln in lines]
+    assert all(p["daemon"] == "ops-test" and p["ts"].endswith("Z") for p in parsed)
+    assert {p["level"] for p in parsed} <= {"INFO", "WARNING", "ERROR"}
+    raised = next(p for p in parsed if p["event"] == "alert_raised" and p["alert"] == "pair_safe_stop")
+    assert json.loads(raised["reasons"])["too_few_trades"] >= 2  # JSON, not a Python repr
+    stored = {p["request_id"]: p for p in parsed if p["event"] == "result_stored"}
+    assert set(stored) == {"log-1", "log-2"}
+    assert stored["log-2"]["trades"] == "123" and stored["log-2"]["location"] == "db"
+    assert float(stored["log-2"]["seconds"]) >= 0 and stored["log-2"]["level"] == "INFO"
+    started = [p for p in parsed if p["event"] == "child_started" and p["child"] == "writer"]
+    assert len(started) >= 2 and all(p["child_pid"] != p["pid"] for p in started)
+    stop_at = next(i for i, p in enumerate(parsed) if p["event"] == "daemon_stopping")
+    assert [p["event"] for p in parsed[stop_at:] if p["level"] != "INFO"] == []  # a clean stop warns nothing
+    assert parsed[-1]["event"] == "daemon_exit" and parsed[-1]["exit_code"] == "0"
+
+
+def test_json_log_lines_are_objects_and_maps_stay_maps(make_daemon, tmp_path):
+    log_file = tmp_path / "json.log"
+    d = make_daemon({"daemon": {"log_file": str(log_file), "log_format": "json"},
+                     "pairs": {"min_trades": 10_000}})  # every strategy excluded: safe stop with a map
+    _exercise(d)
+    assert d.stop() == 0
+    parsed = [json.loads(ln) for ln in log_file.read_text().splitlines()]
+    assert all(isinstance(p, dict) and {"ts", "level", "daemon", "actor", "pid", "event"} <= set(p) for p in parsed)
+    stored = [p for p in parsed if p["event"] == "result_stored"]
+    assert sorted(p["trades"] for p in stored) == [123, 200]  # numbers stay numbers
+    raised = [p for p in parsed if p["event"] == "alert_raised" and p["alert"] == "pair_safe_stop"]
+    assert raised and isinstance(raised[0]["reasons"], dict)  # a map is a JSON object, not a repr
+    assert raised[0]["reasons"]["too_few_trades"] >= 2
+    assert all(isinstance(p["pid"], int) for p in parsed)
+
+
+def test_log_file_renamed_then_sighup_writes_to_a_new_file(make_daemon, tmp_path):
+    import signal
+    log_file = tmp_path / "rot.log"
+    d = make_daemon({"daemon": {"log_file": str(log_file)}})
+    rotated = tmp_path / "rot.log.1"
+    os.rename(log_file, rotated)
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_for(lambda: log_file.exists() and "event=config_reloaded" in log_file.read_text(), 10,
+               what="the reopened log file")
+    _send(d, "after-rotate", "Gamma")
+    d.wait_for(lambda: "request_id=after-rotate" in log_file.read_text(), 10, what="a result line in the new file")
+    # every actor reopened: restart lines of an actor land in the new file too
+    assert d.admin("restart", {"actor": "pairs"})["ok"]
+    d.wait_for(lambda: "child=pairs" in log_file.read_text(), 10, what="pairs restart in the new file")
+    assert "request_id=after-rotate" not in rotated.read_text()
+    assert "event=daemon_ready" in rotated.read_text()
+    assert d.stop() == 0
