@@ -110,6 +110,7 @@ def main(argv: list[str]) -> int:
 
     out: dict = {"repeat": ns.repeat}
     tmp = tempfile.mkdtemp(prefix="pairlane-bench-")
+    finished = False
     d = Daemon(Path(tmp) / "daemon", {"pairs": {"interval_s": 3600.0}})
     max_bytes = d.cfg.get("gateway", {}).get("max_message_bytes", 1 << 20)
     try:
@@ -206,8 +207,9 @@ def main(argv: list[str]) -> int:
         progress("pair evaluation", ns.quiet)
         out["pairs"] = {f"strategies_{k}_seconds": statistics.median(pairs.bench(k, seed=s) for s in range(ns.repeat))
                         for k in (500, 2000)}
+        finished = True
     finally:
-        d.close()
+        d.close_and_remove(tmp, keep=not finished)  # a finished run leaves nothing in /tmp
     if ns.json:
         print(json.dumps(out, indent=2))
         return 0

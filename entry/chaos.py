@@ -338,11 +338,12 @@ def main(argv: list[str]) -> int:
         if d.admin("status", timeout=3) is None:
             print(f"chaos: no daemon answers at {cfg['admin']['endpoint']}", file=sys.stderr)
             return 4
+    summary = None
     try:
         summary = run_chaos(d, ns.duration, ns.seed, own)
     finally:
-        if own:
-            d.close()
+        if own:  # a clean run leaves nothing in /tmp; a failed one keeps the daemon's files and says where
+            d.close_and_remove(tmp, keep=summary is None or not _clean(summary))
     if ns.json:
         import json
         print(json.dumps(summary, indent=2))
@@ -354,6 +355,10 @@ def main(argv: list[str]) -> int:
             if isinstance(v, float):
                 v = f"{v:.2f}"
             print(f"  {k:<20} {v}")
-    ok = summary["lost"] == 0 and summary["duplicates"] == 0 and summary["partial_visible"] == 0 \
+    return 0 if _clean(summary) else 1
+
+
+def _clean(summary: dict) -> bool:
+    """Nothing lost, duplicated, partly visible or miscounted, and never two writers."""
+    return summary["lost"] == 0 and summary["duplicates"] == 0 and summary["partial_visible"] == 0 \
         and summary["wrong_row_counts"] == 0 and summary["max_writers_seen"] <= 1
-    return 0 if ok else 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -190,6 +191,16 @@ class Daemon:
         left = self.cleanup()
         if left:
             print(f"warning: killed leftover processes {left}", file=sys.stderr)
+
+    def close_and_remove(self, root: Path | str | None = None, keep: bool = False) -> None:
+        """close(), then delete `root` (default: this daemon's directory) unless `keep` (e.g. after
+        a failure, to look at the logs; the path is then printed on stderr)."""
+        self.close()
+        root = Path(root) if root is not None else self.tmp
+        if keep:
+            print(f"kept {root} (daemon log: {self.log_path})", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
     def cleanup(self) -> list[int]:
         """Kill whatever is left; returns the pids that were still alive (should be none)."""

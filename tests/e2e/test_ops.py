@@ -313,3 +313,40 @@ def test_log_file_renamed_then_sighup_writes_to_a_new_file(make_daemon, tmp_path
     assert "request_id=after-rotate" not in rotated.read_text()
     assert "event=daemon_ready" in rotated.read_text()
     assert d.stop() == 0
+
+
+# ----- temp dirs -----------------------------------------------------------------------------------
+def test_passing_tests_leave_no_temp_dir_behind(tmp_path):
+    """pytest's tmp_path_retention_policy = "failed" (pyproject.toml): a passing run removes its
+    temp dirs, a failing run keeps the failed test's."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "test_probe.py").write_text(
+        "import os\n"
+        "def test_writes(tmp_path):\n    (tmp_path / 'big').write_bytes(b'x' * 1000)\n"
+        "def test_maybe_fails(tmp_path):\n    (tmp_path / 'f').write_text('x')\n"
+        "    assert os.environ.get('PROBE_FAIL') != '1'\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    env["TMPDIR"] = str(tmpdir)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(REPO / "pyproject.toml"),
+           "--rootdir", str(probe), str(probe / "test_probe.py")]
+    ok = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=probe, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert [p for p in tmpdir.rglob("*") if p.is_file()] == []
+    bad = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, PROBE_FAIL="1"), cwd=probe, timeout=120)
+    assert bad.returncode == 1
+    kept = [p.name for p in tmpdir.rglob("*") if p.is_file()]
+    assert kept == ["f"], kept  # only the failed test's dir is kept
+
+
+@pytest.mark.slow
+def test_chaos_run_removes_its_temp_dir(tmp_path):
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    r = run_cli("chaos", "--duration", "3", "--json", cwd=tmp_path, env=dict(os.environ, TMPDIR=str(tmpdir)),
+                timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert str(tmpdir) in r.stderr  # its daemon did live there
+    assert list(tmpdir.iterdir()) == []
