@@ -173,7 +173,7 @@ def fmt_uptime(s: Any) -> str:
 
 
 EPOCH_MIN = 1e9  # a number this large under a time-like key is a Unix timestamp (2001 on)
-_TIME_KEY = re.compile(r"(_at|_ts|^ts|^since|_since|^at|_time)$")
+_TIME_KEY = re.compile(r"(_at|_ts|^ts|^since|_since|^at|_time|timestamp|timestamp_seconds)$")
 
 
 def iso(ts: float) -> str:
@@ -192,7 +192,11 @@ def fmt_value(v: Any, key: str = "") -> str:
     if isinstance(v, (int, float)) and key and _TIME_KEY.search(key) and v >= EPOCH_MIN:
         return iso(v)
     if isinstance(v, float):
-        return f"{v:.6g}" if abs(v) < 1e15 else str(v)
+        if v != v or v in (float("inf"), float("-inf")):
+            return str(v)
+        if v == 0 or abs(v) >= 1e-3:
+            return f"{v:.6f}".rstrip("0").rstrip(".")  # no exponent, at most 6 decimals
+        return f"{v:.3g}"
     if isinstance(v, (dict, list, tuple)) and not v:
         return "(none)"
     if isinstance(v, (list, tuple)):

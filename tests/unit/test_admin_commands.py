@@ -229,3 +229,27 @@ def test_interrupt_aborts_a_read_in_progress_with_a_store_error(db):
         view.verify(60.0)
     assert view.result_info("done")["status"] == "complete"  # reopened, usable again
     assert [p["kind"] for p in view.verify(60.0)] == ["row_count"]
+
+
+def test_text_values_never_show_python_reprs():
+    assert ac.fmt_value(True) == "yes" and ac.fmt_value(False) == "no" and ac.fmt_value(None) == "-"
+    assert ac.fmt_value({}) == "(none)" and ac.fmt_value([]) == "(none)"
+    assert ac.fmt_value(1796014745.25, "last_result_timestamp_seconds") == "2026-11-30T04:59:05Z"
+    assert ac.fmt_value(1796014745.25, "completed_at") == "2026-11-30T04:59:05Z"
+    assert ac.fmt_value(1796014745.25, "bytes") == "1796014745.25"  # a big number, not a time
+    assert ac.fmt_value(0.1 + 0.2) == "0.3" and ac.fmt_value(3.0) == "3"
+    text = ac.kv_render({"stopping": True, "last_error": None, "excluded": {}, "at": 1796014745.0,
+                         "nested": {"a": False}})
+    for bad in ("True", "False", "None", "{}", "1796014745"):
+        assert bad not in text, (bad, text)
+    assert "excluded: (none)" in text and "  a: no" in text
+
+
+def test_since_accepts_epoch_ages_and_iso():
+    import time as _t
+    assert ac.parse_since("1796014745") == 1796014745.0
+    assert abs(ac.parse_since("2h") - (_t.time() - 7200)) < 5
+    assert ac.parse_since("2026-11-30T04:59:05Z") == 1796014745.0
+    assert ac.parse_since("2026-11-30T04:59:05") == 1796014745.0  # UTC when no zone is named
+    with pytest.raises(argparse.ArgumentTypeError):
+        ac.parse_since("yesterday")
