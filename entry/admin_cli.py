@@ -22,6 +22,8 @@ import zmq
 
 from pairlane.admin_commands import COMMANDS, EXIT_ERROR, EXIT_UNREACHABLE
 
+from entry.cli import program
+
 
 def request(endpoint: str, cmd: str, args: dict | None = None, token: str = "",
             timeout_s: float = 15.0) -> dict | None:
@@ -72,7 +74,7 @@ def _unreachable(endpoint: str, detail: str, as_json: bool) -> int:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="run.py admin", description="Talk to a running pairlane daemon's admin endpoint.",
+        prog=program() + " admin", description="Talk to a running pairlane daemon's admin endpoint.",
         epilog="examples:\n  python run.py admin status\n  python run.py admin inspect writer --json\n"
                "  python run.py admin dlq.replay --all --rate 5\n"
                "exit codes: 0 ok, 1 error reply, 3 an actor is FATAL, 4 daemon unreachable",

@@ -30,6 +30,12 @@ CONFIG_ENV = "PAIRLANE_CONFIG"
 TAKES_CONFIG = {"admin", "send", "chaos"}  # and the daemon; `bench` starts its own daemons
 
 
+def program() -> str:
+    """How the user called us: "pairlane" (the console script) or "run.py", for usage lines."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name in ("pairlane", "run.py") else "pairlane"
+
+
 def version() -> str:
     """The installed distribution's version (package metadata), or 'unknown' when run from a
     source tree that was never installed."""

@@ -26,6 +26,8 @@ from supervision.spec import TreeSettings
 from pairlane import config as cfgmod
 from pairlane.lock import InstanceLock, LockBusy
 
+from entry.cli import program
+
 EXIT_CONFIG = 2
 LEFTOVER_GRACE_S = 2.0  # actor processes still alive this long after the actor system's shutdown are killed
 PROCESS_TITLE = "pairlane: {name}"  # every actor process, as ps/top show it
@@ -210,7 +212,7 @@ class Daemon:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="run.py", description="Run the pairlane daemon until SIGTERM, Ctrl-C or `run.py admin stop`.",
+        prog=program(), description="Run the pairlane daemon until SIGTERM, Ctrl-C or `run.py admin stop`.",
         epilog="exit codes: 0 graceful stop; 1 the root supervisor gave up (restart intensity) or the "
                "daemon failed; 2 configuration error (unknown key, wrong type, busy port, store or spool "
                "in use, non-loopback endpoint)\nexample: python run.py --config /etc/pairlane.toml",

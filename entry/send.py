@@ -26,6 +26,8 @@ from pairlane.client import MAX_CHUNK_ROWS, Producer, SendError, load_file
 from pairlane.client import log as client_log
 from pairlane.synthetic import result_columns as synthetic_columns
 
+from entry.cli import program
+
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5590"
 DEFAULT_MAX_MESSAGE_BYTES = 1048576
 from pairlane.codec import REQUEST_ID_RE as _ID_RE
@@ -76,7 +78,7 @@ class _UsageError(Exception):
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="run.py send",
+        prog=program() + " send",
         description="Send one backtest result (synthetic or from a file) to a running\n"
                     "pairlane daemon over its ingest protocol (PROTOCOL.md section 1) and\n"
                     "wait until it is stored: durable in the database or the dead-letter spool.",

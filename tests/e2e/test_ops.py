@@ -66,6 +66,7 @@ def test_non_editable_install_runs_the_pairlane_command_from_another_directory(t
     helped = subprocess.run([pairlane, "--help"], capture_output=True, text=True, cwd=elsewhere, env=env, timeout=60)
     assert helped.returncode == 0, helped.stderr
     assert "pairlane admin" in helped.stdout and "--config" in helped.stdout
+    assert "usage: pairlane [-h]" in helped.stdout  # the daemon's own usage, named as called
     version = subprocess.run([pairlane, "--version"], capture_output=True, text=True, cwd=elsewhere, env=env,
                              timeout=60)
     assert version.returncode == 0, version.stderr
