@@ -216,6 +216,11 @@ def test_sighup_keeps_the_daemon_up_and_applies_log_level_and_pairs_interval(mak
     d.wait_for(lambda: (d.admin("status") or True) and "level=DEBUG" in _log_after(d, "event=config_reloaded"),
                10, what="a DEBUG line after the reload")
     assert d.proc.poll() is None
+    # a broken config file is refused and the running config kept
+    d.config_path.write_text("[daemon\n")
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_for(lambda: "event=config_reload_failed" in d.log_path.read_text(), 10, what="config_reload_failed")
+    assert d.admin("inspect", {"actor": "pairs"})["state"]["interval_s"] == 0.5 and d.proc.poll() is None
     # SIGHUP restarts nothing, and the daemon still stops gracefully
     assert {a["name"]: a["pid"] for a in d.status()["actors"]} == pids
     assert d.admin("inspect", {"actor": "gateway"})["ok"]
