@@ -146,7 +146,8 @@ class Daemon:
                 else:
                     log("INFO", "daemon_tree_stopped", actor="main", reason=msg.reason)
                 return msg.exit_code
-            if self.reload_requested and stop_sent_at is None:
+            if self.reload_requested and stop_sent_at is None and self.pgid is not None:
+                # (before TreeStarted it waits: the root may not have taken its StartTree yet)
                 self.reload_requested = False
                 self.reload()
             if self.stop_requested and stop_sent_at is None:

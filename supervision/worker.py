@@ -72,6 +72,7 @@ class Worker(Actor):
         self._reseq = Resequencer(REORDER_GAP_S)
         self._reseq_timer = False
         self._anomalies_logged = 0
+        self._early_reload: Reload | None = None
 
     # ----- hooks for subclasses -------------------------------------------------
     def on_start(self) -> None:
@@ -223,6 +224,9 @@ class Worker(Actor):
         procs.write_pidfile(self.run_dir, self.name)
 
     def _reload(self, msg: Reload) -> None:
+        if self.spec is None:  # overtook our Init (Thespian does not order plain sends): apply after it
+            self._early_reload = msg
+            return
         old = self.config
         self.settings = msg.settings
         self.config = msg.config
@@ -234,6 +238,9 @@ class Worker(Actor):
     def _init(self, msg: Init, sender) -> None:
         self.adopt(msg, sender, msg.directory)
         self.on_start()
+        if self._early_reload is not None:
+            early, self._early_reload = self._early_reload, None
+            self._reload(early)
         gc.freeze()  # what the fork inherited and on_start built is long-lived: keep it out of GC passes
         self.send(sender, Started(self.name, os.getpid()))
         self.after(self.settings.heartbeat_s, _TICK)
