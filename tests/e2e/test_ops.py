@@ -173,6 +173,7 @@ def test_a_closed_pipe_gives_no_traceback_and_actors_are_titled(make_daemon):
     proc.wait(30)
     proc.stderr.close()
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert proc.returncode == 141  # it did write into the closed pipe, and ended as a shell pipeline would
     for a in d.status()["actors"]:
         with open(f"/proc/{a['pid']}/cmdline", "rb") as fh:
             title = fh.read().replace(b"\0", b" ").decode().strip()
