@@ -8,7 +8,8 @@
   pairlane --version                  print the version
 
 `--config FILE` may stand anywhere on the line (before or after the sub-command and its
-arguments); without it, the environment variable PAIRLANE_CONFIG names the config file.
+arguments); without it, the environment variable PAIRLANE_CONFIG names the config file
+(except for chaos, which only attacks a running daemon when given --config).
 
 Owns: the command line's first word, `--version`, where `--config` is taken from, and a quiet
 end when stdout is a closed pipe (`pairlane admin status | head -1`). Never parses a
@@ -82,7 +83,8 @@ def main(argv: list[str]) -> int:
     sub = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     if sub and sub not in TAKES_CONFIG:
         return importlib.import_module(SUBCOMMANDS[sub]).main(argv[1:])
-    config, rest = hoist_config(argv[1:] if sub else argv)
+    # chaos never takes $PAIRLANE_CONFIG: with a config it injects faults into that running daemon
+    config, rest = hoist_config(argv[1:] if sub else argv, {} if sub == "chaos" else None)
     with_config = (["--config", config] if config else []) + rest
     if sub:
         return importlib.import_module(SUBCOMMANDS[sub]).main(with_config)

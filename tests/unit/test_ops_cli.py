@@ -56,3 +56,29 @@ def test_sighup_applies_only_the_keys_that_can_change_safely():
     assert changed == sorted(["daemon.log_level", "pairs.interval_s", "pairs.corr_max", "alerts.ingest_stall_s",
                               "dlq.retry_max_s", "gateway.endpoint", "store.path"])
     assert [k for k in changed if not reloadable(k)] == ["gateway.endpoint", "store.path"]
+
+
+def test_the_dispatcher_hands_the_config_on_but_never_the_environment_to_chaos(monkeypatch):
+    from types import SimpleNamespace
+
+    import entry.cli as cli
+    seen: dict = {}
+    monkeypatch.setattr(cli.importlib, "import_module",
+                        lambda name: SimpleNamespace(main=lambda argv: seen.setdefault(name, argv) and 0))
+    monkeypatch.setenv("PAIRLANE_CONFIG", "env.toml")
+    cli.main(["admin", "status", "--config", "a.toml"])
+    cli.main(["send", "--synthetic", "5"])
+    cli.main(["chaos", "--duration", "5"])
+    cli.main(["bench", "--json"])
+    assert seen == {"entry.admin_cli": ["--config", "a.toml", "status"],
+                    "entry.send": ["--config", "env.toml", "--synthetic", "5"],
+                    "entry.chaos": ["--duration", "5"],
+                    "bench.run": ["--json"]}
+
+
+def test_version_comes_from_the_package_metadata(capsys):
+    from importlib.metadata import version
+
+    import entry.cli as cli
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"pairlane {version('pairlane')}"
