@@ -691,7 +691,7 @@ _LATEST_CTE = """
 WITH ranked AS (
     SELECT request_id, strategy_name, status, sharpe, rank, symbol, timeframe, total_trades,
            ROW_NUMBER() OVER (PARTITION BY strategy_name
-                              ORDER BY completed_at DESC, request_id DESC) AS rn
+                              ORDER BY completed_at DESC NULLS LAST, request_id DESC) AS rn
     FROM backtest_results
     WHERE status IN ('complete', 'failed', 'abandoned')
 ), latest AS (

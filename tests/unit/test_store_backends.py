@@ -1,0 +1,286 @@
+"""Both store backends keep the same promises: SQLite (pairlane.store) and PostgreSQL (pairlane.pgstore)
+against a real throwaway server (tests/pg.py), no mocks. Plus what only PostgreSQL has: schema
+version, lock_timeout and a killed session as StoreError, reconnect, the read-only snapshot reader."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+from pairlane import pairs as pairlogic
+from pairlane.store import StoreError, meta_from_message
+from pairlane.stores import open_reader, open_store, open_view
+
+
+def cfg_for(backend: str, tmp_path, request) -> dict:
+    url = request.getfixturevalue("pg_url") if backend == "postgresql" else ""
+    return {"store": {"path": str(tmp_path / "s.db"), "url": url, "max_bytes": 0, "busy_timeout_ms": 200}}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def cfg(request, tmp_path):
+    return cfg_for(request.param, tmp_path, request)
+
+
+@pytest.fixture
+def store(cfg):
+    s = open_store(cfg)
+    s.open()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def pg_cfg(tmp_path, request):
+    return cfg_for("postgresql", tmp_path, request)
+
+
+@pytest.fixture
+def pg(pg_cfg):
+    s = open_store(pg_cfg)
+    s.open()
+    yield s
+    s.close()
+
+
+def q(cfg, sql: str, params=()) -> list[tuple]:
+    """Rows of `sql` (with ? placeholders) read through a fresh reader of either backend."""
+    r = open_reader(cfg)
+    try:
+        return [tuple(row) for row in r.execute(sql, params).fetchall()]
+    finally:
+        r.close()
+
+
+def chunk(n, start=0):
+    return {"timestamp": list(range(start, start + n)), "pnl": [1.0] * n}
+
+
+def meta(rid="r", total=5, chunks=2, name="S"):
+    return meta_from_message({"request_id": rid, "strategy_name": name, "total_trades": total,
+                              "total_chunks": chunks})
+
+
+def rows(cfg, rid="r") -> int:
+    return q(cfg, "SELECT count(*) FROM backtest_trade_logs WHERE request_id = ?", (rid,))[0][0]
+
+
+def test_result_completes_in_the_transaction_of_its_last_chunk(store, cfg):
+    m = meta()
+    assert store.write_chunk(m, 1, chunk(2, 3), 2) == "receiving"
+    assert store.lookup("r")["status"] == "receiving"
+    assert store.lookup("r")["durable"] == {1: 2}
+    assert store.write_chunk(m, 0, chunk(3), 3) == "complete"
+    row = store.lookup("r")
+    assert row["status"] == "complete" and row["completed_at"] and rows(cfg) == 5
+    assert row["durable"] == {0: 3, 1: 2}
+
+
+def test_chunks_store_exactly_the_columns_they_carry(store, cfg):
+    m = meta(total=4)
+    two = {"timestamp": np.array([10, 11], "<i8").tobytes(), "pnl": [0.25, -1.5]}
+    more = {"timestamp": [12, 13.0], "pnl": [2, 3.0], "symbol": ["USDJPY", None],
+            "volume": np.array([0.1, math.nan], "<f8").tobytes(), "hold_time": [60, None]}
+    assert store.write_chunk(m, 0, two, 2) == "receiving"
+    assert store.write_chunk(m, 1, more, 2) == "complete"
+    got = q(cfg, "SELECT seq, timestamp, pnl, symbol, volume, hold_time, direction, sl "
+                 "FROM backtest_trade_logs WHERE request_id = 'r' ORDER BY timestamp")
+    assert got == [(0, 10, 0.25, None, None, None, None, None), (0, 11, -1.5, None, None, None, None, None),
+                   (1, 12, 2.0, "USDJPY", 0.1, 60, None, None), (1, 13, 3.0, None, None, None, None, None)]
+
+
+def test_duplicate_chunk_never_duplicates_rows(store, cfg):
+    m = meta()
+    store.write_chunk(m, 0, chunk(3), 3)
+    assert store.write_chunk(m, 0, chunk(3), 3) == "duplicate"
+    assert store.write_chunk(m, 1, chunk(2, 3), 2) == "complete"
+    assert store.write_chunk(m, 1, chunk(2, 3), 2) == "duplicate"
+    assert rows(cfg) == 5 and store.rows_written == 5
+    assert q(cfg, "SELECT count(*) FROM backtest_chunks WHERE request_id = 'r'") == [(2,)]
+
+
+def test_rows_that_do_not_add_up_fail_and_are_removed(store, cfg):
+    m = meta(total=6)
+    store.write_chunk(m, 0, chunk(3), 3)
+    assert store.write_chunk(m, 1, chunk(2, 3), 2) == "failed"
+    row = store.lookup("r")
+    assert rows(cfg) == 0 and row["status"] == "failed" and "total_trades is 6" in row["error"]
+    store.begin(m)  # begins again from scratch
+    assert store.lookup("r")["status"] == "receiving" and store.lookup("r")["durable"] == {}
+
+
+def test_abandoned_results_discard_late_chunks(store, cfg):
+    m = meta()
+    store.write_chunk(m, 0, chunk(3), 3)
+    store.set_status("r", "abandoned")
+    assert rows(cfg) == 0
+    assert store.write_chunk(m, 1, chunk(2, 3), 2) == "discarded"
+    assert rows(cfg) == 0 and store.lookup("r")["status"] == "abandoned"
+
+
+def test_complete_results_are_never_abandoned_and_spooled_only_from_receiving(store, cfg):
+    m = meta(total=1, chunks=1)
+    store.write_chunk(m, 0, chunk(1), 1)
+    store.set_status("r", "abandoned")
+    store.set_status("r", "spooled")
+    assert store.lookup("r")["status"] == "complete" and rows(cfg) == 1
+    store.begin(meta("s"))
+    store.set_status("s", "spooled")
+    assert store.lookup("s")["status"] == "spooled"
+
+
+def test_abandon_stale_spares_active_and_fresh(store, cfg):
+    for rid in ("a", "b", "c"):
+        store.write_chunk(meta(rid), 0, chunk(3), 3)
+    cut = time.time() + 1
+    assert sorted(store.abandon_stale(cut, {"b"})) == ["a", "c"]
+    assert store.abandon_stale(0.0, set()) == []
+    assert [r for r in q(cfg, "SELECT request_id, status FROM backtest_results ORDER BY request_id")] == \
+        [("a", "abandoned"), ("b", "receiving"), ("c", "abandoned")]
+    assert q(cfg, "SELECT DISTINCT request_id FROM backtest_trade_logs") == [("b",)]
+
+
+def test_legacy_result_without_trades(store, cfg):
+    store.write_result_without_trades(dict(meta("L", 0, 1), source="legacy"), "complete")
+    row = store.lookup("L")
+    assert row["status"] == "complete" and row["source"] == "legacy" and row["total_trades"] == 0
+
+
+def test_live_trades_idempotent_by_batch(store, cfg):
+    t = dict(chunk(3), strategy_name=["a", "b", "c"], pair_id=["p", None, "p"])
+    assert store.write_live("b1", t, 3) == "stored"
+    assert store.write_live("b1", t, 3) == "duplicate"
+    assert q(cfg, "SELECT strategy_name, pair_id, batch_id, pnl FROM trade_logs ORDER BY timestamp") == \
+        [("a", "p", "b1", 1.0), ("b", None, "b1", 1.0), ("c", "p", "b1", 1.0)]
+
+
+def test_pair_slots_replaced_whole_history_appended(store, cfg):
+    slot = {"pair_id": "A|B", "strategy_a": "A", "strategy_b": "B", "weight_a": 0.5, "weight_b": 0.5,
+            "corr": 0.1, "sharpe": 1.0, "profit_factor": 1.5, "score": 2.0}
+    store.replace_pair_slots([slot], 100.0)
+    store.replace_pair_slots([dict(slot, pair_id="A|C", strategy_b="C")], 200.0)
+    assert q(cfg, "SELECT pair_id, evaluated_at FROM pair_slots") == [("A|C", 200.0)]
+    assert q(cfg, "SELECT pair_id FROM pair_slots_history ORDER BY evaluated_at") == [("A|B",), ("A|C",)]
+    store.replace_pair_slots([], 300.0)
+    assert q(cfg, "SELECT count(*) FROM pair_slots") == [(0,)]
+
+
+def test_result_info_and_verify_through_the_view(store, cfg):
+    store.write_chunk(meta(), 0, chunk(3), 3)
+    view = open_view(cfg)
+    try:
+        info = view.result_info("r")
+        assert info["status"] == "receiving" and info["chunks_durable"] == 1 and info["rows_stored"] == 3
+        assert view.result_info("nope") is None
+        probs = view.verify(assembly_timeout_s=0.0, now=info["updated_at"] + 10)
+        assert [p["kind"] for p in probs] == ["stale_receiving"]
+        assert view.verify(assembly_timeout_s=60.0, now=info["updated_at"] + 10) == []
+    finally:
+        view.close()
+    assert store.result_info("r")["rows_stored"] == 3
+
+
+def test_candidates_read_the_same_on_both_backends(store, cfg):
+    """pairs.load_candidates through either reader: latest result per strategy (a failed one with
+    NULL completed_at is older than any complete one), complete results' rows only."""
+    store.write_chunk(meta("a1", 3, 1, "A"), 0, chunk(3), 3)
+    store.write_chunk(meta("b1", 2, 1, "B"), 0, chunk(2, 10), 2)
+    store.begin(meta("a2", 9, 2, "A"))
+    store.set_status("a2", "failed", "bad")
+    r = open_reader(cfg)
+    try:
+        cands = {c.name: c for c in pairlogic.load_candidates(r)}
+        windowed = {c.name: c for c in pairlogic.load_candidates(r, window_trades=2)}
+    finally:
+        r.close()
+    assert cands["A"].status == "complete" and cands["A"].timestamps.tolist() == [0, 1, 2]
+    assert cands["B"].timestamps.tolist() == [10, 11]
+    assert windowed["A"].timestamps.tolist() == [1, 2] and windowed["A"].n_trades == 3
+
+
+# ----- PostgreSQL only -----------------------------------------------------------------------------
+def test_pg_schema_indexes_and_version(pg, pg_cfg):
+    idx = q(pg_cfg, "SELECT tablename, indexdef FROM pg_indexes WHERE schemaname = 'public'")
+    lead = {(t, d.split("(", 1)[1].split(",")[0].split(")")[0].strip()) for t, d in idx}
+    assert {("backtest_trade_logs", "request_id"), ("backtest_trade_logs", "strategy_name"),
+            ("trade_logs", "pair_id")} <= lead
+    assert q(pg_cfg, "SELECT version FROM pairlane_schema") == [(1,)]
+    pg.close()
+    pg.open()   # opening again adds no second version row
+    assert q(pg_cfg, "SELECT count(*) FROM pairlane_schema") == [(1,)]
+
+
+def test_pg_newer_schema_is_refused(pg, pg_cfg):
+    import psycopg
+    from pairlane.pgstore import check_at_start
+    with psycopg.connect(pg_cfg["store"]["url"], autocommit=True) as c:
+        c.execute("INSERT INTO pairlane_schema VALUES (99, 0)")
+    with pytest.raises(StoreError) as ei:
+        check_at_start(pg_cfg["store"]["url"])
+    assert ei.value.reason == "schema" and "99" in str(ei.value)
+
+
+def test_pg_lock_held_is_store_error_locked_then_writes(pg, pg_cfg):
+    import psycopg
+    with psycopg.connect(pg_cfg["store"]["url"]) as other:
+        other.execute("LOCK TABLE backtest_trade_logs IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(StoreError) as ei:
+            pg.write_chunk(meta(), 0, chunk(3), 3)
+        assert ei.value.reason == "locked"
+        other.rollback()
+    assert pg.write_chunk(meta(), 0, chunk(3), 3) == "receiving"
+    assert rows(pg_cfg) == 3 and pg.lookup("r")["durable"] == {0: 3}
+
+
+def test_pg_terminated_session_is_store_error_then_reconnects(pg, pg_cfg):
+    import psycopg
+    pg.write_chunk(meta(), 0, chunk(3), 3)
+    pid = pg.conn.info.backend_pid
+    with psycopg.connect(pg_cfg["store"]["url"], autocommit=True) as other:
+        assert other.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+    with pytest.raises(StoreError) as ei:
+        pg.write_chunk(meta(), 1, chunk(2, 3), 2)
+    assert ei.value.reason == "connection" and pg.conn is None
+    deadline = time.monotonic() + 10
+    while True:   # reconnects once its backoff allows
+        try:
+            assert pg.write_chunk(meta(), 1, chunk(2, 3), 2) == "complete"
+            break
+        except StoreError as exc:
+            assert exc.reason == "connection" and time.monotonic() < deadline
+            time.sleep(0.05)
+    assert rows(pg_cfg) == 5
+
+
+def test_pg_reader_snapshot_is_repeatable_read_and_read_only(pg, pg_cfg):
+    import psycopg
+    pg.write_chunk(meta(total=6), 0, chunk(3), 3)
+    r = open_reader(pg_cfg)
+    try:
+        r.execute("BEGIN")
+        assert r.execute("SELECT count(*) FROM backtest_trade_logs").fetchone()[0] == 3
+        pg.write_chunk(meta(total=6), 1, chunk(3, 3), 3)
+        assert r.execute("SELECT count(*) FROM backtest_trade_logs").fetchone()[0] == 3  # same snapshot
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            r.execute("DELETE FROM backtest_trade_logs")
+        r.execute("ROLLBACK")
+        assert r.execute("SELECT count(*) FROM backtest_trade_logs").fetchone()[0] == 6
+    finally:
+        r.close()
+
+
+def test_pg_unreachable_server_is_store_error(pg_server):
+    from pairlane.pgstore import PgStore, check_at_start
+    from tests.harness import free_port
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
+    with pytest.raises(StoreError) as ei:
+        check_at_start(url)
+    assert ei.value.reason == "connection"
+    s = PgStore(url)
+    with pytest.raises(StoreError):
+        s.write_chunk(meta(), 0, chunk(3), 3)
+    with pytest.raises(StoreError) as ei:   # within the backoff: not even tried
+        s.open()
+    assert "reconnecting in" in str(ei.value)
