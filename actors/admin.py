@@ -21,7 +21,8 @@ import msgpack
 import zmq
 
 from pairlane.admin_commands import COMMANDS, CommandError, StoreRead, lookup
-from pairlane.store import StoreError, StoreView
+from pairlane.store import StoreError
+from pairlane.stores import open_view
 from supervision.messages import (InjectFault, InspectReply, InspectRequest, RestartChild,
                                   StatusReply, StatusRequest, StopDaemon)
 from supervision.requests import Requests
@@ -63,7 +64,7 @@ class Admin(PairlaneActor):
         self.served = 0
         self.errors = 0
         self.deferred: collections.deque = collections.deque()  # actions due REPLY_FLUSH_S after their reply
-        self.view = StoreView(self.config["store"]["path"])
+        self.view = open_view(self.config)
         self.reads: dict[int, dict] = {}   # correlation id -> {"done": Event, "reply": dict}
         self.after(0.1, "poll")
 

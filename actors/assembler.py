@@ -14,7 +14,8 @@ from __future__ import annotations
 import time
 
 from pairlane import lifecycle as lc
-from pairlane.store import Store, StoreError, meta_from_message
+from pairlane.store import StoreError, meta_from_message
+from pairlane.stores import open_store
 
 from .base import PairlaneActor
 from .messages import (BeginRequest, ChunkDurable, ChunkRejected, Inbound, Inventory,
@@ -35,7 +36,7 @@ class Assembler(PairlaneActor):
         self.released: list = []
         self.side_replies: list = []                        # (actor, identity, reply) not via the gateway
         self.reply_targets: dict = {}                       # identity -> actor, for non-ZMQ producers
-        self.reader = Store(self.config["store"]["path"], busy_timeout_ms=100)
+        self.reader = open_store(self.config, busy_timeout_ms=100, readonly=True)
         self._feed(lc.Peers(self.writer is not None, self.dlq is not None, dlq_changed=True))
 
     def on_stop(self) -> None:

@@ -6,7 +6,7 @@ socket (an XPUB: a new subscriber is sent every raised alert at once) and the
 state of every alert (published when it changes, whenever its owner
 re-asserts it while raised, and every `REPUBLISH_S` while raised otherwise;
 listed by `admin alerts`), and the figures it measures itself: database file
-sizes and growth, the root's status table (restarts that keep counting across
+sizes and growth (PostgreSQL: pg_database_size), the root's status table (restarts that keep counting across
 a supervisor's restart, actor up/down, RSS/CPU/fds of every actor process
 from /proc), thresholds and caps, free disk, ingest stall, disk low,
 supervisor escalation. Other actors send it batched `MetricUpdates` and
@@ -16,13 +16,13 @@ network, never decides what another actor measures.
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
 
 import msgpack
 import zmq
 
 from pairlane.metrics import Metrics, read_process, serve
+from pairlane.stores import backend, open_reader, reader_errors
 from pairlane.vocab import AlertName, AlertState
 from supervision.messages import Escalated, StatusReply, StatusRequest
 
@@ -58,6 +58,8 @@ class MetricsActor(PairlaneActor):
         self.restarts_seen: dict[str, tuple[int, int | None]] = {}  # name -> (restarts, last known pid)
         self.escalated_at = 0.0
         self.last_slow = 0.0
+        self.pg_reader = None
+        self.pg_prev: tuple[float, float] | None = None
         self.last_result_ts = self._newest_result_time()
         if self.last_result_ts:
             self.m.apply([("set", "pairlane_last_result_timestamp_seconds", None, self.last_result_ts)])
@@ -70,21 +72,53 @@ class MetricsActor(PairlaneActor):
     def on_stop(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self.pg_reader is not None:
+            try:
+                self.pg_reader.close()
+            except reader_errors():
+                pass
         self.close_sockets()
 
     def _newest_result_time(self) -> float | None:
-        path = self.config["store"]["path"]
-        if not os.path.exists(path):
+        try:
+            conn = open_reader(self.config, busy_timeout_ms=200)
+        except reader_errors():
+            return None
+        if conn is None:
             return None
         try:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.2)
-            try:
-                row = conn.execute("SELECT max(completed_at) FROM backtest_results WHERE status = 'complete'").fetchone()
-            finally:
-                conn.close()
+            row = conn.execute("SELECT max(completed_at) FROM backtest_results WHERE status = 'complete'").fetchone()
             return row[0] if row else None
-        except sqlite3.Error:
+        except reader_errors():
             return None
+        finally:
+            try:
+                conn.close()
+            except reader_errors():
+                pass
+
+    def _track_pg_size(self, now: float) -> None:
+        """pairlane_db_bytes{file=main} = pg_database_size (wal 0: the server owns its WAL) and the
+        growth rate, through a reader kept open (reopened after a failure; a failed sample is skipped)."""
+        try:
+            if self.pg_reader is None:
+                self.pg_reader = open_reader(self.config)
+            size = float(self.pg_reader.execute("SELECT pg_database_size(current_database())").fetchone()[0])
+        except reader_errors():
+            if self.pg_reader is not None:
+                try:
+                    self.pg_reader.close()
+                except reader_errors():
+                    pass
+            self.pg_reader = None
+            return
+        updates = [("set", "pairlane_db_bytes", {"file": "main"}, size),
+                   ("set", "pairlane_db_bytes", {"file": "wal"}, 0.0)]
+        if self.pg_prev is not None and now > self.pg_prev[0]:
+            updates.append(("set", "pairlane_db_growth_bytes_per_second", None,
+                            (size - self.pg_prev[1]) / (now - self.pg_prev[0])))
+        self.pg_prev = (now, size)
+        self.m.apply(updates)
 
     def inspect(self) -> dict:
         return {"alerts": {k: v["state"] for k, v in self.alerts.items()}, "alerts_published": self.published,
@@ -239,7 +273,10 @@ class MetricsActor(PairlaneActor):
             return
         self.last_slow = now
         self.tell("root", StatusRequest(0))
-        self.m.track_db_files(self.config["store"]["path"], now)
+        if backend(self.config) == "postgresql":
+            self._track_pg_size(now)
+        else:
+            self.m.track_db_files(self.config["store"]["path"], now)
         self._check_stall(now)
         self._check_disk()
         self._republish(now)

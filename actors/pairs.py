@@ -1,7 +1,7 @@
 """The pairs actor: periodic pair evaluation and the safe-stop alert (PROTOCOL.md section 5).
 
 Owns: evaluating every `pairs.interval_s` and on `pairs.evaluate`, reading
-SQLite through its own read-only connection (only `complete` results are
+the store (SQLite, or PostgreSQL in REPEATABLE READ) through its own read-only connection (only `complete` results are
 visible), handing the slots to the writer (pair_slots replaced whole, history
 appended, in one transaction), the exclusion counts, the safe-stop state
 (ERROR log with reasons, gauge, alert raised and cleared), the data age
@@ -14,12 +14,10 @@ the database itself, and never serves `result` or `verify` (the admin actor read
 """
 from __future__ import annotations
 
-import os
-import sqlite3
 import time
 
 from pairlane import pairs as pairlogic
-from pairlane.store import connect
+from pairlane.stores import open_reader, reader_errors
 from pairlane.vocab import AlertName, AlertState
 from supervision.requests import Requests
 
@@ -34,7 +32,7 @@ class PairsActor(PairlaneActor):
     def on_start(self) -> None:
         self.cfg = pairlogic.PairsConfig.from_mapping(self.config["pairs"])
         self.interval = float(self.config["pairs"]["interval_s"])
-        self.conn: sqlite3.Connection | None = None
+        self.conn = None   # sqlite3 read-only connection or pairlane.pgstore.PgReader
         self.last: dict | None = None
         self.evaluations = 0
         self.errors = 0
@@ -76,10 +74,10 @@ class PairsActor(PairlaneActor):
                 "safe_stop": last.get("safe_stop"), "excluded": last.get("excluded"),
                 "last_evaluation_s": last.get("evaluation_s")}
 
-    def _connection(self) -> sqlite3.Connection | None:
-        path = self.config["store"]["path"]
-        if self.conn is None and os.path.exists(path):
-            self.conn = connect(path, readonly=True, busy_timeout_ms=1000)
+    def _connection(self):
+        """The reader, opened on first use; None while a SQLite database does not exist yet."""
+        if self.conn is None:
+            self.conn = open_reader(self.config, busy_timeout_ms=1000)
         return self.conn
 
     def on_timer(self, payload) -> None:
@@ -106,12 +104,15 @@ class PairsActor(PairlaneActor):
                 row = conn.execute("SELECT max(completed_at) FROM backtest_results WHERE status = 'complete'").fetchone()
                 newest = row[0] if row else None
             ev = pairlogic.evaluate(cands, self.cfg)
-        except (sqlite3.Error, OSError) as exc:
+        except reader_errors() as exc:
             self.errors += 1
             self.metrics.inc("pairlane_pair_evaluations_total", outcome="error")
             self.log("ERROR", "pair_evaluation_failed", error=exc)
             if self.conn is not None:
-                self.conn.close()
+                try:
+                    self.conn.close()
+                except reader_errors():
+                    pass
                 self.conn = None
             return {"ok": False, "error": f"pair evaluation failed: {exc}"}
         elapsed = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""The writer actor: the only writing SQLite connection.
+"""The writer actor: the only writing store connection (SQLite, or PostgreSQL with store.url).
 
 Owns: committing chunks, live trades, result statuses and pair slots through
 `pairlane.store`, answering the assembler's lookups, and routing every batch
@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 
 from pairlane import codec
-from pairlane.store import Store, StoreError
+from pairlane.store import StoreError
+from pairlane.stores import backend, open_store
 from pairlane.vocab import ResultStatus, WriteOutcome
 
 from .base import PairlaneActor
@@ -25,8 +26,7 @@ MAX_DEFERRED = 10000
 
 class Writer(PairlaneActor):
     def on_start(self) -> None:
-        s = self.config["store"]
-        self.store = Store(s["path"], max_bytes=s["max_bytes"], busy_timeout_ms=s["busy_timeout_ms"])
+        self.store = open_store(self.config)
         self.deferred: list = []       # status changes that failed: retried every tick
         self.spooled = 0
         self.rejected = 0
@@ -44,7 +44,8 @@ class Writer(PairlaneActor):
         return {"rows_written": st.rows_written, "commits": st.commits, "last_commit_at": st.last_commit_at,
                 "last_error": st.last_error, "failures": self.failures, "spooled_batches": self.spooled,
                 "rejected_batches": self.rejected, "deferred_status_changes": len(self.deferred),
-                "db_bytes": st.file_sizes(), "path": st.path, "max_bytes": st.max_bytes}
+                "db_bytes": st.file_sizes(), "path": st.path, "max_bytes": st.max_bytes,
+                "backend": backend(self.config)}
 
     def on_message(self, msg, sender) -> None:
         if isinstance(msg, WriteChunk):

@@ -82,6 +82,19 @@ class Daemon:
             raise cfgmod.ConfigError(str(exc))
         except OSError as exc:
             raise cfgmod.ConfigError(f"cannot create store or spool directory: {exc}")
+        self.check_store()
+
+    def check_store(self) -> None:
+        """PostgreSQL (store.url): the server answers and holds no newer schema (created here)."""
+        url = self.cfg["store"]["url"]
+        if not url:
+            return
+        from pairlane.pgstore import check_at_start, redact
+        from pairlane.store import StoreError
+        try:
+            check_at_start(url)
+        except StoreError as exc:
+            raise cfgmod.ConfigError(f"config key 'store.url': {redact(url)}: {exc}")
 
     def start(self) -> None:
         from actors.tree import build_tree
@@ -211,6 +224,13 @@ class Daemon:
             lock.release()
 
 
+def _store_name(cfg: dict) -> str:
+    if cfg["store"]["url"]:
+        from pairlane.pgstore import redact
+        return redact(cfg["store"]["url"])
+    return cfg["store"]["path"]
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog=program(), description="Run the pairlane daemon until SIGTERM, Ctrl-C or `run.py admin stop`.",
@@ -252,7 +272,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGHUP, on_hangup)  # never stops the daemon: reopen the log, reload settings
     log("INFO", "daemon_starting", actor="main", config=args.config or "default",
         actor_port=cfg["daemon"]["actor_port"], gateway=cfg["gateway"]["endpoint"],
-        admin=cfg["admin"]["endpoint"], store=cfg["store"]["path"])
+        admin=cfg["admin"]["endpoint"], store=_store_name(cfg))
     code = 1
     try:
         daemon.start()

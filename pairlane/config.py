@@ -149,6 +149,23 @@ def check_values(cfg: dict) -> None:
         raise ConfigError("config key 'daemon.actor_port' must be a TCP port (1-65535)")
     if cfg["supervision"]["heartbeat_timeout_s"] <= cfg["supervision"]["heartbeat_s"]:
         raise ConfigError("config key 'supervision.heartbeat_timeout_s' must exceed supervision.heartbeat_s")
+    check_store_url(cfg)
+
+
+def check_store_url(cfg: dict) -> None:
+    """`store.url`: "" or a usable postgresql:// URL; `store.max_bytes` is SQLite's only."""
+    url = cfg["store"]["url"]
+    if not url:
+        return
+    from .pgstore import check_url, redact
+    try:
+        check_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'store.url': {exc}")
+    if cfg["store"]["max_bytes"]:
+        raise ConfigError(f"config key 'store.max_bytes' is SQLite's size cap and is not supported with "
+                          f"PostgreSQL (store.url = {redact(url)}): set it to 0 and cap the database "
+                          f"on the server")
 
 
 def load(path: str | None) -> dict:

@@ -157,6 +157,8 @@ def create_schema(conn) -> int:
             if row[0] is not None and row[0] > SCHEMA_VERSION:
                 raise StoreError("schema", f"the database holds pairlane schema version {row[0]}, newer "
                                            f"than this pairlane's {SCHEMA_VERSION}: upgrade pairlane")
+            if row[0] == SCHEMA_VERSION:
+                return SCHEMA_VERSION   # no DDL: CREATE INDEX IF NOT EXISTS would lock the tables
         for stmt in SCHEMA:
             conn.execute(stmt)
         row = conn.execute("SELECT max(version) FROM pairlane_schema").fetchone()
@@ -234,8 +236,9 @@ class PgStore:
 
     backend = "postgresql"
 
-    def __init__(self, url: str, *, busy_timeout_ms: int = 200, **_ignored):
+    def __init__(self, url: str, *, busy_timeout_ms: int = 200, readonly: bool = False, **_ignored):
         self.url = url
+        self.readonly = readonly    # a lookup-only store (the assembler's): reader connection, no DDL
         self.path = redact(url)     # what status/inspect show where SQLite shows its file
         self.max_bytes = 0
         self.lock_timeout_ms = busy_timeout_ms
@@ -258,12 +261,13 @@ class PgStore:
             raise StoreError("connection", f"{self.path}: reconnecting in {self._next_connect - now:.1f}s "
                                            f"(last error: {self.last_error})")
         try:
-            conn = _connect(self.url, reader=False, lock_timeout_ms=self.lock_timeout_ms)
+            conn = _connect(self.url, reader=self.readonly, lock_timeout_ms=self.lock_timeout_ms)
         except psycopg.Error as exc:
             self._failed_connect(exc)
             raise StoreError(classify(exc), f"cannot connect to {self.path}: {str(exc).strip()}")
         try:
-            create_schema(conn)
+            if not self.readonly:
+                create_schema(conn)
         except (psycopg.Error, StoreError) as exc:
             conn.close()
             self._failed_connect(exc)
@@ -280,11 +284,10 @@ class PgStore:
         self._next_connect = time.monotonic() + self._backoff
 
     def open_readonly(self) -> bool:
-        try:
-            self.open()
-            return True
-        except StoreError:
-            return False
+        """True once connected; unlike SQLite's (False: no database file yet) an unreachable server
+        is not "no data": StoreError."""
+        self.open()
+        return True
 
     def close(self) -> None:
         if self.conn is not None:
@@ -337,8 +340,8 @@ class PgStore:
         return out
 
     def lookup(self, request_id: str) -> dict | None:
-        """The result row plus `durable`: {seq: rows} committed in the database."""
-        return self._run(self._lookup, request_id, tx=False)
+        """The result row plus `durable`: {seq: rows} committed in the database (one snapshot)."""
+        return self._run(self._lookup, request_id)
 
     @staticmethod
     def _drop_rows(conn, request_id: str) -> None:
@@ -524,7 +527,9 @@ class SqliteStyle:
         self.conn = conn
 
     def execute(self, sql: str, params=()):
-        return self.conn.execute(sql.replace("%", "%%").replace("?", "%s"), params or None)
+        if not params:   # sent as is: no placeholders, and a literal % stays one
+            return self.conn.execute(sql)
+        return self.conn.execute(sql.replace("%", "%%").replace("?", "%s"), params)
 
     @property
     def in_transaction(self) -> bool:
@@ -575,12 +580,10 @@ class PgStoreView:
         self._lock = threading.RLock()
 
     def open(self) -> bool:
+        """True once connected; an unreachable server raises StoreError (it is not "no database yet")."""
         with self._lock:
             if self._reader is None:
-                try:
-                    self._reader = open_reader(self.url)
-                except StoreError:
-                    return False
+                self._reader = open_reader(self.url)
             return True
 
     def close(self) -> None:
@@ -599,8 +602,7 @@ class PgStoreView:
     def _snapshot(self, fn):
         import psycopg
         with self._lock:
-            if not self.open():
-                raise StoreError("connection", f"cannot connect to {self.path}")
+            self.open()
             try:
                 return self._reader.snapshot(lambda r: fn(r.conn))
             except psycopg.Error as exc:

@@ -66,13 +66,14 @@ def backend(cfg: dict) -> str:
     return "postgresql" if url_of(cfg) else "sqlite"
 
 
-def open_store(cfg: dict, *, busy_timeout_ms: int | None = None) -> StoreLike:
-    """The writing store of the configured backend (not yet connected: call open())."""
+def open_store(cfg: dict, *, busy_timeout_ms: int | None = None, readonly: bool = False) -> StoreLike:
+    """The store of the configured backend, not yet connected: the writer calls open(); a lookup-only
+    reader (readonly=True) calls open_readonly() and then only lookup()."""
     s = cfg["store"]
     timeout = s["busy_timeout_ms"] if busy_timeout_ms is None else busy_timeout_ms
     if url_of(cfg):
         from .pgstore import PgStore
-        return PgStore(s["url"], busy_timeout_ms=timeout)
+        return PgStore(s["url"], busy_timeout_ms=timeout, readonly=readonly)
     return Store(s["path"], max_bytes=s["max_bytes"], busy_timeout_ms=timeout)
 
 

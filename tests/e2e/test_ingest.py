@@ -22,25 +22,33 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pairlane.client import Producer, SendError, encode_chunk, plan_chunks, synthetic_columns
-from tests.e2e.util import (ERROR_CODES, RETRYABLE, Dealer, assert_all_running, check_error, db,
-                            duplicate_groups, inspect, pack, result_row, rows_for, running_daemon,
-                            wait_status)
+from tests.e2e.util import (BACKENDS, ERROR_CODES, RETRYABLE, Dealer, assert_all_running, check_error, db,
+                            duplicate_groups, index_leading_columns, inspect, pack, result_row, rows_for,
+                            running_daemon, store_overrides, wait_status, with_overrides)
 
 MAX_MSG = 1 << 20   # gateway.max_message_bytes (default)
 
 
+# tests marked so run on both store backends (SQLite, and PostgreSQL on the session's throwaway server)
+on_both_stores = pytest.mark.parametrize("shared", BACKENDS, indirect=True)
+
+
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    """One daemon with the default limits, shared by the tests that cannot disturb each other."""
-    with running_daemon(tmp_path_factory.mktemp("ingest")) as d:
+def shared(tmp_path_factory, request):
+    """One daemon with the default limits, shared by the tests that cannot disturb each other
+    (SQLite unless a test asks for another backend with `on_both_stores`)."""
+    backend = getattr(request, "param", "sqlite")
+    with store_overrides(request, backend) as store, \
+            running_daemon(tmp_path_factory.mktemp(f"ingest-{backend}"), store) as d:
         yield d
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    """gateway.max_requests = 2 and assembly_timeout_s = 2 (busy and abandonment)."""
-    with running_daemon(tmp_path_factory.mktemp("ingest-small"),
-                        {"gateway": {"max_requests": 2, "assembly_timeout_s": 2.0}}) as d:
+@pytest.fixture(scope="module", params=BACKENDS)
+def small(tmp_path_factory, request):
+    """gateway.max_requests = 2 and assembly_timeout_s = 2 (busy and abandonment), on both backends."""
+    with store_overrides(request, request.param) as store, \
+            running_daemon(tmp_path_factory.mktemp(f"ingest-small-{request.param}"),
+                           with_overrides({"gateway": {"max_requests": 2, "assembly_timeout_s": 2.0}}, store)) as d:
         yield d
 
 
@@ -87,6 +95,7 @@ def send_chunks(dl: Dealer, rid: str, chunks: dict[int, dict]) -> None:
 
 
 # ----- volume, durability, schema -----------------------------------------------------------------
+@on_both_stores
 def test_100k_trades_each_credit_and_stored_only_after_commit(shared, dealer):
     """A manual conversation: every per-chunk credit arrives only once that chunk's rows are
     committed (visible to another connection), `stored` only once all rows are, and the rows are
@@ -147,6 +156,7 @@ def test_100k_trades_each_credit_and_stored_only_after_commit(shared, dealer):
     assert duplicate_groups(shared, rid) == 0
 
 
+@on_both_stores
 @pytest.mark.timeout(400)
 def test_1m_trades_stored_exactly(shared):
     rid, n = "vol-1m", 1_000_000
@@ -180,17 +190,10 @@ def test_producer_cli_stores(shared):
     assert rows_for(shared, "cli-5k") == 5000
 
 
+@on_both_stores
 def test_indexes_exist(shared):
-    with contextlib.closing(db(shared)) as c:
-        def leading(table):
-            out = set()
-            for _, name, *_ in c.execute(f"PRAGMA index_list('{table}')").fetchall():
-                cols = c.execute(f"PRAGMA index_info('{name}')").fetchall()
-                first = min(cols, key=lambda r: r[0])  # seqno 0
-                out.add(first[2])
-            return out
-        assert {"request_id", "strategy_name"} <= leading("backtest_trade_logs")
-        assert "pair_id" in leading("trade_logs")
+    assert {"request_id", "strategy_name"} <= index_leading_columns(shared, "backtest_trade_logs")
+    assert "pair_id" in index_leading_columns(shared, "trade_logs")
 
 
 # ----- every error code -----------------------------------------------------------------------------
@@ -505,6 +508,7 @@ def test_unavailable_when_database_and_spool_are_full(make_daemon):
 
 
 # ----- idempotence, abort, live trades ---------------------------------------------------------------
+@on_both_stores
 def test_resend_after_stored_is_idempotent(shared):
     rid, n = "rs-after", 30_000
     cols = synthetic_columns(n, seed=5, strategy="Rs")
@@ -528,6 +532,7 @@ def test_resend_after_stored_is_idempotent(shared):
     assert duplicate_groups(shared, rid) == 0
 
 
+@on_both_stores
 def test_resend_mid_transfer_is_idempotent(shared):
     rid, n = "rs-mid", 60_000
     cols = synthetic_columns(n, seed=6, strategy="RsMid")
@@ -575,6 +580,7 @@ def test_resend_mid_transfer_is_idempotent(shared):
     assert rows_for(shared, "rs-res-big") == m and duplicate_groups(shared, "rs-res-big") == 0
 
 
+@on_both_stores
 def test_abort_drops_request(shared, dealer):
     rid = "ab-1"
     assert dealer.rt(begin(rid, 8, 4))["type"] == "credit"
@@ -598,6 +604,7 @@ def test_abort_drops_request(shared, dealer):
     assert result_row(shared, "ab-stored")["status"] == "complete" and rows_for(shared, "ab-stored") == 2
 
 
+@on_both_stores
 def test_live_trades_idempotent_by_batch_id(shared):
     n = 500
     cols = {"timestamp": np.arange(1_700_000_000, 1_700_000_000 + n, dtype="<i8"),
@@ -734,6 +741,7 @@ def test_dense_chunk_is_refused_too_large_and_the_writer_lives(make_daemon):
 
 
 # ----- admin views --------------------------------------------------------------------------------------
+@on_both_stores
 def test_admin_result_verify_inspect(shared, dealer):
     rid = "adm-1"
     assert dealer.rt(begin(rid, 6, 3, "Adm"))["type"] == "credit"

@@ -1,7 +1,9 @@
-"""Helpers for the e2e tests: a module-scoped daemon, a raw DEALER, SQLite checks.
+"""Helpers for the e2e tests: a module-scoped daemon, a raw DEALER, database checks.
 
 Owns nothing of the daemon: everything here speaks the wire contract
-(PROTOCOL.md) or reads the database through its own sqlite3 connection.
+(PROTOCOL.md) or reads the database through its own connection: sqlite3, or psycopg
+(autocommit, sqlite3-style `?` placeholders) when the daemon runs on PostgreSQL
+(`store_overrides`, BACKENDS).
 """
 from __future__ import annotations
 
@@ -18,6 +20,29 @@ ERROR_CODES = ("too_large", "malformed", "unknown_request", "bad_chunk", "confli
                "busy", "unavailable")
 RETRYABLE = ("busy", "unavailable")
 FINAL_STATUSES = ("complete", "failed", "abandoned")
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@contextlib.contextmanager
+def store_overrides(request, backend: str):
+    """Config overrides for `backend`: {} for SQLite; for PostgreSQL a fresh database on the test
+    session's server (tests/pg.py), dropped when the block ends (stop the daemon inside it)."""
+    if backend == "sqlite":
+        yield {}
+        return
+    server = request.getfixturevalue("pg_server")
+    url = server.database()
+    try:
+        yield {"store": {"url": url}}
+    finally:
+        server.drop(url)
+
+
+def with_overrides(a: dict | None, b: dict | None) -> dict:
+    out = {k: dict(v) for k, v in (a or {}).items()}
+    for sect, kv in (b or {}).items():
+        out.setdefault(sect, {}).update(kv)
+    return out
 
 
 @contextlib.contextmanager
@@ -105,10 +130,32 @@ def check_error(reply: dict, code: str, request_id) -> dict:
     return reply
 
 
-def db(daemon) -> sqlite3.Connection:
-    """A separate connection on the daemon's database (autocommit: every query sees the latest commit)."""
+def db(daemon):
+    """A separate connection on the daemon's database (autocommit: every query sees the latest commit),
+    sqlite3 or PostgreSQL (with sqlite3's `execute(sql, params)` and `?` placeholders)."""
+    url = daemon.cfg.get("store", {}).get("url")
+    if url:
+        import psycopg
+        from pairlane.pgstore import SqliteStyle
+        return SqliteStyle(psycopg.connect(url, autocommit=True))
     conn = sqlite3.connect(daemon.db_path, timeout=10, isolation_level=None)
     return conn
+
+
+def index_leading_columns(daemon, table: str) -> set[str]:
+    """The first column of every index on `table`, on either backend."""
+    with contextlib.closing(db(daemon)) as c:
+        if daemon.cfg.get("store", {}).get("url"):
+            return {r[0] for r in c.execute(
+                "SELECT a.attname FROM pg_index i JOIN pg_class t ON t.oid = i.indrelid "
+                "JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = i.indkey[0] "
+                "WHERE t.relname = ?", (table,)).fetchall()}
+        out = set()
+        for _, name, *_ in c.execute(f"PRAGMA index_list('{table}')").fetchall():
+            cols = c.execute(f"PRAGMA index_info('{name}')").fetchall()
+            first = min(cols, key=lambda r: r[0])  # seqno 0
+            out.add(first[2])
+        return out
 
 
 def rows_for(daemon, request_id: str) -> int:
@@ -121,7 +168,7 @@ def duplicate_groups(daemon, request_id: str) -> int:
     """(request_id, seq, timestamp) groups holding more than one row."""
     with contextlib.closing(db(daemon)) as c:
         return c.execute("SELECT count(*) FROM (SELECT seq, timestamp FROM backtest_trade_logs "
-                         "WHERE request_id = ? GROUP BY seq, timestamp HAVING count(*) > 1)",
+                         "WHERE request_id = ? GROUP BY seq, timestamp HAVING count(*) > 1) AS g",
                          (request_id,)).fetchone()[0]
 
 
