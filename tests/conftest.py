@@ -62,3 +62,13 @@ def pg_url(pg_server):
     url = pg_server.database()
     yield url
     pg_server.drop(url)
+
+
+@pytest.fixture
+def backend_store(request):
+    """Config overrides selecting the store backend named by the (indirect) parameter: {} for
+    "sqlite", a fresh PostgreSQL database for "postgresql". Request it before make_daemon so the
+    database outlives the daemon."""
+    from tests.e2e.util import store_overrides
+    with store_overrides(request, getattr(request, "param", "sqlite")) as overrides:
+        yield overrides

@@ -26,7 +26,6 @@ import http.client
 import math
 import os
 import signal
-import sqlite3
 import time
 
 import msgpack
@@ -37,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pairlane import pairs as pairlogic
 from pairlane.client import Producer
-from tests.e2e.util import Dealer, wait_until
+from tests.e2e.util import BACKENDS, Dealer, db, wait_until
 
 DAY = 86400
 T0 = 1_700_006_400          # 2023-11-15 00:00:00 UTC (a multiple of 86400)
@@ -223,7 +222,7 @@ def evaluate(d) -> dict:
 
 
 def db_rows(d, sql: str, args=()) -> list[dict]:
-    with contextlib.closing(sqlite3.connect(d.db_path, timeout=10, isolation_level=None)) as c:
+    with contextlib.closing(db(d)) as c:   # sqlite3, or PostgreSQL when the daemon runs on it
         cur = c.execute(sql, args)
         cols = [x[0] for x in cur.description]
         return [dict(zip(cols, row)) for row in cur.fetchall()]
@@ -329,8 +328,9 @@ def selection_data() -> dict:
 
 
 @pytest.mark.timeout(120)
-def test_pairs_evaluate_selects_the_reference_pairs_and_writes_pair_slots(make_daemon):
-    d = make_daemon({"pairs": PAIRS_CFG})
+@pytest.mark.parametrize("backend_store", BACKENDS, indirect=True)
+def test_pairs_evaluate_selects_the_reference_pairs_and_writes_pair_slots(backend_store, make_daemon):
+    d = make_daemon(dict(backend_store, pairs=PAIRS_CFG))
     # the start-up evaluation (no data: nothing written) happens first, so every later one is ours
     wait_until(lambda: inspect(d, "pairs")["evaluations"] >= 1, 15, 0.1, "start-up pair evaluation")
     print(f"\nstart-up evaluation (empty store) {inspect(d, 'pairs')['last_evaluation_s'] * 1000:.2f} ms")

@@ -1,0 +1,135 @@
+"""The daemon on PostgreSQL (PROTOCOL.md section 7, `store.url`), through a real `python run.py` and
+the test session's throwaway server (tests/pg.py): start-time refusals (exit 2 naming the key),
+the writer's backend and database size, and failure routing when the server takes the writer's
+session away or a table lock outlasts lock_timeout: every result still ends `complete` with exact
+rows, no duplicates, the DLQ drained. (The ingest e2e tests on rows run on both backends in
+test_ingest.py and test_pairs_metrics.py.)
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+
+from pairlane.client import Producer, synthetic_columns
+from tests.e2e.util import duplicate_groups, inspect, metric, result_row, rows_for, wait_until
+from tests.harness import free_port
+
+
+def refused(d, timeout: float = 60.0) -> str:
+    d.start(wait=False)
+    code = d.proc.wait(timeout)
+    out = d.log()
+    assert code == 2, f"exit {code}, expected 2:\n{out}"
+    assert "configuration error" in out
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_unreachable_server_exits_2_naming_store_url(make_daemon, pg_server):
+    port = free_port()   # nothing listens there
+    out = refused(make_daemon({"store": {"url": f"postgresql://postgres:hunter2@127.0.0.1:{port}/x"}},
+                              start=False))
+    assert "'store.url'" in out and str(port) in out, out
+    assert "hunter2" not in out   # the password never reaches the log
+
+
+@pytest.mark.timeout(60)
+def test_newer_schema_exits_2_naming_store_url(make_daemon, pg_url):
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        c.execute("CREATE TABLE pairlane_schema(version integer NOT NULL, applied_at double precision NOT NULL)")
+        c.execute("INSERT INTO pairlane_schema VALUES (7, 0)")
+    out = refused(make_daemon({"store": {"url": pg_url}}, start=False))
+    assert "'store.url'" in out and "schema version 7" in out, out
+
+
+@pytest.mark.timeout(60)
+def test_max_bytes_with_postgresql_exits_2(make_daemon, pg_url):
+    out = refused(make_daemon({"store": {"url": pg_url, "max_bytes": 1 << 30}}, start=False))
+    assert "'store.max_bytes'" in out and "PostgreSQL" in out, out
+
+
+@pytest.mark.timeout(120)
+def test_writer_backend_schema_and_database_size(make_daemon, pg_url):
+    d = make_daemon({"store": {"url": pg_url}})
+    with psycopg.connect(pg_url) as c:   # created at start
+        assert c.execute("SELECT version FROM pairlane_schema").fetchall() == [(1,)]
+        size = c.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+    w = inspect(d, "writer")
+    assert w["backend"] == "postgresql" and "127.0.0.1" in w["path"]
+    with Producer(d.gateway_endpoint, timeout_s=20) as p:
+        r = p.send_result("pg-size", "PgSize", synthetic_columns(20_000, seed=4, strategy="PgSize"))
+    assert r["type"] == "stored" and rows_for(d, "pg-size") == 20_000
+
+    def sampled():
+        m = metric(d, "pairlane_db_bytes") or {}
+        return m if m.get("file=main", 0) > size else None
+    got = wait_until(sampled, 15, 0.2, "pairlane_db_bytes{file=main} above the empty database's size")
+    assert got.get("file=wal") == 0.0
+
+
+def _flow(d, rid: str, n: int, out: dict) -> None:
+    cols = synthetic_columns(n, seed=11, strategy=rid)
+    try:
+        with Producer(d.gateway_endpoint, timeout_s=30, retries=10) as p:
+            out["reply"] = p.send_result(rid, rid, cols)
+    except Exception as exc:  # noqa: BLE001 - reported by the test
+        out["error"] = exc
+
+
+def _settled(d, rids: list[str], n: int) -> None:
+    """Every result complete with exactly n rows and no duplicates, the DLQ drained."""
+    for rid in rids:
+        wait_until(lambda: (result_row(d, rid) or {}).get("status") == "complete", 60, 0.2, f"{rid} complete")
+        assert rows_for(d, rid) == n, rid
+        assert duplicate_groups(d, rid) == 0, rid
+    wait_until(lambda: inspect(d, "dlq")["depth"] == 0, 60, 0.2, "the DLQ drained")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_pg_terminate_backend_of_the_writer_while_100k_trades_flow(make_daemon, pg_url):
+    d = make_daemon({"store": {"url": pg_url}})
+    n, rids = 100_000, ["pgkill-a", "pgkill-b"]
+    outs = {rid: {} for rid in rids}
+    threads = [threading.Thread(target=_flow, args=(d, rid, n, outs[rid])) for rid in rids]
+    for t in threads:
+        t.start()
+    killed = 0
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        deadline = time.monotonic() + 60
+        while any(t.is_alive() for t in threads) and time.monotonic() < deadline and killed < 6:
+            got = c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE application_name = 'pairlane-writer' AND datname = current_database()"
+                            ).fetchall()
+            killed += sum(1 for (ok,) in got if ok)
+            time.sleep(0.3)   # pacing of the fault injection, not synchronization
+    for t in threads:
+        t.join(120)
+    assert killed >= 1, "the writer's session was never seen"
+    for rid in rids:
+        assert "error" not in outs[rid], outs[rid]
+        assert outs[rid]["reply"]["type"] == "stored" and outs[rid]["reply"]["trades"] == n, outs[rid]
+    _settled(d, rids, n)
+    w = inspect(d, "writer")
+    assert w["failures"] >= 1   # the kills were felt, and routed
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_table_lock_past_lock_timeout_routes_to_the_dlq_and_lands(make_daemon, pg_url):
+    d = make_daemon({"store": {"url": pg_url}})
+    n, rid = 100_000, "pglock-a"
+    out: dict = {}
+    with psycopg.connect(pg_url) as locker:
+        locker.execute("LOCK TABLE backtest_trade_logs IN ACCESS EXCLUSIVE MODE")
+        t = threading.Thread(target=_flow, args=(d, rid, n, out))
+        t.start()
+        wait_until(lambda: inspect(d, "dlq")["depth"] > 0, 30, 0.1, "chunks spooled while the table is locked")
+        locker.rollback()   # the lock ends
+    t.join(120)
+    assert "error" not in out, out
+    assert out["reply"]["type"] == "stored" and out["reply"]["trades"] == n, out
+    _settled(d, [rid], n)
