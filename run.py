@@ -6,6 +6,7 @@
   python run.py send ...                 send a backtest result (producer)
   python run.py bench [--json]           benchmarks, as ratios against a raw floor
   python run.py chaos --duration S       bounded randomized fault run
+  python run.py migrate --from SQLITE_PATH --to URL   copy a SQLite store into PostgreSQL
   python run.py --version                print the version
 
 `--config FILE` may stand anywhere on the line; without it, $PAIRLANE_CONFIG is used.

@@ -5,6 +5,7 @@
   pairlane send ...                   send a backtest result (producer)
   pairlane bench [--json]             benchmarks, as ratios against a raw floor
   pairlane chaos --duration S         bounded randomized fault run
+  pairlane migrate --from SQLITE_PATH --to URL   copy a SQLite store into PostgreSQL
   pairlane --version                  print the version
 
 `--config FILE` may stand anywhere on the line (before or after the sub-command and its
@@ -26,6 +27,7 @@ SUBCOMMANDS = {
     "send": "entry.send",
     "bench": "bench.run",
     "chaos": "entry.chaos",
+    "migrate": "entry.migrate",
 }
 CONFIG_ENV = "PAIRLANE_CONFIG"
 TAKES_CONFIG = {"admin", "send", "chaos"}  # and the daemon; `bench` starts its own daemons

@@ -134,9 +134,10 @@ def classify(exc: BaseException) -> str:
     return "postgresql"
 
 
-def _connect(url: str, *, reader: bool, lock_timeout_ms: int = 200):
+def _connect(url: str, *, reader: bool, lock_timeout_ms: int = 200,
+             statement_timeout_ms: int = STATEMENT_TIMEOUT_MS):
     import psycopg
-    opts = f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={int(lock_timeout_ms)} " \
+    opts = f"-c statement_timeout={int(statement_timeout_ms)} -c lock_timeout={int(lock_timeout_ms)} " \
            f"-c idle_in_transaction_session_timeout=60000"
     if not reader:
         opts += " -c synchronous_commit=on"
