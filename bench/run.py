@@ -77,6 +77,30 @@ def floor_sqlite(frames: list[bytes], n: int, tmp: str) -> float:
     return n / dt
 
 
+def floor_pg_copy(frames: list[bytes], n: int, url: str) -> float:
+    """Plain psycopg COPY (binary) of the same rows (built beforehand, not timed) into a fresh copy of
+    backtest_trade_logs (same columns and indexes), one transaction, synchronous_commit on."""
+    import psycopg
+    from pairlane import pgstore
+    chunks = []
+    for i, f in enumerate(frames):
+        tr = msgpack.unpackb(f, raw=False)["trades"]
+        from pairlane import codec
+        chunks.append(pgstore._trade_columns(tr, "floor", "S", i, codec.check_columns(tr)))
+    table = f"floor_{time.monotonic_ns()}"
+    with psycopg.connect(url, autocommit=True, options="-c synchronous_commit=on") as conn:
+        conn.execute(f"CREATE TABLE {table} (LIKE backtest_trade_logs INCLUDING ALL)")
+        try:
+            t = time.perf_counter()
+            with conn.transaction(), conn.cursor() as cur:
+                for names, cols in chunks:
+                    pgstore._copy(cur, table, names, cols)
+            dt = time.perf_counter() - t
+        finally:
+            conn.execute(f"DROP TABLE {table}")
+    return n / dt
+
+
 def send_one(endpoint: str, rid: str, cols: dict, max_bytes: int) -> float:
     from pairlane.client import Producer
     with Producer(endpoint, timeout_s=60, max_message_bytes=max_bytes) as p:
@@ -102,6 +126,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--small", type=int, default=100_000, help="trades in the ingest ratio result")
     ap.add_argument("--skip-big", action="store_true", help="skip the large result")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--store", default="", metavar="URL",
+                    help="a postgresql:// URL: the daemon stores there (store.url) and the floor is a raw "
+                         "psycopg COPY of the same rows; the legacy and pairs parts are skipped")
     ns = ap.parse_args(argv)
     from pairlane import pairs
     from pairlane.synthetic import legacy_message
@@ -111,7 +138,12 @@ def main(argv: list[str]) -> int:
     out: dict = {"repeat": ns.repeat}
     tmp = tempfile.mkdtemp(prefix="pairlane-bench-")
     finished = False
-    d = Daemon(Path(tmp) / "daemon", {"pairs": {"interval_s": 3600.0}})
+    overrides: dict = {"pairs": {"interval_s": 3600.0}}
+    if ns.store:
+        overrides["store"] = {"url": ns.store}
+        out["store"] = "postgresql"
+    run = f"{os.getpid()}-{time.time_ns()}"   # request ids unique per run: a shared database keeps them
+    d = Daemon(Path(tmp) / "daemon", overrides)
     max_bytes = d.cfg.get("gateway", {}).get("max_message_bytes", 1 << 20)
     try:
         progress("starting a daemon", ns.quiet)
@@ -125,11 +157,12 @@ def main(argv: list[str]) -> int:
             progress(f"ingest {n:,} trades, run {i + 1}/{ns.repeat}", ns.quiet)
             os.sync()  # start each timed write with no dirty pages from the last one (fsync cost)
             dec.append(floor_decode(frames, n))
-            flo.append(floor_sqlite(frames, n, tmp))
+            flo.append(floor_pg_copy(frames, n, ns.store) if ns.store else floor_sqlite(frames, n, tmp))
             os.sync()
-            ours.append(n / send_one(ep, f"b{n}-{i}", cols, max_bytes))
+            ours.append(n / send_one(ep, f"b{n}-{i}-{run}", cols, max_bytes))
+        floor_key = "floor_pg_copy_tps" if ns.store else "floor_sqlite_executemany_tps"
         out["ingest"] = {"trades": n, "floor_msgpack_decode_tps": statistics.median(dec),
-                         "floor_sqlite_executemany_tps": statistics.median(flo),
+                         floor_key: statistics.median(flo),
                          "pairlane_send_to_stored_tps": statistics.median(ours),
                          "ratio_vs_executemany": statistics.median(o / f for o, f in zip(ours, flo)),
                          "ratios": [round(o / f, 3) for o, f in zip(ours, flo)],
@@ -149,7 +182,7 @@ def main(argv: list[str]) -> int:
                     time.sleep(0.05)
             th = threading.Thread(target=sample, daemon=True)
             th.start()
-            dt = send_one(ep, "big", big, max_bytes)
+            dt = send_one(ep, f"big-{run}", big, max_bytes)
             stop.set()
             th.join()
             after = _rss_bytes(d.all_pids())
@@ -158,6 +191,8 @@ def main(argv: list[str]) -> int:
                             "rss_growth_peak_mib": (peak[0] - before) / 2**20,
                             "rss_growth_after_mib": (after - before) / 2**20}
             del big
+        if ns.store:
+            return _report(out, ns)
         # --- legacy path alone, then small-result latency while a legacy result is parsed and stored ---
         import sqlite3
         ctx = zmq.Context.instance()
@@ -210,20 +245,29 @@ def main(argv: list[str]) -> int:
         finished = True
     finally:
         d.close_and_remove(tmp, keep=not finished)  # a finished run leaves nothing in /tmp
+    return _report(out, ns)
+
+
+def _report(out: dict, ns) -> int:
     if ns.json:
         print(json.dumps(out, indent=2))
         return 0
     ing = out["ingest"]
     print(f"ingest {ing['trades']:,} trades (median of {ns.repeat}):")
     print(f"  floor: msgpack decode        {ing['floor_msgpack_decode_tps']:>14,.0f} trades/s")
-    print(f"  floor: sqlite executemany    {ing['floor_sqlite_executemany_tps']:>14,.0f} trades/s")
+    if ns.store:
+        print(f"  floor: psycopg COPY binary   {ing['floor_pg_copy_tps']:>14,.0f} trades/s")
+    else:
+        print(f"  floor: sqlite executemany    {ing['floor_sqlite_executemany_tps']:>14,.0f} trades/s")
     print(f"  pairlane send -> stored      {ing['pairlane_send_to_stored_tps']:>14,.0f} trades/s")
-    print(f"  ratio vs executemany floor   {ing['ratio_vs_executemany']:>14.2f}x   (target >= 0.70; "
-          f"runs {min(ing['ratios']):.2f}-{max(ing['ratios']):.2f})")
+    print(f"  ratio vs {'COPY' if ns.store else 'executemany'} floor   {ing['ratio_vs_executemany']:>14.2f}x   "
+          f"(target >= 0.70; runs {min(ing['ratios']):.2f}-{max(ing['ratios']):.2f})")
     if "large" in out:
         lg = out["large"]
         print(f"large result {lg['trades']:,} trades: {lg['pairlane_tps']:,.0f} trades/s; daemon RSS growth "
               f"peak {lg['rss_growth_peak_mib']:.1f} MiB, after {lg['rss_growth_after_mib']:.1f} MiB (target < 64)")
+    if "legacy" not in out:
+        return 0
     le = out["legacy"]
     print(f"legacy 100k-trade S-expression: {le['tps_median']:,.0f} trades/s (target >= 50,000)")
     print(f"  small results alongside: {le['small_results_during']}, p50 {le['small_latency_p50_ms']:.1f} ms, "
