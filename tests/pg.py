@@ -84,10 +84,10 @@ class PgServer:
             finally:
                 self.started = False
 
-    def restart_after(self, mode: str = "immediate") -> None:
-        """Stop (e.g. `immediate`: a crash) and start again on the same port."""
-        self.stop(mode)
-        self._pg_start()
+    def start_again(self) -> None:
+        """Start a stopped server again on the same port and data directory."""
+        if not self.started:
+            self._pg_start()
 
     def close(self) -> None:
         try:

@@ -660,8 +660,9 @@ def test_producer_that_stops_mid_transfer_is_abandoned(small):
 # ----- crashes mid-transfer -----------------------------------------------------------------------------
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("victim", ["assembler", "writer"])
-def test_kill_9_mid_transfer_producer_retry_completes(make_daemon, victim):
-    d = make_daemon()
+@pytest.mark.parametrize("backend_store", BACKENDS, indirect=True)
+def test_kill_9_mid_transfer_producer_retry_completes(backend_store, make_daemon, victim):
+    d = make_daemon(backend_store)
     rid, n = f"kill-{victim}", 200_000
     cols = synthetic_columns(n, seed=7, strategy="Kill")
     started = threading.Event()
