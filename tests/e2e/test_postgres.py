@@ -127,9 +127,15 @@ def test_table_lock_past_lock_timeout_routes_to_the_dlq_and_lands(make_daemon, p
         locker.execute("LOCK TABLE backtest_trade_logs IN ACCESS EXCLUSIVE MODE")
         t = threading.Thread(target=_flow, args=(d, rid, n, out))
         t.start()
-        wait_until(lambda: inspect(d, "dlq")["depth"] > 0, 30, 0.1, "chunks spooled while the table is locked")
+        t.join(90)   # the whole result is spooled and `stored` while the lock is still held
+        assert not t.is_alive() and "error" not in out, out
+        assert out["reply"]["location"] == "dlq", out
+        spooled = inspect(d, "dlq")["depth"]
+        assert spooled > 0
+        with psycopg.connect(pg_url, autocommit=True) as c:  # (the locked table itself cannot be read)
+            assert c.execute("SELECT count(*) FROM backtest_chunks WHERE request_id = %s",
+                             (rid,)).fetchone()[0] == 0   # no chunk committed, so none of its rows
+        assert (result_row(d, rid) or {}).get("status") != "complete"
         locker.rollback()   # the lock ends
-    t.join(120)
-    assert "error" not in out, out
     assert out["reply"]["type"] == "stored" and out["reply"]["trades"] == n, out
     _settled(d, [rid], n)
