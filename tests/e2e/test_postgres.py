@@ -139,3 +139,36 @@ def test_table_lock_past_lock_timeout_routes_to_the_dlq_and_lands(make_daemon, p
         locker.rollback()   # the lock ends
     assert out["reply"]["type"] == "stored" and out["reply"]["trades"] == n, out
     _settled(d, [rid], n)
+
+
+def _terminate_writer(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as c:
+        return sum(1 for (ok,) in c.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'pairlane-writer' AND datname = current_database()").fetchall() if ok)
+
+
+@pytest.mark.timeout(180)
+def test_read_only_database_as_after_a_failover_routes_to_the_dlq_and_lands(make_daemon, pg_url):
+    """A failover to a standby looks like this to the writer: its session is cut and the server it
+    reconnects to refuses writes (ReadOnlySqlTransaction). Simulated on one server with
+    default_transaction_read_only; writable again = the new primary is promoted."""
+    d = make_daemon({"store": {"url": pg_url}, "dlq": {"retry_min_s": 0.2, "retry_max_s": 1.0}})
+    base, dbname = pg_url.rsplit("/", 1)
+    admin_url = f"{base}/postgres"   # ALTER DATABASE from outside the database made read-only
+    with psycopg.connect(admin_url, autocommit=True) as c:
+        c.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+    assert _terminate_writer(pg_url) == 1
+    out: dict = {}
+    _flow(d, "pgro-a", 30_000, out)
+    assert "error" not in out and out["reply"]["location"] == "dlq", out
+    assert inspect(d, "dlq")["depth"] > 0 and rows_for(d, "pgro-a") == 0
+    # the first attempt met the cut session (connection); the retries meet the read-only server
+    def retried_on_readonly():
+        items = d.admin("dlq.list")["items"]
+        return items if items and all(it["attempts"] >= 2 and it["reason"] == "readonly" for it in items) else None
+    wait_until(retried_on_readonly, 30, 0.2, "every spooled chunk retried against the read-only server")
+    with psycopg.connect(admin_url, autocommit=True) as c:
+        c.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = off')
+    _terminate_writer(pg_url)   # its next session is writable
+    _settled(d, ["pgro-a"], 30_000)
