@@ -28,7 +28,8 @@ from .vocab import ResultStatus, WriteOutcome
 
 SCHEMA_VERSION = 1
 CONNECT_TIMEOUT_S = 2
-STATEMENT_TIMEOUT_MS = 2000
+STATEMENT_TIMEOUT_MS = 2000          # the writer's: well under its heartbeat timeout
+READER_STATEMENT_TIMEOUT_MS = 60000  # readers' (verify over a large store): a runaway guard only
 RECONNECT_MIN_S, RECONNECT_MAX_S = 0.2, 5.0
 
 SCHEMA = [
@@ -134,9 +135,10 @@ def classify(exc: BaseException) -> str:
     return "postgresql"
 
 
-def _connect(url: str, *, reader: bool, lock_timeout_ms: int = 200,
-             statement_timeout_ms: int = STATEMENT_TIMEOUT_MS):
+def _connect(url: str, *, reader: bool, lock_timeout_ms: int = 200, statement_timeout_ms: int | None = None):
     import psycopg
+    if statement_timeout_ms is None:
+        statement_timeout_ms = READER_STATEMENT_TIMEOUT_MS if reader else STATEMENT_TIMEOUT_MS
     opts = f"-c statement_timeout={int(statement_timeout_ms)} -c lock_timeout={int(lock_timeout_ms)} " \
            f"-c idle_in_transaction_session_timeout=60000"
     if not reader:
@@ -262,7 +264,8 @@ class PgStore:
             raise StoreError("connection", f"{self.path}: reconnecting in {self._next_connect - now:.1f}s "
                                            f"(last error: {self.last_error})")
         try:
-            conn = _connect(self.url, reader=self.readonly, lock_timeout_ms=self.lock_timeout_ms)
+            conn = _connect(self.url, reader=self.readonly, lock_timeout_ms=self.lock_timeout_ms,
+                            statement_timeout_ms=STATEMENT_TIMEOUT_MS)   # an actor's handler waits
         except psycopg.Error as exc:
             self._failed_connect(exc)
             raise StoreError(classify(exc), f"cannot connect to {self.path}: {str(exc).strip()}")

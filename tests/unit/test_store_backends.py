@@ -284,3 +284,27 @@ def test_pg_unreachable_server_is_store_error(pg_server):
     with pytest.raises(StoreError) as ei:   # within the backoff: not even tried
         s.open()
     assert "reconnecting in" in str(ei.value)
+
+
+def test_pg_session_settings_of_writer_lookup_and_reader(pg, pg_cfg):
+    """The writer and the assembler's lookups answer within their heartbeat (2 s statement timeout,
+    lock_timeout = store.busy_timeout_ms); readers get a 1 min guard; commits are synchronous."""
+    from pairlane.pgstore import PgStore
+
+    def show(conn, name):
+        return conn.execute(f"SHOW {name}").fetchone()[0]
+    assert (show(pg.conn, "statement_timeout"), show(pg.conn, "lock_timeout"),
+            show(pg.conn, "synchronous_commit")) == ("2s", "200ms", "on")
+    look = PgStore(pg_cfg["store"]["url"], busy_timeout_ms=100, readonly=True)
+    assert look.open_readonly()
+    try:
+        assert (show(look.conn, "statement_timeout"), show(look.conn, "lock_timeout")) == ("2s", "100ms")
+        assert show(look.conn, "default_transaction_read_only") == "on"
+    finally:
+        look.close()
+    r = open_reader(pg_cfg)
+    try:
+        assert r.execute("SHOW statement_timeout").fetchone()[0] == "1min"
+        assert r.execute("SHOW default_transaction_isolation").fetchone()[0] == "repeatable read"
+    finally:
+        r.close()
