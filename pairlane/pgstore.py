@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from . import codec
-from .lifecycle import settle
+from .lifecycle import settle, totals
 from .store import SLOT_COLUMNS, Store, StoreError
 from .vocab import ResultStatus, WriteOutcome
 
@@ -371,14 +371,17 @@ class PgStore:
 
     def write_chunk(self, meta: dict, seq: int, trades: dict, nrows: int) -> WriteOutcome:
         """Commit one chunk: COPY of its rows, its backtest_chunks record and the status change, in one
-        transaction. Returns receiving | complete | failed, or duplicate / discarded."""
+        transaction. Returns receiving | complete | failed, or duplicate / discarded (also for a chunk
+        of an earlier request under this request_id with other totals, as the SQLite store does)."""
         rid = meta["request_id"]
 
         def tx(conn):
             now = time.time()
             self._insert_result(conn, meta, now)
-            status = self._status_for_update(conn, rid)   # serializes chunks of one request
-            if ResultStatus(status).final_without_rows:
+            status, *row_totals = conn.execute(      # FOR UPDATE serializes chunks of one request
+                "SELECT status, strategy_name, total_trades, total_chunks FROM backtest_results "
+                "WHERE request_id = %s FOR UPDATE", (rid,)).fetchone()
+            if ResultStatus(status).final_without_rows or tuple(row_totals) != totals(meta):
                 return WriteOutcome.DISCARDED
             if conn.execute("INSERT INTO backtest_chunks(request_id, seq, rows, committed_at) "
                             "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1",
@@ -435,15 +438,27 @@ class PgStore:
                 raise ValueError(status)
         self._run(tx)
 
-    def write_result_without_trades(self, meta: dict, status: str) -> None:
-        """A legacy result with no trade list (`complete`, 0 trades) or with an error (`failed`)."""
+    def write_result_without_trades(self, meta: dict, status: str) -> str:
+        """A legacy result with no trade list (`complete`, 0 trades) or with an error (`failed`).
+
+        Returns the row's status before the write ("" when there was none). A stored result
+        (complete, spooled) is a promise and is kept; any other row is replaced whole, its rows
+        removed: the later result wins (the SQLite store's rule)."""
+        rid = meta["request_id"]
+
         def tx(conn):
             now = time.time()
+            before = self._status_for_update(conn, rid)
+            if before is not None:
+                if ResultStatus(before).stored:
+                    return before
+                self._drop_rows(conn, rid)
+                conn.execute("DELETE FROM backtest_results WHERE request_id = %s", (rid,))
             self._insert_result(conn, meta, now)
             conn.execute("UPDATE backtest_results SET status = %s, completed_at = %s, updated_at = %s "
-                         "WHERE request_id = %s AND status = 'receiving'",
-                         (str(status), now, now, meta["request_id"]))
-        self._run(tx)
+                         "WHERE request_id = %s", (str(status), now, now, rid))
+            return before or ""
+        return self._run(tx)
 
     def abandon_stale(self, older_than: float, active: set) -> list[str]:
         """Abandon `receiving` results not touched since `older_than` and not in `active`."""

@@ -12,6 +12,7 @@ import pytest
 from pairlane import pairs as pairlogic
 from pairlane.store import StoreError, meta_from_message
 from pairlane.stores import open_reader, open_store, open_view
+from pairlane.vocab import ResultStatus
 
 
 def cfg_for(backend: str, tmp_path, request) -> dict:
@@ -146,6 +147,49 @@ def test_legacy_result_without_trades(store, cfg):
     store.write_result_without_trades(dict(meta("L", 0, 1), source="legacy"), "complete")
     row = store.lookup("L")
     assert row["status"] == "complete" and row["source"] == "legacy" and row["total_trades"] == 0
+
+
+def failed_meta(rid: str, strategy: str, error: str) -> dict:
+    return meta_from_message({"request_id": rid, "strategy_name": strategy, "total_trades": 0,
+                              "total_chunks": 1, "error": error}, "legacy")
+
+
+def result_row(cfg, rid: str) -> list[tuple]:
+    return q(cfg, "SELECT strategy_name, status, error FROM backtest_results WHERE request_id = ?", (rid,))
+
+
+def test_later_failed_result_replaces_an_earlier_failed_one(store, cfg):
+    assert store.write_result_without_trades(failed_meta("MISSING", "A", "e1"), ResultStatus.FAILED) == ""
+    assert result_row(cfg, "MISSING") == [("A", "failed", "e1")]
+    assert store.write_result_without_trades(failed_meta("MISSING", "B", "e2"), ResultStatus.FAILED) == "failed"
+    assert result_row(cfg, "MISSING") == [("B", "failed", "e2")]
+
+
+def test_failed_result_never_replaces_a_stored_one(store, cfg):
+    m = meta("c", total=2, chunks=1)
+    assert store.write_chunk(m, 0, {"timestamp": [1, 2], "pnl": [1.0, 2.0]}, 2) == "complete"
+    assert store.write_result_without_trades(failed_meta("c", "X", "late"), ResultStatus.FAILED) == "complete"
+    assert result_row(cfg, "c") == [("S", "complete", None)]
+    assert rows(cfg, "c") == 2
+
+
+def test_failed_result_over_a_receiving_one_removes_its_rows(store, cfg):
+    m = meta("p", total=4, chunks=2)
+    assert store.write_chunk(m, 0, {"timestamp": [1, 2], "pnl": [1.0, 2.0]}, 2) == "receiving"
+    assert store.write_result_without_trades(failed_meta("p", "S", "boom"), ResultStatus.FAILED) == "receiving"
+    assert result_row(cfg, "p") == [("S", "failed", "boom")]
+    assert rows(cfg, "p") == 0
+
+
+def test_a_late_chunk_of_an_earlier_request_never_lands_in_a_new_one_with_other_totals(store, cfg):
+    old = meta(total=5, chunks=2)
+    store.write_chunk(old, 0, chunk(3), 3)
+    store.set_status("r", "abandoned")              # aborted; a dlq item of seq 1 is still spooled
+    new = meta(total=1, chunks=1)
+    store.begin(new)                                # the producer begins r again, with other totals
+    assert store.write_chunk(old, 1, chunk(2, 3), 2) == "discarded"   # the dlq's retry of the old seq 1
+    assert rows(cfg) == 0 and store.lookup("r")["status"] == "receiving"
+    assert store.write_chunk(new, 0, chunk(1), 1) == "complete" and rows(cfg) == 1
 
 
 def test_live_trades_idempotent_by_batch(store, cfg):
