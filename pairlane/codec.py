@@ -24,6 +24,7 @@ STR_COLS = ("symbol", "direction", "rank", "category", "regime", "oos_kind")
 LIVE_STR_COLS = ("strategy_name", "pair_id", "execution_mode")
 REQUIRED = ("timestamp", "pnl")
 MAX_STR = 256
+NUL = "\x00"   # no string may hold it: PostgreSQL text cannot, and a stored chunk must land on either store
 # the one column vocabulary: chunk column -> kind ("int", "float", "str"), and live_trades' on top
 COLUMN_KINDS = {**{c: "int" for c in INT_COLS}, **{c: "float" for c in FLOAT_COLS},
                 **{c: "str" for c in STR_COLS}}
@@ -96,8 +97,8 @@ def _check_begin_fields(m: dict, rid: str, limits: Limits, is_result: bool) -> N
         raise ProtocolError("too_large", f"total_trades {tt} exceeds the cap of "
                             f"{limits.max_result_trades} (gateway.max_result_trades)", rid)
     name = m.get("strategy_name")
-    if not isinstance(name, str) or not 1 <= len(name) <= 256:
-        raise _malformed("strategy_name must be a string of 1-256 characters", rid)
+    if not isinstance(name, str) or not 1 <= len(name) <= 256 or NUL in name:
+        raise _malformed("strategy_name must be a string of 1-256 characters without NUL", rid)
     if not _is_int(tt) or tt < 0:
         raise _malformed("total_trades must be an integer >= 0", rid)
     tc = m.get("total_chunks", None if is_result else "missing")
@@ -120,8 +121,8 @@ def _check_begin_fields(m: dict, rid: str, limits: Limits, is_result: bool) -> N
                 raise _malformed(f"metrics.{k} must be a finite number", rid)
     for k in META_STR:
         v = m.get(k)
-        if v is not None and (not isinstance(v, str) or len(v) > MAX_STR):
-            raise _malformed(f"{k} must be a string of at most {MAX_STR} characters", rid)
+        if v is not None and (not isinstance(v, str) or len(v) > MAX_STR or NUL in v):
+            raise _malformed(f"{k} must be a string of at most {MAX_STR} characters without NUL", rid)
     tf = m.get("timeframe")
     if tf is not None and not _is_int(tf):
         raise _malformed("timeframe must be an integer", rid)
@@ -238,9 +239,10 @@ def check_columns(trades: dict, rid: str | None = None, live: bool = False) -> i
             for x in values:
                 if x is None and not required:
                     continue
-                if not isinstance(x, str) or len(x) > MAX_STR or (required and not x):
+                if not isinstance(x, str) or len(x) > MAX_STR or (required and not x) or NUL in x:
                     raise ProtocolError("bad_chunk", f"column '{name}': values must be strings of at most "
-                                        f"{MAX_STR} characters{'' if required else ' or nil'}", rid)
+                                        f"{MAX_STR} characters without NUL{'' if required else ', or nil'}",
+                                        rid)
             vals = values
         else:
             raise ProtocolError("bad_chunk", f"unknown column '{name}'", rid)

@@ -122,8 +122,9 @@ def _prepare_numeric(name: str, values: Any, kind: str, required: bool) -> np.nd
 def _prepare_strings(name: str, values: Any, required: bool) -> list:
     seq = values.tolist() if isinstance(values, np.ndarray) else list(values)
     types = set(map(type, seq))
-    # fast path (C-level passes): only strings, none too long, none empty where required
-    if types <= {str} and (not seq or (max(map(len, seq)) <= codec.MAX_STR and (not required or min(map(len, seq)) > 0))):
+    # fast path (C-level passes): only strings, none too long, none empty where required, no NUL
+    if types <= {str} and (not seq or (max(map(len, seq)) <= codec.MAX_STR and (not required or min(map(len, seq)) > 0)
+                                       and codec.NUL not in "".join(seq))):
         return seq
     for i, v in enumerate(seq):  # slow path: find the first offending row for the message
         if v is None:
@@ -134,6 +135,8 @@ def _prepare_strings(name: str, values: Any, required: bool) -> list:
         elif len(v) > codec.MAX_STR or (required and not v):
             raise _bad(name, i, f"strings must be {'1' if required else '0'}-{codec.MAX_STR} characters, "
                                 f"got {len(v)}")
+        elif codec.NUL in v:
+            raise _bad(name, i, "strings must not contain NUL (U+0000)")
     return seq
 
 

@@ -172,3 +172,28 @@ def test_read_only_database_as_after_a_failover_routes_to_the_dlq_and_lands(make
         c.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = off')
     _terminate_writer(pg_url)   # its next session is writable
     _settled(d, ["pgro-a"], 30_000)
+
+
+@pytest.mark.timeout(120)
+def test_a_string_with_nul_is_refused_at_ingest_never_acknowledged_into_the_dlq(make_daemon, pg_url):
+    """PostgreSQL text cannot hold NUL: a chunk carrying one must get `bad_chunk` at once (both stores
+    refuse it alike), not a credit for a spool item that could never land."""
+    import msgpack
+    d = make_daemon({"store": {"url": pg_url}})
+    with Producer(d.gateway_endpoint, timeout_s=10) as p:
+        p.send_raw(msgpack.packb({"type": "begin", "request_id": "nul-1", "strategy_name": "S",
+                                  "total_trades": 2, "total_chunks": 1}))
+        assert p.recv(10)["type"] == "credit"
+        p.send_raw(msgpack.packb({"type": "chunk", "request_id": "nul-1", "seq": 0,
+                                  "trades": {"timestamp": [1, 2], "pnl": [1.0, 2.0], "symbol": ["EUR\x00USD", "X"]}}))
+        r = p.recv(10)
+        assert r["type"] == "error" and r["code"] == "bad_chunk" and "NUL" in r["message"], r
+        # the producer fixes its data and resends under the same request_id: it lands exactly
+        p.send_raw(msgpack.packb({"type": "chunk", "request_id": "nul-1", "seq": 0,
+                                  "trades": {"timestamp": [1, 2], "pnl": [1.0, 2.0], "symbol": ["EURUSD", "X"]}}))
+        assert p.recv(10) == {"type": "credit", "request_id": "nul-1", "credit": 1, "seq": 0}
+        p.send_raw(msgpack.packb({"type": "end", "request_id": "nul-1"}))
+        r = p.recv(10)
+        assert r["type"] == "stored" and r["location"] == "db", r
+    assert rows_for(d, "nul-1") == 2 and result_row(d, "nul-1")["status"] == "complete"
+    assert inspect(d, "dlq")["depth"] == 0

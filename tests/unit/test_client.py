@@ -294,13 +294,14 @@ def test_encode_chunk_roundtrip_bin_and_lists():
     ({"timestamp": [1], "pnl": [None]}, "row 0: missing value"),
     ({"timestamp": [1], "pnl": [1.0], "symbol": [3]}, "expected a string"),
     ({"timestamp": [1], "pnl": [1.0], "regime": ["x" * 257]}, "0-256 characters"),
+    ({"timestamp": [1, 2], "pnl": [1.0, 2.0], "symbol": ["X", "Y\x00"]}, "row 1: .*NUL"),
 ])
 def test_bad_columns_are_refused_before_sending(cols, needle):
     with pytest.raises(ValueError, match=needle):
         prepare_columns(cols)
 
 
-short_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=80)
+short_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=80)
 
 
 @st.composite

@@ -29,6 +29,8 @@ def begin(**kw):
     (begin(request_id="bad id"), "malformed"),
     (begin(request_id="x" * 129), "malformed"),
     (begin(strategy_name=""), "malformed"),
+    (begin(strategy_name="A\x00B"), "malformed"),     # NUL: PostgreSQL text cannot hold it
+    (begin(symbol="EUR\x00USD"), "malformed"),
     (begin(total_trades=True), "malformed"),
     (begin(total_chunks=0), "malformed"),
     (begin(total_chunks=11), "malformed"),
@@ -77,6 +79,7 @@ def test_valid_messages_decode():
     ({"timestamp": [1.5], "pnl": [1.0]}, "float"),
     ({"timestamp": [1], "pnl": [1.0], "symbol": [3]}, "strings"),
     ({"timestamp": [2 ** 63], "pnl": [1.0]}, "int64"),
+    ({"timestamp": [1], "pnl": [1.0], "symbol": ["EUR\x00USD"]}, "without NUL"),
 ])
 def test_bad_columns_are_bad_chunk(trades, msg):
     with pytest.raises(codec.ProtocolError) as ei:
