@@ -117,21 +117,31 @@ def test_pg_terminate_backend_of_the_writer_while_100k_trades_flow(make_daemon, 
     assert w["failures"] >= 1   # the kills were felt, and routed
 
 
+LOCK_HELD_S = 30.0   # the scenario: another session holds the lock this long
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_table_lock_past_lock_timeout_routes_to_the_dlq_and_lands(make_daemon, pg_url):
-    d = make_daemon({"store": {"url": pg_url}})
-    n, rid = 100_000, "pglock-a"
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("busy_timeout_ms,reason", [
+    (200, "locked"),      # lock_timeout (store.busy_timeout_ms) fires first
+    (5000, "timeout"),    # lock_timeout longer than the writer's 2 s statement_timeout: that one fires
+])
+def test_table_lock_past_lock_timeout_routes_to_the_dlq_and_lands(make_daemon, pg_url, busy_timeout_ms, reason):
+    d = make_daemon({"store": {"url": pg_url, "busy_timeout_ms": busy_timeout_ms}})
+    n, rid = 100_000, f"pglock-{reason}"
     out: dict = {}
     with psycopg.connect(pg_url) as locker:
         locker.execute("LOCK TABLE backtest_trade_logs IN ACCESS EXCLUSIVE MODE")
+        locked_at = time.monotonic()
         t = threading.Thread(target=_flow, args=(d, rid, n, out))
         t.start()
-        t.join(90)   # the whole result is spooled and `stored` while the lock is still held
+        t.join(120)   # the whole result is spooled and `stored` while the lock is still held
         assert not t.is_alive() and "error" not in out, out
         assert out["reply"]["location"] == "dlq", out
         spooled = inspect(d, "dlq")["depth"]
         assert spooled > 0
+        assert {it["reason"] for it in d.admin("dlq.list", {"limit": 1000})["items"]} == {reason}
+        time.sleep(max(0.0, LOCK_HELD_S - (time.monotonic() - locked_at)))   # the scenario, not a sync
         with psycopg.connect(pg_url, autocommit=True) as c:  # (the locked table itself cannot be read)
             assert c.execute("SELECT count(*) FROM backtest_chunks WHERE request_id = %s",
                              (rid,)).fetchone()[0] == 0   # no chunk committed, so none of its rows
