@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from tests.e2e.util import refused
 from tests.harness import alive, free_port
 
 ROW_KEYS = {"name", "supervisor", "state", "pid", "restarts", "uptime_s", "last_exit"}
@@ -253,13 +254,6 @@ def test_every_listening_socket_of_the_daemon_is_on_127_0_0_1(daemon):
 
 
 # ----- refusals at start (exit 2) ------------------------------------------------------------------------
-def refused(d, timeout: float = 30.0) -> str:
-    d.start(wait=False)
-    code = d.proc.wait(timeout)
-    out = d.log()
-    assert code == 2, f"exit {code}, expected 2:\n{out}"
-    assert "configuration error" in out
-    return out
 
 
 @pytest.mark.timeout(60)

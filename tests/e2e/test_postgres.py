@@ -14,24 +14,15 @@ import psycopg
 import pytest
 
 from pairlane.client import Producer, synthetic_columns
-from tests.e2e.util import duplicate_groups, inspect, metric, result_row, rows_for, wait_until
+from tests.e2e.util import duplicate_groups, inspect, metric, refused, result_row, rows_for, wait_until
 from tests.harness import free_port
-
-
-def refused(d, timeout: float = 60.0) -> str:
-    d.start(wait=False)
-    code = d.proc.wait(timeout)
-    out = d.log()
-    assert code == 2, f"exit {code}, expected 2:\n{out}"
-    assert "configuration error" in out
-    return out
 
 
 @pytest.mark.timeout(60)
 def test_unreachable_server_exits_2_naming_store_url(make_daemon, pg_server):
     port = free_port()   # nothing listens there
-    out = refused(make_daemon({"store": {"url": f"postgresql://postgres:hunter2@127.0.0.1:{port}/x"}},
-                              start=False))
+    d = make_daemon({"store": {"url": f"postgresql://postgres:hunter2@127.0.0.1:{port}/x"}}, start=False)
+    out = refused(d, timeout=60)
     assert "'store.url'" in out and str(port) in out, out
     assert "hunter2" not in out   # the password never reaches the log
 
@@ -41,13 +32,13 @@ def test_newer_schema_exits_2_naming_store_url(make_daemon, pg_url):
     with psycopg.connect(pg_url, autocommit=True) as c:
         c.execute("CREATE TABLE pairlane_schema(version integer NOT NULL, applied_at double precision NOT NULL)")
         c.execute("INSERT INTO pairlane_schema VALUES (7, 0)")
-    out = refused(make_daemon({"store": {"url": pg_url}}, start=False))
+    out = refused(make_daemon({"store": {"url": pg_url}}, start=False), timeout=60)
     assert "'store.url'" in out and "schema version 7" in out, out
 
 
 @pytest.mark.timeout(60)
 def test_max_bytes_with_postgresql_exits_2(make_daemon, pg_url):
-    out = refused(make_daemon({"store": {"url": pg_url, "max_bytes": 1 << 30}}, start=False))
+    out = refused(make_daemon({"store": {"url": pg_url, "max_bytes": 1 << 30}}, start=False), timeout=60)
     assert "'store.max_bytes'" in out and "PostgreSQL" in out, out
 
 

@@ -216,3 +216,13 @@ def wait_until(pred, timeout: float = 10.0, interval: float = 0.05, what: str = 
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def refused(d, timeout: float = 30.0) -> str:
+    """Start daemon `d` expecting a refusal at start: exit 2 with a configuration error; its log."""
+    d.start(wait=False)
+    code = d.proc.wait(timeout)
+    out = d.log()
+    assert code == 2, f"exit {code}, expected 2:\n{out}"
+    assert "configuration error" in out
+    return out

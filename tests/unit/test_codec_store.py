@@ -190,17 +190,6 @@ def test_abandoned_results_discard_late_chunks(store):
     assert rows(store) == 0
 
 
-def test_a_late_chunk_of_an_earlier_request_never_lands_in_a_new_one_with_other_totals(store):
-    old = meta(total=5, chunks=2)
-    store.write_chunk(old, 0, chunk(3), 3)
-    store.set_status("r", "abandoned")              # aborted; a dlq item of seq 1 is still spooled
-    new = meta(total=1, chunks=1)
-    store.begin(new)                                # the producer begins r again, with other totals
-    assert store.write_chunk(old, 1, chunk(2, 3), 2) == "discarded"   # the dlq's retry of the old seq 1
-    assert rows(store) == 0 and store.lookup("r")["status"] == "receiving"
-    assert store.write_chunk(new, 0, chunk(1), 1) == "complete" and rows(store) == 1
-
-
 def test_complete_results_are_never_abandoned(store):
     m = meta(total=1, chunks=1)
     store.write_chunk(m, 0, chunk(1), 1)
