@@ -22,8 +22,8 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from . import codec
-from .lifecycle import settle, totals
-from .store import SLOT_COLUMNS, Store, StoreError
+from .lifecycle import totals
+from .store import SLOT_COLUMNS, Store, StoreError, settle_in_tx
 from .vocab import ResultStatus, WriteOutcome
 
 SCHEMA_VERSION = 1
@@ -399,23 +399,7 @@ class PgStore:
         return out
 
     def _settle(self, conn, rid: str, now: float) -> WriteOutcome:
-        """Apply `lifecycle.settle` (the one completion rule) to what this transaction committed."""
-        total_trades, total_chunks = conn.execute(
-            "SELECT total_trades, total_chunks FROM backtest_results WHERE request_id = %s", (rid,)).fetchone()
-        n, rows = conn.execute("SELECT count(*), coalesce(sum(rows), 0) FROM backtest_chunks "
-                               "WHERE request_id = %s", (rid,)).fetchone()
-        outcome = settle(total_chunks, total_trades, n, int(rows))
-        if outcome == WriteOutcome.RECEIVING:
-            conn.execute("UPDATE backtest_results SET updated_at = %s WHERE request_id = %s", (now, rid))
-        elif outcome == WriteOutcome.COMPLETE:
-            conn.execute("UPDATE backtest_results SET status = 'complete', completed_at = %s, updated_at = %s "
-                         "WHERE request_id = %s", (now, now, rid))
-        else:
-            self._drop_rows(conn, rid)
-            conn.execute("UPDATE backtest_results SET status = 'failed', updated_at = %s, error = %s "
-                         "WHERE request_id = %s",
-                         (now, f"rows add up to {rows}, total_trades is {total_trades}", rid))
-        return outcome
+        return settle_in_tx(conn, rid, now, self._drop_rows, param="%s")
 
     def set_status(self, request_id: str, status: ResultStatus | str, error: str | None = None) -> None:
         """`abandoned`/`failed` also remove the result's rows; `spooled` only from `receiving`."""

@@ -74,6 +74,30 @@ SLOT_COLUMNS = ("pair_id", "strategy_a", "strategy_b", "weight_a", "weight_b", "
                 "profit_factor", "score", "evaluated_at")
 
 
+def settle_in_tx(conn, rid: str, now: float, drop_rows, param: str = "?") -> WriteOutcome:
+    """Apply `lifecycle.settle` (the one completion rule) to what the chunk's transaction on `conn`
+    committed, for either store: `param` is the driver's placeholder ("?" sqlite3, "%s" psycopg),
+    `drop_rows(conn, rid)` removes a failed result's rows."""
+    def q(sql: str) -> str:
+        return sql.replace("?", param)
+    total_trades, total_chunks = conn.execute(
+        q("SELECT total_trades, total_chunks FROM backtest_results WHERE request_id = ?"), (rid,)).fetchone()
+    n, rows = conn.execute(q("SELECT count(*), coalesce(sum(rows), 0) FROM backtest_chunks WHERE request_id = ?"),
+                           (rid,)).fetchone()
+    rows = int(rows)   # psycopg gives sum() as a Decimal
+    outcome = settle(total_chunks, total_trades, n, rows)
+    if outcome == WriteOutcome.RECEIVING:
+        conn.execute(q("UPDATE backtest_results SET updated_at = ? WHERE request_id = ?"), (now, rid))
+    elif outcome == WriteOutcome.COMPLETE:
+        conn.execute(q("UPDATE backtest_results SET status = 'complete', completed_at = ?, updated_at = ? "
+                       "WHERE request_id = ?"), (now, now, rid))
+    else:
+        drop_rows(conn, rid)
+        conn.execute(q("UPDATE backtest_results SET status = 'failed', updated_at = ?, error = ? WHERE request_id = ?"),
+                     (now, f"rows add up to {rows}, total_trades is {total_trades}", rid))
+    return outcome
+
+
 class StoreError(Exception):
     """A write that did not commit. reason: locked | full | io | sqlite."""
 
@@ -270,22 +294,7 @@ class Store:
         return out
 
     def _settle(self, conn, rid: str, now: float) -> WriteOutcome:
-        """Apply `lifecycle.settle` (the one completion rule) to what this transaction committed."""
-        total_trades, total_chunks = conn.execute(
-            "SELECT total_trades, total_chunks FROM backtest_results WHERE request_id = ?", (rid,)).fetchone()
-        n, rows = conn.execute("SELECT count(*), coalesce(sum(rows), 0) FROM backtest_chunks "
-                               "WHERE request_id = ?", (rid,)).fetchone()
-        outcome = settle(total_chunks, total_trades, n, rows)
-        if outcome == WriteOutcome.RECEIVING:
-            conn.execute("UPDATE backtest_results SET updated_at = ? WHERE request_id = ?", (now, rid))
-        elif outcome == WriteOutcome.COMPLETE:
-            conn.execute("UPDATE backtest_results SET status = 'complete', completed_at = ?, updated_at = ? "
-                         "WHERE request_id = ?", (now, now, rid))
-        else:
-            self._drop_rows(conn, rid)
-            conn.execute("UPDATE backtest_results SET status = 'failed', updated_at = ?, error = ? "
-                         "WHERE request_id = ?", (now, f"rows add up to {rows}, total_trades is {total_trades}", rid))
-        return outcome
+        return settle_in_tx(conn, rid, now, self._drop_rows)
 
     def set_status(self, request_id: str, status: ResultStatus | str, error: str | None = None) -> None:
         """`abandoned`/`failed` also remove the result's rows; `spooled` only from `receiving`."""
