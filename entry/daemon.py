@@ -4,7 +4,9 @@ Owns: the start-up checks of PROTOCOL.md section 0 (exit code 2 with a message
 naming the problem), the single-instance locks, starting Thespian on loopback
 and the root supervisor, the wait loop (signals, the root's `TreeStopped`,
 the root's own liveness), the graceful shutdown and the guarantee that no
-process of the actor system outlives the daemon. Never handles data.
+process of the actor system outlives the daemon, and the systemd readiness
+protocol (`READY=1` once the tree is ready, `STOPPING=1` when stopping starts:
+one datagram each to $NOTIFY_SOCKET). Never handles data.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import copy
 import dataclasses
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -55,6 +58,26 @@ def log_settings(cfg: dict) -> dict:
     return {"log_format": d["log_format"], "log_file": d["log_file"], "log_fields": {"daemon": d["name"]}}
 
 
+def sd_notify(state: str, env: dict | None = None) -> bool:
+    """Send one datagram `state` (e.g. "READY=1") to systemd's $NOTIFY_SOCKET, as sd_notify(3)
+    does: an AF_UNIX SOCK_DGRAM path, or the abstract namespace when it starts with '@'.
+    Without the variable (not under Type=notify) it does nothing. Returns whether it was sent;
+    a failure is logged, never raised: readiness reporting must not take the daemon down."""
+    addr = (os.environ if env is None else env).get("NOTIFY_SOCKET", "")
+    if not addr:
+        return False
+    if addr[0] == "@":
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(addr)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        log("WARNING", "sd_notify_failed", actor="main", state=state, error=str(exc))
+        return False
+    return True
+
+
 def run_dir_for(cfg: dict) -> str:
     return cfg["store"]["path"] + ".run"
 
@@ -71,6 +94,12 @@ class Daemon:
         self.pgid: int | None = None
         self.locks: list[InstanceLock] = []
         self.root_intensity: RestartIntensity | None = None  # crashes of the root supervisor
+        self.notified: set[str] = set()  # systemd states sent (each at most once)
+
+    def notify(self, state: str) -> None:
+        if state not in self.notified:
+            self.notified.add(state)
+            sd_notify(state)
 
     # ----- start-up ------------------------------------------------------------------------
     def preflight(self) -> None:
@@ -152,7 +181,13 @@ class Daemon:
             if isinstance(msg, TreeStarted):
                 self.pgid, self.root_pid = msg.pgid, msg.root_pid
                 log("INFO", "daemon_ready", actor="main", pgid=msg.pgid, root_pid=msg.root_pid)
+                if stop_sent_at is None:
+                    self.notify("READY=1")
+            elif isinstance(msg, StopDaemon):
+                # the root tells us it began a stop we did not ask for (`admin stop`)
+                self.notify("STOPPING=1")
             elif isinstance(msg, TreeStopped):
+                self.notify("STOPPING=1")  # (sent already unless the tree stopped on its own)
                 if msg.exit_code:
                     log("ERROR", "daemon_exit_escalated", actor="main", reason=msg.reason,
                         exit_code=msg.exit_code)
@@ -165,6 +200,7 @@ class Daemon:
                 self.reload()
             if self.stop_requested and stop_sent_at is None:
                 log("INFO", "daemon_stopping", actor="main", reason=self.stop_requested)
+                self.notify("STOPPING=1")
                 self.asys.tell(self.root, StopDaemon(self.stop_requested))
                 stop_sent_at = time.monotonic()
             if stop_sent_at is not None and time.monotonic() - stop_sent_at > shutdown_budget:

@@ -131,10 +131,17 @@ class Daemon:
         return d
 
     # ----- lifecycle --------------------------------------------------------------------------
-    def start(self, wait: bool = True, timeout: float = 30.0) -> "Daemon":
+    def start(self, wait: bool = True, timeout: float = 30.0, env: dict | None = None) -> "Daemon":
+        """Start the daemon; `env` adds (or, with None values, removes) environment variables."""
         self._log = open(self.log_path, "ab")
+        environ = dict(os.environ)
+        for key, value in (env or {}).items():
+            if value is None:
+                environ.pop(key, None)
+            else:
+                environ[key] = value
         self.proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), "--config", str(self.config_path)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=str(self.tmp))
+                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=str(self.tmp), env=environ)
         if wait:
             self.wait_ready(timeout)
         return self

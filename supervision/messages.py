@@ -164,7 +164,8 @@ class StatusReply:
 
 @dataclass(frozen=True)
 class StopDaemon:
-    """Admin -> root: graceful shutdown of the whole tree, then tell main."""
+    """Admin -> root: graceful shutdown of the whole tree, then tell main (root -> main: the
+    same message, when the stop came from anyone but main, says the stop has begun)."""
 
     reason: str = "admin stop"
 

@@ -40,6 +40,8 @@ class RootSupervisor(Supervisor):
             self.send(sender, StatusReply(msg.token, self.ready, self.status_rows()))
         elif isinstance(msg, StopDaemon):
             log("INFO", "tree_stopping", actor=self.name, reason=msg.reason)
+            if self.main is not None and sender != self.main:
+                self.send(self.main, msg)  # main learns a stop it did not ask for has begun
             self.stop_reason = msg.reason
             self.shutdown_children()
         else:
