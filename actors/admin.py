@@ -14,6 +14,7 @@ never a hung CLI. Never writes the database.
 from __future__ import annotations
 
 import collections
+import socket
 import threading
 from typing import Any, Callable
 
@@ -22,7 +23,7 @@ import zmq
 
 from pairlane.admin_commands import COMMANDS, CommandError, StoreRead, lookup
 from pairlane.store import StoreError
-from pairlane.stores import open_view
+from pairlane.stores import backend, open_view
 from supervision.messages import (InjectFault, InspectReply, InspectRequest, RestartChild,
                                   StatusReply, StatusRequest, StopDaemon)
 from supervision.requests import Requests
@@ -175,9 +176,15 @@ class Admin(PairlaneActor):
 
         def status(msg: StatusReply) -> None:
             actors = [{k: v for k, v in r.items() if k != "is_supervisor"} for r in msg.rows]
-            respond({"ok": True, "ready": msg.ready, "actors": actors})
+            respond({"ok": True, "ready": msg.ready, "daemon": self.daemon_identity(),
+                     "pairs_leader": True, "actors": actors})  # (one daemon: it evaluates pairs)
         self._ask(root, StatusRequest, "root supervisor", COMMANDS["status"].timeout_s, status)
         return None
+
+    def daemon_identity(self) -> dict:
+        """PROTOCOL.md section 7's `daemon` block of `status`: name, host, main pid, store backend."""
+        return {"name": self.config["daemon"]["name"], "host": socket.gethostname(),
+                "pid": self.main_pid, "store": backend(self.config)}
 
     def admin_inspect(self, args: dict, respond: Respond) -> dict | None:
         name = args["actor"]

@@ -24,6 +24,7 @@ import numpy as np
 
 from pairlane.client import MAX_CHUNK_ROWS, Producer, SendError, load_file
 from pairlane.client import log as client_log
+from pairlane.synthetic import daily_result_columns, strategy_names
 from pairlane.synthetic import result_columns as synthetic_columns
 
 from entry.cli import program
@@ -40,6 +41,10 @@ examples:
   # the same data again (same --seed) under a fixed id: the second send
   # returns the first one's `stored` reply and stores nothing twice
   python run.py send --synthetic 5000 --seed 7 --strategy S-7 --request-id bt-7
+
+  # 6 strategies (synthetic-0-01 .. synthetic-0-06, rank A, one trade a day, weakly
+  # correlated): enough for `admin pairs.evaluate` to fill pair slots
+  python run.py send --synthetic 120 --strategies 6
 
   # a file; endpoint and max_message_bytes come from the daemon's config
   python run.py send --config config/local.toml --file results/S-42.json
@@ -89,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="generate N plausible trades (the same for the same --seed and strategy name)")
     src.add_argument("--file", metavar="PATH", help="read trades from a .json, .msgpack or .csv file")
     what.add_argument("--seed", type=int, default=0, help="seed for --synthetic (default: 0)")
+    what.add_argument("--strategies", type=int, metavar="K",
+                      help="with --synthetic: send K results, one per strategy (named <--strategy or "
+                           "synthetic-SEED>-01..K, rank A unless --rank), one trade a day, PnL "
+                           "independent per strategy so pairs qualify; --request-id gets the same suffix")
     where = p.add_argument_group("where to")
     where.add_argument("--endpoint", help="gateway endpoint (default: gateway.endpoint from "
                        f"--config, else {DEFAULT_ENDPOINT})")
@@ -177,7 +186,8 @@ def _source(args: argparse.Namespace) -> tuple[dict, dict[str, Any], str]:
             raise _UsageError("--synthetic N needs N >= 0")
         strategy = args.strategy or f"synthetic-{args.seed}"
         # the name is mixed into the seed: two strategies never send identical series
-        cols = synthetic_columns(args.synthetic, seed=args.seed, strategy=strategy)
+        make = daily_result_columns if args.strategies else synthetic_columns
+        cols = make(args.synthetic, seed=args.seed, strategy=strategy)
         return cols, {"metrics": _metrics(cols["pnl"])}, strategy
     try:
         cols, meta = load_file(args.file)
@@ -205,6 +215,26 @@ def _metrics(pnl: np.ndarray) -> dict[str, float | int]:
             "win_rate": float((pnl > 0).mean()), "max_dd": max_dd, "trades": n}
 
 
+def _run_strategies(args: argparse.Namespace) -> int:
+    """--strategies K: K sends, one per strategy name; stops at the first that fails."""
+    if args.synthetic is None:
+        raise _UsageError("--strategies K needs --synthetic N")
+    if args.strategies < 1:
+        raise _UsageError("--strategies K needs K >= 1")
+    names = strategy_names(args.strategies, args.strategy or f"synthetic-{args.seed}")
+    for name in names:
+        one = argparse.Namespace(**vars(args))
+        one.one_of_set = True
+        one.strategy = name
+        one.rank = args.rank or "A"
+        if args.request_id:
+            one.request_id = f"{args.request_id}-{name.rsplit('-', 1)[1]}"
+        code = _run(one)
+        if code:
+            return code
+    return 0
+
+
 def main(argv: list[str]) -> int:
     """Run `send` with argv (the arguments after `send`); returns the exit code."""
     parser = _parser()
@@ -220,6 +250,8 @@ def main(argv: list[str]) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.strategies is not None and not getattr(args, "one_of_set", False):
+        return _run_strategies(args)
     endpoint, max_bytes, max_rows = None, None, MAX_CHUNK_ROWS
     if args.config:
         endpoint, max_bytes, max_rows = _read_config(args.config)

@@ -274,6 +274,12 @@ class Status(Command):
         rows = [[a["name"], a["supervisor"], a["state"], a["pid"], fmt_uptime(a["uptime_s"]),
                  a["restarts"], a.get("last_exit") or "-"] for a in reply.get("actors", [])]
         head = f"ready: {'yes' if reply.get('ready') else 'no'}"
+        d = reply.get("daemon")
+        if d:
+            head += (f"  daemon: {d.get('name')}  host: {d.get('host')}  pid: {d.get('pid')}  "
+                     f"store: {d.get('store')}")
+        if "pairs_leader" in reply:
+            head += f"  pairs leader: {'yes' if reply['pairs_leader'] else 'no'}"
         return head + "\n" + table(rows, ["NAME", "SUPERVISOR", "STATE", "PID", "UPTIME", "RESTARTS", "LAST EXIT"])
 
     def exit_code(self, reply):

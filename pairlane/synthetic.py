@@ -1,6 +1,7 @@
 """Synthetic data for tests and benchmarks: the one place that makes up trades.
 
-Owns: plausible columnar results for the producer (`result_columns`), swimmy
+Owns: plausible columnar results for the producer (`result_columns`; one trade a day
+for sets of strategies that pair up, `daily_result_columns`, `strategy_names`), swimmy
 S-expression BACKTEST_RESULT messages and the columns they carry
 (`legacy_message`, `legacy_columns`), and complete candidates for the pairs
 bench (`pair_candidates`). Every function is deterministic: the same
@@ -18,7 +19,8 @@ import numpy as np
 
 from .pairs import SECONDS_PER_DAY, Candidate
 
-__all__ = ["result_columns", "legacy_columns", "legacy_message", "pair_candidates"]
+__all__ = ["result_columns", "daily_result_columns", "strategy_names", "legacy_columns", "legacy_message",
+           "pair_candidates"]
 
 # ----------------------------------------------------------------------------
 # producer results (PROTOCOL.md section 1)
@@ -75,6 +77,29 @@ def result_columns(n: int, *, seed: int = 0, start_ts: int = 1_700_000_000,
         "timeframe": np.full(n, timeframe, dtype="<i8"),
     }
 
+
+def daily_result_columns(n: int, *, seed: int = 0, start_ts: int = 1_700_006_400,
+                         strategy: str = "S") -> dict[str, np.ndarray | list]:
+    """:func:`result_columns`, but trade i closes on UTC day i after `start_ts` (a day start),
+    at a time of day of its own, so a strategy's day-bucketed series (PROTOCOL.md section 5)
+    has one point per trade. Strategies sent with the same `start_ts` cover the same days,
+    and their PnL are independent draws: most pairs come out weakly correlated, which is what
+    `send --strategies K` needs to show real pair slots."""
+    cols = result_columns(n, seed=seed, start_ts=start_ts, strategy=strategy)
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, zlib.crc32(strategy.encode("utf-8")), 1])
+    # a close before 20:00 UTC; hold_time (< 4 h) stays shorter than the gap to the next day's trade
+    offset = rng.integers(0, 20 * 3600, size=n)
+    cols["timestamp"] = (start_ts - start_ts % SECONDS_PER_DAY + np.arange(n, dtype=np.int64) * SECONDS_PER_DAY
+                         + offset).astype("<i8")
+    return cols
+
+
+def strategy_names(k: int, prefix: str = "synthetic") -> list[str]:
+    """`k` distinct strategy names: prefix-01, prefix-02, ... (sorted as numbered)."""
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    width = max(2, len(str(k)))
+    return [f"{prefix}-{i:0{width}d}" for i in range(1, k + 1)]
 
 
 # ----------------------------------------------------------------------------
