@@ -135,6 +135,7 @@ class Daemon:
         """Start the daemon; `env` adds (or, with None values, removes) environment variables."""
         self._log = open(self.log_path, "ab")
         environ = dict(os.environ)
+        environ.pop("NOTIFY_SOCKET", None)  # a test daemon never reports to a systemd we run under
         for key, value in (env or {}).items():
             if value is None:
                 environ.pop(key, None)
