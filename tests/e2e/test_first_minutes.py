@@ -15,6 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
+from entry import send
+from pairlane.pairs import SECONDS_PER_DAY
+from pairlane.synthetic import daily_result_columns, strategy_names
+from tests.e2e.util import BACKENDS
+
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -97,3 +105,35 @@ def test_first_five_minutes_gets_real_pairs(make_daemon):
     out = run(d, "python run.py admin stop")
     assert out.returncode == 0, out.stderr
     assert d.proc.wait(30) == 0
+
+
+@pytest.mark.parametrize("backend_store", BACKENDS, indirect=True)
+def test_status_names_the_daemon_and_its_store_backend(backend_store, make_daemon):
+    d = make_daemon({**backend_store, "daemon": {"name": "ingest-7"}})
+    st = d.status()
+    backend = "postgresql" if backend_store else "sqlite"
+    assert st["daemon"] == {"name": "ingest-7", "host": socket.gethostname(), "pid": d.proc.pid,
+                            "store": backend}
+    assert st["pairs_leader"] is True
+    head = d.admin_cli("status").stdout.splitlines()[0]
+    assert "daemon: ingest-7" in head and f"store: {backend}" in head, head
+    assert "event=daemon_ready" in d.log() and "daemon=ingest-7" in d.log()
+
+
+def test_synthetic_strategy_sets_trade_once_a_day():
+    names = strategy_names(12, "x")
+    assert names[0] == "x-01" and names[-1] == "x-12" and len(set(names)) == 12
+    a = daily_result_columns(120, seed=0, strategy=names[0])
+    b = daily_result_columns(120, seed=0, strategy=names[1])
+    days = np.asarray(a["timestamp"]) // SECONDS_PER_DAY
+    assert (np.diff(days) == 1).all() and (days == np.asarray(b["timestamp"]) // SECONDS_PER_DAY).all()
+    # hold_time ends before the next trade closes; the two series differ
+    assert (np.diff(a["timestamp"]) > a["hold_time"][1:]).all()
+    assert abs(np.corrcoef(a["pnl"], b["pnl"])[0, 1]) < 0.3
+    assert daily_result_columns(120, seed=0, strategy=names[0])["pnl"].tolist() == a["pnl"].tolist()
+
+
+@pytest.mark.parametrize("argv", [["--file", "x.json", "--strategies", "3"], ["--synthetic", "5", "--strategies", "0"]])
+def test_send_strategies_usage_errors_exit_2(argv, capsys):
+    assert send.main(argv) == 2
+    assert "--strategies" in capsys.readouterr().err
