@@ -185,6 +185,8 @@ class Daemon:
                     self.notify("READY=1")
             elif isinstance(msg, StopDaemon):
                 # the root tells us it began a stop we did not ask for (`admin stop`)
+                if "STOPPING=1" not in self.notified:
+                    log("INFO", "daemon_stopping", actor="main", reason=msg.reason)
                 self.notify("STOPPING=1")
             elif isinstance(msg, TreeStopped):
                 self.notify("STOPPING=1")  # (sent already unless the tree stopped on its own)

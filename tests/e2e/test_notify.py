@@ -56,7 +56,12 @@ def test_ready_then_stopping(make_daemon, tmp_path, how):
         assert receive(sock, 20) == "STOPPING=1"
         assert d.proc.wait(30) == 0
         assert receive(sock, 0.2) is None  # STOPPING=1 once only, nothing else
-    assert "event=daemon_ready" in d.log()
+    log = d.log()
+    assert "event=daemon_ready" in log
+    # the stop was announced when it began, not when the tree was already down
+    reason = "SIGTERM" if how == "sigterm" else '"admin stop"'
+    stopping = log.index(f"event=daemon_stopping reason={reason}")
+    assert stopping < log.index("event=daemon_tree_stopped"), log[-3000:]
 
 
 def test_shipped_systemd_unit():
