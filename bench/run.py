@@ -191,7 +191,8 @@ def main(argv: list[str]) -> int:
                             "rss_growth_peak_mib": (peak[0] - before) / 2**20,
                             "rss_growth_after_mib": (after - before) / 2**20}
             del big
-        if ns.store:
+        if ns.store:   # the legacy path and pair evaluation do not depend on the store
+            finished = True
             return _report(out, ns)
         # --- legacy path alone, then small-result latency while a legacy result is parsed and stored ---
         import sqlite3
