@@ -30,6 +30,7 @@ from supervision.requests import Requests
 
 from .base import PairlaneActor
 from .messages import AdminCommand, AdminReply
+from .zap import curve_server
 
 MAX_REQUEST_BYTES = 65536
 # An action that ends this process (stop, restart or a fault of the admin itself) runs this
@@ -58,7 +59,10 @@ def serve_admin(actor: PairlaneActor, msg: AdminCommand, sender: Any) -> None:
 
 class Admin(PairlaneActor):
     def on_start(self) -> None:
-        self.sock = self.bind_socket(zmq.REP, self.config["admin"]["endpoint"], MAXMSGSIZE=MAX_REQUEST_BYTES)
+        a = self.config["admin"]
+        # CURVE (section 7): the ZAP handler is bound before the REP socket; the token is still required
+        self.zap, secure = curve_server(self, "admin", a["curve_secret_key"], a["curve_authorized_keys"])
+        self.sock = self.bind_socket(zmq.REP, a["endpoint"], MAXMSGSIZE=MAX_REQUEST_BYTES, **secure)
         self.token_required = self.config["admin"]["token"]
         self.busy = False          # a request was received and is not answered yet (REP)
         self.requests = Requests(self)
@@ -74,7 +78,12 @@ class Admin(PairlaneActor):
         super().on_stop()
 
     def watch_fds(self) -> list:
-        return [] if self.busy or self._stopping else [self.sock.FD]
+        zap = [self.zap.fd] if self.zap and not self._stopping else []
+        return zap + ([] if self.busy or self._stopping else [self.sock.FD])
+
+    def on_reload(self, old_config: dict, new_config: dict) -> None:
+        if self.zap:  # the authorized keys directory is re-read on every SIGHUP
+            self.zap.reload_keys()
 
     def inspect(self) -> dict:
         waiting = self.requests.waiting_on()
@@ -99,6 +108,8 @@ class Admin(PairlaneActor):
             self._read_done(payload[1])
 
     def _drain(self) -> None:
+        if self.zap:
+            self.zap.drain()
         while not self.busy and not self._stopping and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -146,6 +157,7 @@ class Admin(PairlaneActor):
         if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
             return self._error("malformed: expected {\"cmd\": str, \"args\": {...}}")
         if self.token_required and req.get("token") != self.token_required:
+            self.metrics.inc("pairlane_auth_failures_total", endpoint="admin", reason="bad_token")
             return self._error("unauthorized: missing or wrong admin token")
         try:
             cmd = lookup(req["cmd"])

@@ -18,6 +18,7 @@ from pairlane import codec
 
 from .base import PairlaneActor
 from .messages import Inbound, Outbound
+from .zap import curve_server
 
 DRAIN_BATCH = 64
 
@@ -28,9 +29,11 @@ class Gateway(PairlaneActor):
         self.limits = codec.Limits(g["max_message_bytes"], g["max_result_trades"], g["max_chunk_rows"])
         self.credit = g["credit"]
         self.max_inflight_bytes = g["max_inflight_bytes"]
+        # CURVE (section 7): the ZAP handler is bound before the ROUTER, so nothing is accepted unchecked
+        self.zap, secure = curve_server(self, "gateway", g["curve_secret_key"], g["curve_authorized_keys"])
         # MAXMSGSIZE: ZMQ's hard cap, well above ours (frames up to 4x get a `too_large` answer)
         self.sock = self.bind_socket(zmq.ROUTER, g["endpoint"], MAXMSGSIZE=4 * g["max_message_bytes"] + 4096,
-                                     RCVHWM=256, SNDHWM=10000)
+                                     RCVHWM=256, SNDHWM=10000, **secure)
         self.pending: dict[tuple, int] = {}       # (request_id, seq) -> bytes forwarded, not yet resolved
         self.per_request: dict[str, int] = {}     # request_id -> chunks forwarded, not yet resolved
         self.inflight_bytes = 0
@@ -39,7 +42,11 @@ class Gateway(PairlaneActor):
         self.after(0.05, "poll")
 
     def watch_fds(self) -> list:
-        return [self.sock.FD]
+        return [self.sock.FD] + ([self.zap.fd] if self.zap else [])
+
+    def on_reload(self, old_config: dict, new_config: dict) -> None:
+        if self.zap:  # the authorized keys directory is re-read on every SIGHUP
+            self.zap.reload_keys()
 
     def on_directory(self) -> None:
         addr = self.peer("assembler")
@@ -53,7 +60,8 @@ class Gateway(PairlaneActor):
     def inspect(self) -> dict:
         return dict(self.stats, requests_in_flight=len(self.per_request),
                     chunks_in_flight=len(self.pending), bytes_in_flight=self.inflight_bytes,
-                    endpoint=self.config["gateway"]["endpoint"])
+                    endpoint=self.config["gateway"]["endpoint"],
+                    auth=self.zap.inspect() if self.zap else None)
 
     # ----- receiving ---------------------------------------------------------------------------
     def on_readable(self, fds) -> None:
@@ -68,6 +76,8 @@ class Gateway(PairlaneActor):
             self._drain()
 
     def _drain(self) -> None:
+        if self.zap:
+            self.zap.drain()
         n = 0
         while not self._stopping and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:

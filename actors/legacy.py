@@ -44,6 +44,7 @@ from pairlane.vocab import ResultStatus
 
 from .base import PairlaneActor
 from .messages import Inbound, LegacyResult, LegacyWritten, Outbound
+from .zap import address_filter
 
 ROWS_PER_CHUNK = 2560
 # legacy chunks handed to the assembler at once (it lets one big chunk at a time wait at the writer,
@@ -89,7 +90,10 @@ class Legacy(PairlaneActor):
                      detail="a spooled message failed its checks; kept in quarantine/ for an operator")
         if self.todo:
             self.log("WARNING", "legacy_spool_replay", messages=len(self.todo), bytes=self.spool.total_bytes)
-        self.sock = self.bind_socket(zmq.PULL, g["legacy_endpoint"], MAXMSGSIZE=self.max_bytes, RCVHWM=4)
+        # gateway.legacy_allow (section 7): a ZAP address filter (NULL mechanism), bound before the PULL
+        self.zap, secure = address_filter(self, "legacy", g["legacy_allow"])
+        self.sock = self.bind_socket(zmq.PULL, g["legacy_endpoint"], MAXMSGSIZE=self.max_bytes, RCVHWM=4,
+                                     **secure)
         self.results: queue.Queue = queue.Queue()
         self.held: bytes | None = None            # taken off the socket, not yet spooled (disk full)
         self.current: dict | None = None          # the spooled message being handled
@@ -101,7 +105,8 @@ class Legacy(PairlaneActor):
         self.after(0.05, "poll")
 
     def watch_fds(self) -> list:
-        return [self.sock.FD] if self._room() else []
+        zap = [self.zap.fd] if self.zap and not self._stopping else []
+        return zap + ([self.sock.FD] if self._room() else [])
 
     def _room(self) -> bool:
         return (not self._stopping and self.held is None and len(self.spool) < SPOOL_MAX_ITEMS
@@ -148,6 +153,8 @@ class Legacy(PairlaneActor):
 
     def _intake(self) -> None:
         """Take messages off the socket while the spool has room, each spooled durably at once."""
+        if self.zap:
+            self.zap.drain()
         if self.held is not None and not self._spool(self.held):
             return
         t0 = time.monotonic()

@@ -1,8 +1,9 @@
 """Configuration: load config/default.toml, merge a partial file over it, validate.
 
 Owns: the schema (taken from the defaults file itself: every key and its type),
-the start-up checks of PROTOCOL.md section 0 (unknown key, wrong type,
-non-loopback endpoint, busy port). Never starts anything and never touches
+the start-up checks of PROTOCOL.md sections 0 and 7 (unknown key, wrong type,
+non-loopback endpoint unless CURVE keys or a legacy allowlist guard it, keys that
+do not load, busy port). Never starts anything and never touches
 the database; the single-instance lock lives in `pairlane.lock`.
 """
 from __future__ import annotations
@@ -69,30 +70,52 @@ def merge(defaults: dict, override: dict, prefix: str = "") -> dict:
     return out
 
 
-def _check_loopback_host(key: str, host: str) -> None:
+def _is_loopback(host: str) -> bool:
     host = host.strip("[]")
     if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_loopback_host(key: str, host: str, remote_needs: str = "") -> None:
+    if _is_loopback(host):
+        return
+    need = remote_needs or "remote access is only possible for the gateway, admin and legacy endpoints"
+    raise ConfigError(f"config key '{key}': '{host.strip('[]')}' is not a loopback address "
+                      f"(use 127.0.0.1; {need})")
+
+
+def _check_host(key: str, host: str) -> None:
+    """Any IP address (a non-loopback endpoint allowed by section 7); host names are refused:
+    ZMQ binds one interface, and the allowlist and keys guard that one."""
+    host = host.strip("[]")
+    if host == "localhost" or host == "*":
         return
     try:
-        ip = ipaddress.ip_address(host)
+        ipaddress.ip_address(host)
     except ValueError:
-        raise ConfigError(f"config key '{key}': '{host}' is not a loopback address "
-                          "(use 127.0.0.1; remote access needs authentication, not yet supported)")
-    if not ip.is_loopback:
-        raise ConfigError(f"config key '{key}': {host} is not a loopback address "
-                          "(use 127.0.0.1; remote access needs authentication, not yet supported)")
+        raise ConfigError(f"config key '{key}': '{host}' is not an IP address (use 0.0.0.0 or an interface's address)")
 
 
-def parse_tcp_endpoint(key: str, endpoint: str) -> tuple[str, int]:
-    """'tcp://127.0.0.1:5590' -> ('127.0.0.1', 5590), or ConfigError naming the key."""
+def parse_tcp_endpoint(key: str, endpoint: str, remote_needs: str = "", remote_ok: bool = False) -> tuple[str, int]:
+    """'tcp://127.0.0.1:5590' -> ('127.0.0.1', 5590), or ConfigError naming the key. A non-loopback
+    host is accepted only with `remote_ok` (its security is configured); else the error says
+    `remote_needs`."""
     if not endpoint.startswith("tcp://"):
         raise ConfigError(f"config key '{key}': endpoint {endpoint!r} must be tcp://HOST:PORT")
     hostport = endpoint[len("tcp://"):]
     host, sep, port = hostport.rpartition(":")
     if not sep or not port.isdigit() or not host:
         raise ConfigError(f"config key '{key}': endpoint {endpoint!r} must be tcp://HOST:PORT")
-    _check_loopback_host(key, host)
-    return host.strip("[]"), int(port)
+    if remote_ok:
+        _check_host(key, host)
+    else:
+        _check_loopback_host(key, host, remote_needs)
+    host = host.strip("[]")
+    return ("0.0.0.0" if host == "*" else host), int(port)
 
 
 def parse_listen(key: str, listen: str) -> tuple[str, int]:
@@ -104,17 +127,55 @@ def parse_listen(key: str, listen: str) -> tuple[str, int]:
 
 
 def endpoints(cfg: dict) -> dict[str, tuple[str, int]]:
-    """Every TCP endpoint the daemon binds, by config key."""
-    eps = {"gateway.endpoint": parse_tcp_endpoint("gateway.endpoint", cfg["gateway"]["endpoint"]),
-           "admin.endpoint": parse_tcp_endpoint("admin.endpoint", cfg["admin"]["endpoint"]),
+    """Every TCP endpoint the daemon binds, by config key. Non-loopback only where section 7
+    allows it: gateway and admin with their CURVE secret key, legacy with a non-empty allowlist."""
+    g, a = cfg["gateway"], cfg["admin"]
+    eps = {"gateway.endpoint": parse_tcp_endpoint(
+               "gateway.endpoint", g["endpoint"], remote_ok=bool(g["curve_secret_key"]),
+               remote_needs="a non-loopback gateway needs CURVE: set gateway.curve_secret_key and "
+                            "gateway.curve_authorized_keys"),
+           "admin.endpoint": parse_tcp_endpoint(
+               "admin.endpoint", a["endpoint"], remote_ok=bool(a["curve_secret_key"]),
+               remote_needs="a non-loopback admin endpoint needs CURVE: set admin.curve_secret_key and "
+                            "admin.curve_authorized_keys"),
            "alerts.endpoint": parse_tcp_endpoint("alerts.endpoint", cfg["alerts"]["endpoint"]),
            "daemon.actor_port": ("127.0.0.1", cfg["daemon"]["actor_port"])}
-    if cfg["gateway"]["legacy_endpoint"]:
+    if g["legacy_endpoint"]:
         eps["gateway.legacy_endpoint"] = parse_tcp_endpoint(
-            "gateway.legacy_endpoint", cfg["gateway"]["legacy_endpoint"])
+            "gateway.legacy_endpoint", g["legacy_endpoint"], remote_ok=bool(g["legacy_allow"]),
+            remote_needs="a non-loopback legacy endpoint needs gateway.legacy_allow, the IP addresses "
+                         "allowed to send")
     if cfg["metrics"]["listen"]:
         eps["metrics.listen"] = parse_listen("metrics.listen", cfg["metrics"]["listen"])
     return eps
+
+
+def check_security(cfg: dict) -> None:
+    """Section 7 keys: CURVE certificates that load, an authorized-keys directory beside each
+    secret key, a legacy allowlist of IP addresses."""
+    from .zap import load_authorized, load_secret_certificate, parse_allowlist
+    for sect in ("gateway", "admin"):
+        secret, keys = cfg[sect]["curve_secret_key"], cfg[sect]["curve_authorized_keys"]
+        if not secret:
+            if keys:
+                raise ConfigError(f"config key '{sect}.curve_secret_key' is empty but {sect}.curve_authorized_keys "
+                                  f"is set: CURVE needs the server's secret certificate too")
+            continue
+        try:
+            load_secret_certificate(secret)
+        except ValueError as exc:
+            raise ConfigError(f"config key '{sect}.curve_secret_key': {exc}")
+        if not keys:
+            raise ConfigError(f"config key '{sect}.curve_authorized_keys' must name the directory of authorized "
+                              f"client public certificates when {sect}.curve_secret_key is set")
+        try:
+            load_authorized(keys)
+        except ValueError as exc:
+            raise ConfigError(f"config key '{sect}.curve_authorized_keys': {exc}")
+    try:
+        parse_allowlist(cfg["gateway"]["legacy_allow"])
+    except ValueError as exc:
+        raise ConfigError(f"config key 'gateway.legacy_allow': {exc}")
 
 
 def check_values(cfg: dict) -> None:
@@ -150,6 +211,7 @@ def check_values(cfg: dict) -> None:
     if cfg["supervision"]["heartbeat_timeout_s"] <= cfg["supervision"]["heartbeat_s"]:
         raise ConfigError("config key 'supervision.heartbeat_timeout_s' must exceed supervision.heartbeat_s")
     check_store_url(cfg)
+    check_security(cfg)
 
 
 def check_store_url(cfg: dict) -> None:
@@ -180,6 +242,10 @@ def load(path: str | None) -> dict:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}")
         cfg = merge(cfg, override)
+    for sect, key in (("gateway", "curve_secret_key"), ("gateway", "curve_authorized_keys"),
+                      ("admin", "curve_secret_key"), ("admin", "curve_authorized_keys")):
+        if cfg[sect][key]:  # actors see absolute paths, whatever their working directory
+            cfg[sect][key] = os.path.abspath(cfg[sect][key])
     check_values(cfg)
     endpoints(cfg)  # raises on a non-loopback or malformed endpoint
     for sect in ("store", "dlq"):
