@@ -7,6 +7,7 @@
   python run.py bench [--json]           benchmarks, as ratios against a raw floor
   python run.py chaos --duration S       bounded randomized fault run
   python run.py migrate --from SQLITE_PATH --to URL   copy a SQLite store into PostgreSQL
+  python run.py keygen NAME --dir DIR   write a CURVE key pair (DIR/NAME.key, DIR/NAME.key_secret)
   python run.py --version                print the version
 
 `--config FILE` may stand anywhere on the line; without it, $PAIRLANE_CONFIG is used.

@@ -121,7 +121,8 @@ class Legacy(PairlaneActor):
                    "attempts": conv.stats["begins"]}
         spool = {"messages": len(self.spool), "bytes": self.spool.total_bytes, "waiting": len(self.todo),
                  "held_unspooled": self.held is not None, "path": self.spool.path}
-        return {"parsing": self.parsing, "job": job, "spool": spool, **dict(self.counts)}
+        return {"parsing": self.parsing, "job": job, "spool": spool, **dict(self.counts),
+                "auth": self.zap.inspect() if self.zap else None}
 
     # ----- intake: socket -> spool ----------------------------------------------------------------
     def on_readable(self, fds) -> None:

@@ -26,11 +26,14 @@ from entry.cli import program
 
 
 def request(endpoint: str, cmd: str, args: dict | None = None, token: str = "",
-            timeout_s: float = 15.0) -> dict | None:
-    """Send one admin request; the reply map, or None when the daemon does not answer."""
+            timeout_s: float = 15.0, curve: dict | None = None) -> dict | None:
+    """Send one admin request; the reply map, or None when the daemon does not answer.
+    `curve`: client socket options from pairlane.zap.client_curve_options (CURVE admin)."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
+    for name, value in (curve or {}).items():
+        sock.setsockopt(getattr(zmq, name), value)
     try:
         sock.connect(endpoint)
         sock.send(msgpack.packb({"cmd": cmd, "args": args or {}, "token": token}, use_bin_type=True))
@@ -83,6 +86,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--endpoint", help="admin endpoint (default: admin.endpoint of the config)")
     parser.add_argument("--token", help="admin token (default: admin.token of the config)")
     parser.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for a reply")
+    parser.add_argument("--server-key", metavar="PUBLIC_CERT",
+                        help="the daemon's public certificate, for an admin socket with CURVE (with --client-key)")
+    parser.add_argument("--client-key", metavar="SECRET_CERT",
+                        help="this operator's secret certificate (its public part authorized on the daemon)")
     parser.add_argument("--json", action="store_true", help="print the raw reply as JSON")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="CMD")
     for name, cmd in COMMANDS.items():
@@ -105,10 +112,16 @@ def main(argv: list[str]) -> int:
     if refusal:
         print(refusal, file=sys.stderr)
         return EXIT_ERROR
+    from pairlane.zap import client_curve_options
+    try:
+        curve = client_curve_options(ns.server_key, ns.client_key)
+    except ValueError as exc:
+        print(f"pairlane admin: {exc}", file=sys.stderr)
+        return 2
     down = reachable(endpoint, min(PROBE_S, ns.timeout))
     if down:
         return _unreachable(endpoint, down, ns.json)
-    reply = request(endpoint, ns.cmd, cmd.request_args(ns), token, ns.timeout)
+    reply = request(endpoint, ns.cmd, cmd.request_args(ns), token, ns.timeout, curve)
     if reply is None:
         return _unreachable(endpoint, f"no reply within {ns.timeout:g} s", ns.json)
     if ns.json:

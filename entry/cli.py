@@ -6,6 +6,7 @@
   pairlane bench [--json]             benchmarks, as ratios against a raw floor
   pairlane chaos --duration S         bounded randomized fault run
   pairlane migrate --from SQLITE_PATH --to URL   copy a SQLite store into PostgreSQL
+  pairlane keygen NAME --dir DIR      write a CURVE key pair (DIR/NAME.key, DIR/NAME.key_secret)
   pairlane --version                  print the version
 
 `--config FILE` may stand anywhere on the line (before or after the sub-command and its
@@ -28,6 +29,7 @@ SUBCOMMANDS = {
     "bench": "bench.run",
     "chaos": "entry.chaos",
     "migrate": "entry.migrate",
+    "keygen": "entry.keygen",
 }
 CONFIG_ENV = "PAIRLANE_CONFIG"
 TAKES_CONFIG = {"admin", "send", "chaos"}  # and the daemon; `bench` starts its own daemons

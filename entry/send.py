@@ -105,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="the daemon's TOML config; gateway.endpoint and "
                             "gateway.max_message_bytes are taken from it "
                             f"(defaults: {DEFAULT_ENDPOINT}, {DEFAULT_MAX_MESSAGE_BYTES})")
+    where.add_argument("--server-key", metavar="PUBLIC_CERT",
+                       help="the daemon's public certificate, for a gateway with CURVE (with --client-key)")
+    where.add_argument("--client-key", metavar="SECRET_CERT",
+                       help="this producer's secret certificate (`run.py keygen`); its public part must be "
+                            "in the daemon's gateway.curve_authorized_keys")
     ident = p.add_argument_group("result identity")
     ident.add_argument("--request-id", help="1-128 chars of [A-Za-z0-9._:-] (default: the file's "
                        "request_id, else a new send-<uuid>); reuse it to resume or resend")
@@ -282,7 +287,8 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
         producer = Producer(endpoint, timeout_s=args.timeout, retries=args.retries,
-                            max_message_bytes=max_bytes, max_chunk_rows=max_rows)
+                            max_message_bytes=max_bytes, max_chunk_rows=max_rows,
+                            server_key=args.server_key, client_key=args.client_key)
     except ValueError as e:
         raise _UsageError(str(e)) from None
     handler = _StderrLog(bar, args.quiet)

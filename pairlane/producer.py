@@ -25,6 +25,7 @@ from . import codec
 from .chunks import MAX_CHUNK_ROWS, encode_values, pack_chunk, plan
 from .columns import check_id, prepare_columns, prepare_live_columns
 from .conversation import RETRYABLE, Conversation, Send, retry_after
+from .zap import client_curve_options
 
 __all__ = ["Producer", "SendError"]
 
@@ -85,13 +86,18 @@ class Producer:
     progress (timeouts, busy/unavailable, unknown_request), after which
     SendError. `max_message_bytes` should match the server's
     gateway.max_message_bytes; chunks are planned to ~90% of it.
+    `server_key` (the server's public certificate file) and `client_key` (this
+    producer's secret certificate file) turn on CURVE, for a gateway with
+    gateway.curve_secret_key set; a client whose key the server has not
+    authorized gets no reply at all (SendError after the retries).
     """
 
     MAX_RETRY_AFTER_S = 30.0  # cap on a server's retry_after_s
 
     def __init__(self, endpoint: str, *, timeout_s: float = 30.0, retries: int = 5,
                  max_message_bytes: int = 1 << 20, identity: bytes | None = None,
-                 max_chunk_rows: int = MAX_CHUNK_ROWS) -> None:
+                 max_chunk_rows: int = MAX_CHUNK_ROWS, server_key: str | None = None,
+                 client_key: str | None = None) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
         if retries < 0:
@@ -106,8 +112,12 @@ class Producer:
         # figures of the last send_result: chunks, chunks_sent, begins, timeouts,
         # busy_waits, max_unacked, window, elapsed_s
         self.last_stats: dict[str, Any] = {}
+        # CURVE (section 7): the server's public certificate and our secret one; set before connect
+        curve = client_curve_options(server_key, client_key)
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
+        for name, value in curve.items():
+            self._sock.setsockopt(getattr(zmq, name), value)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout_s * 1000)))
         if identity is not None:

@@ -130,3 +130,17 @@ class ZapPolicy:
     @staticmethod
     def _reply(rid: bytes, code: bytes, text: bytes, user: bytes = b"") -> list[bytes]:
         return [ZAP_VERSION, rid, code, text, user, b""]
+
+
+def client_curve_options(server_key: str | None, client_key: str | None) -> dict[str, bytes]:
+    """Socket options for a CURVE client (producer, admin CLI): {} when neither file is given.
+    `server_key`: the server's public certificate; `client_key`: our secret certificate.
+    ValueError when only one is given or a file does not load."""
+    if not server_key and not client_key:
+        return {}
+    if not server_key or not client_key:
+        raise ValueError("CURVE needs both the server's public certificate (--server-key) and "
+                         "this client's secret certificate (--client-key)")
+    server_public = load_public_certificate(server_key)
+    public, secret = load_secret_certificate(client_key)
+    return {"CURVE_SERVERKEY": server_public, "CURVE_PUBLICKEY": public, "CURVE_SECRETKEY": secret}
