@@ -63,6 +63,8 @@ class Admin(PairlaneActor):
         # CURVE (section 7): the ZAP handler is bound before the REP socket; the token is still required
         self.zap, secure = curve_server(self, "admin", a["curve_secret_key"], a["curve_authorized_keys"])
         self.sock = self.bind_socket(zmq.REP, a["endpoint"], MAXMSGSIZE=MAX_REQUEST_BYTES, **secure)
+        if self.zap:
+            self.zap.watch(self.sock)
         self.token_required = self.config["admin"]["token"]
         self.busy = False          # a request was received and is not answered yet (REP)
         self.requests = Requests(self)
@@ -78,7 +80,7 @@ class Admin(PairlaneActor):
         super().on_stop()
 
     def watch_fds(self) -> list:
-        zap = [self.zap.fd] if self.zap and not self._stopping else []
+        zap = self.zap.fds if self.zap and not self._stopping else []
         return zap + ([] if self.busy or self._stopping else [self.sock.FD])
 
     def on_reload(self, old_config: dict, new_config: dict) -> None:

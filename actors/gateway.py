@@ -34,6 +34,8 @@ class Gateway(PairlaneActor):
         # MAXMSGSIZE: ZMQ's hard cap, well above ours (frames up to 4x get a `too_large` answer)
         self.sock = self.bind_socket(zmq.ROUTER, g["endpoint"], MAXMSGSIZE=4 * g["max_message_bytes"] + 4096,
                                      RCVHWM=256, SNDHWM=10000, **secure)
+        if self.zap:
+            self.zap.watch(self.sock)
         self.pending: dict[tuple, int] = {}       # (request_id, seq) -> bytes forwarded, not yet resolved
         self.per_request: dict[str, int] = {}     # request_id -> chunks forwarded, not yet resolved
         self.inflight_bytes = 0
@@ -42,7 +44,7 @@ class Gateway(PairlaneActor):
         self.after(0.05, "poll")
 
     def watch_fds(self) -> list:
-        return [self.sock.FD] + ([self.zap.fd] if self.zap else [])
+        return [self.sock.FD] + (self.zap.fds if self.zap else [])
 
     def on_reload(self, old_config: dict, new_config: dict) -> None:
         if self.zap:  # the authorized keys directory is re-read on every SIGHUP

@@ -105,7 +105,7 @@ class Legacy(PairlaneActor):
         self.after(0.05, "poll")
 
     def watch_fds(self) -> list:
-        zap = [self.zap.fd] if self.zap and not self._stopping else []
+        zap = self.zap.fds if self.zap and not self._stopping else []
         return zap + ([self.sock.FD] if self._room() else [])
 
     def _room(self) -> bool:

@@ -10,9 +10,13 @@ on SIGHUP. The decisions themselves are pairlane.zap's. Never blocks, never uses
 """
 from __future__ import annotations
 
-import zmq
+import time
 
-from pairlane.zap import ZapPolicy, load_authorized, load_secret_certificate, parse_allowlist
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from pairlane.zap import (HandshakeLog, ZapPolicy, handshake_reason, load_authorized, load_secret_certificate,
+                          parse_allowlist)
 
 from .base import PairlaneActor
 
@@ -31,12 +35,45 @@ class ZapHandler:
         actor._sockets.append(self.sock)   # closed with the actor's other sockets on stop
         self.allowed = 0
         self.refused = 0
+        self.handshakes_failed = 0
+        self.monitor: zmq.Socket | None = None
+        self.handshake_log = HandshakeLog()
+
+    def watch(self, served: zmq.Socket) -> None:
+        """Also report handshakes of `served` that fail before ZAP is asked (a plaintext client on a
+        CURVE socket, a client using another server key): they carry no key, so each is counted and
+        they are logged at most once a minute per reason."""
+        self.monitor = served.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                                 | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self.actor._sockets.append(self.monitor)
 
     @property
-    def fd(self) -> int:
-        return self.sock.FD
+    def fds(self) -> list:
+        return [self.sock.FD] + ([self.monitor.FD] if self.monitor is not None else [])
 
     def drain(self) -> None:
+        """Answer every waiting ZAP request and read the monitor's events."""
+        self._drain_zap()
+        if self.monitor is not None:
+            self._drain_monitor()
+
+    def _drain_monitor(self) -> None:
+        while self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            value = int(event["value"]) if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL else 0
+            reason = handshake_reason(value)
+            self.handshakes_failed += 1
+            self.actor.metrics.inc("pairlane_auth_failures_total", endpoint=self.label, reason=reason)
+            n = self.handshake_log.failed(reason, time.monotonic())
+            if n:
+                self.actor.log("WARNING", "auth_handshake_failed", endpoint=self.label, reason=reason,
+                               failures=n, detail="a client without CURVE or with another server key; "
+                               "no reply is sent; logged at most once a minute")
+
+    def _drain_zap(self) -> None:
         """Answer every waiting ZAP request (the FD is edge-triggered: check EVENTS again each time)."""
         while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
@@ -74,12 +111,14 @@ class ZapHandler:
 
     def inspect(self) -> dict:
         return {"mechanism": self.policy.mechanism, "allowed": self.allowed, "refused": self.refused,
+                "handshakes_failed": self.handshakes_failed,
                 "authorized_keys": len(self.policy.keys), "allow": sorted(self.policy.addresses)}
 
 
 def curve_server(actor: PairlaneActor, label: str, secret_path: str, keys_dir: str) -> tuple[ZapHandler | None, dict]:
     """(handler, socket options) for a socket named `label` whose CURVE keys are configured;
-    (None, {}) when `secret_path` is empty (plain loopback socket, as before)."""
+    (None, {}) when `secret_path` is empty (plain loopback socket, as before). Call
+    `handler.watch(socket)` once the socket exists."""
     if not secret_path:
         return None, {}
     _public, secret = load_secret_certificate(secret_path)

@@ -144,3 +144,32 @@ def client_curve_options(server_key: str | None, client_key: str | None) -> dict
     server_public = load_public_certificate(server_key)
     public, secret = load_secret_certificate(client_key)
     return {"CURVE_SERVERKEY": server_public, "CURVE_PUBLICKEY": public, "CURVE_SECRETKEY": secret}
+
+
+# handshakes that fail before ZAP is asked (no key to name): reasons by ZMQ's protocol error value
+_MECHANISM_MISMATCH = 0x11000002
+HANDSHAKE_LOG_EVERY_S = 60.0
+
+
+def handshake_reason(error_value: int) -> str:
+    """The auth-failure reason of a failed handshake reported by a socket monitor:
+    "wrong_mechanism" (a plaintext client on a CURVE socket), else "bad_handshake" (a wrong
+    server key, or bytes that are not a CURVE handshake)."""
+    return "wrong_mechanism" if error_value == _MECHANISM_MISMATCH else "bad_handshake"
+
+
+@dataclasses.dataclass
+class HandshakeLog:
+    """When to log keyless handshake failures: the first of each reason at once, then at most
+    one line per HANDSHAKE_LOG_EVERY_S carrying the number since the last line."""
+    last: dict = dataclasses.field(default_factory=dict)     # reason -> time of the last line
+    since: dict = dataclasses.field(default_factory=dict)    # reason -> failures not yet logged
+
+    def failed(self, reason: str, now: float) -> int:
+        """Record one failure; the number to log now, or 0 when this one is not logged."""
+        self.since[reason] = self.since.get(reason, 0) + 1
+        last = self.last.get(reason)
+        if last is not None and now - last < HANDSHAKE_LOG_EVERY_S:
+            return 0
+        self.last[reason] = now
+        return self.since.pop(reason)

@@ -108,8 +108,13 @@ def test_gateway_curve_authorized_unknown_and_reloaded_keys(make_daemon, keys):
             sock.connect(ep)
             sock.send(b"\x81\xa4type\xa5begin")   # would be answered (malformed) by a plain gateway
         assert not plain.poll(1500) and not wrong.poll(500)
+        # they carry no key to name: each failed handshake is counted, logged at most once a minute
+        wait_metric(d, "pairlane_auth_failures_total", lambda v: v >= 1, endpoint="gateway", reason="wrong_mechanism")
+        wait_metric(d, "pairlane_auth_failures_total", lambda v: v >= 2, endpoint="gateway", reason="bad_handshake")
         plain.close(0)
         wrong.close(0)
+    failed = [ln for ln in d.log_path.read_text().splitlines() if "event=auth_handshake_failed" in ln]
+    assert sorted("reason=wrong_mechanism" in ln for ln in failed) == [False, True], failed
 
     # carol is refused, then authorized by a file in the directory and SIGHUP
     with Producer(ep, timeout_s=1.5, retries=0, server_key=keys["public"], client_key=keys["carol"]) as p:

@@ -11,7 +11,7 @@ from zmq.utils import z85
 
 from pairlane import config as cfgmod
 from pairlane.config import ConfigError
-from pairlane.zap import ZapPolicy, load_authorized, parse_allowlist
+from pairlane.zap import HANDSHAKE_LOG_EVERY_S, HandshakeLog, ZapPolicy, handshake_reason, load_authorized, parse_allowlist
 
 
 @pytest.fixture
@@ -151,3 +151,13 @@ def test_mechanism_mismatch_and_malformed_requests_are_refused(keys):
     assert reply[2] == b"400" and refusal.reason == "wrong_mechanism"
     reply, refusal = policy.decide([b"9.9", b"x", b"gateway", b"127.0.0.1", b"", b"CURVE", b"k" * 32])
     assert reply[2] == b"400" and refusal.reason == "malformed"
+
+
+def test_keyless_handshake_failures_are_named_and_logged_at_most_once_a_minute():
+    assert handshake_reason(zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH) == "wrong_mechanism"
+    assert handshake_reason(zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC) == "bad_handshake"
+    log = HandshakeLog()
+    assert log.failed("bad_handshake", 100.0) == 1          # the first at once
+    assert [log.failed("bad_handshake", 100.0 + i) for i in range(1, 6)] == [0] * 5
+    assert log.failed("wrong_mechanism", 101.0) == 1        # per reason
+    assert log.failed("bad_handshake", 100.0 + HANDSHAKE_LOG_EVERY_S) == 6   # the 5 held back and this one
