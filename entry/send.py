@@ -46,6 +46,13 @@ examples:
   # correlated): enough for `admin pairs.evaluate` to fill pair slots
   python run.py send --synthetic 120 --strategies 6
 
+  # two daemons on one PostgreSQL store: failover on silence or `unavailable`
+  python run.py send --synthetic 100000 --endpoint tcp://a:5590 --endpoint tcp://b:5590
+
+  # a gateway with CURVE (keys from `python run.py keygen`)
+  python run.py send --synthetic 1000 --endpoint tcp://daemon-host:5590 \\
+      --server-key server.key --client-key farm-01.key_secret
+
   # a file; endpoint and max_message_bytes come from the daemon's config
   python run.py send --config config/local.toml --file results/S-42.json
 
@@ -99,8 +106,10 @@ def _parser() -> argparse.ArgumentParser:
                            "synthetic-SEED>-01..K, rank A unless --rank), one trade a day, PnL "
                            "independent per strategy so pairs qualify; --request-id gets the same suffix")
     where = p.add_argument_group("where to")
-    where.add_argument("--endpoint", help="gateway endpoint (default: gateway.endpoint from "
-                       f"--config, else {DEFAULT_ENDPOINT})")
+    where.add_argument("--endpoint", action="append", metavar="EP",
+                       help="gateway endpoint (default: gateway.endpoint from "
+                       f"--config, else {DEFAULT_ENDPOINT}); repeat it for failover between daemons "
+                       "sharing one store, in that order")
     where.add_argument("--config", metavar="FILE",
                        help="the daemon's TOML config; gateway.endpoint and "
                             "gateway.max_message_bytes are taken from it "
@@ -260,7 +269,7 @@ def _run(args: argparse.Namespace) -> int:
     endpoint, max_bytes, max_rows = None, None, MAX_CHUNK_ROWS
     if args.config:
         endpoint, max_bytes, max_rows = _read_config(args.config)
-    endpoint = args.endpoint or endpoint or DEFAULT_ENDPOINT
+    endpoints = args.endpoint or [endpoint or DEFAULT_ENDPOINT]
     max_bytes = max_bytes or DEFAULT_MAX_MESSAGE_BYTES
     if args.timeout <= 0:
         raise _UsageError("--timeout must be > 0")
@@ -277,16 +286,22 @@ def _run(args: argparse.Namespace) -> int:
             meta[key] = getattr(args, key)
     n = len(cols["pnl"])
     from entry.admin_cli import reachable
-    down = reachable(endpoint, min(UNREACHABLE_PROBE_S, args.timeout))
-    if down:
-        print(f"run.py send: failed: daemon unreachable at {endpoint}: {down} "
+    downs = []
+    for i, endpoint in enumerate(endpoints):   # start at the first that accepts connections
+        down = reachable(endpoint, min(UNREACHABLE_PROBE_S, args.timeout) / len(endpoints))
+        if not down:
+            endpoints = endpoints[i:] + endpoints[:i]
+            break
+        downs.append(f"{endpoint}: {down}")
+    else:
+        print(f"run.py send: failed: daemon unreachable at {'; '.join(downs)} "
               f"(is pairlane running and listening on this endpoint?)", file=sys.stderr)
         return 1
 
     bar = _Progress(sys.stderr) if (not args.quiet and sys.stderr.isatty()) else None
     t0 = time.monotonic()
     try:
-        producer = Producer(endpoint, timeout_s=args.timeout, retries=args.retries,
+        producer = Producer(endpoints, timeout_s=args.timeout, retries=args.retries,
                             max_message_bytes=max_bytes, max_chunk_rows=max_rows,
                             server_key=args.server_key, client_key=args.client_key)
     except ValueError as e:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import msgpack
 import zmq
@@ -77,6 +77,9 @@ class SendError(Exception):
         super().__init__(text)
 
 
+FAILOVER_ON = ("timeout", "unavailable")  # replies after which a Producer with several endpoints moves on
+
+
 class Producer:
     """A DEALER connection to pairlane's gateway that sends results.
 
@@ -86,6 +89,9 @@ class Producer:
     progress (timeouts, busy/unavailable, unknown_request), after which
     SendError. `max_message_bytes` should match the server's
     gateway.max_message_bytes; chunks are planned to ~90% of it.
+    `endpoint` may be a list: failover in that order (wrapping round) on
+    silence or `unavailable`; the resume's `begin` goes to the next daemon,
+    which answers from the chunks already durable in the shared store.
     `server_key` (the server's public certificate file) and `client_key` (this
     producer's secret certificate file) turn on CURVE, for a gateway with
     gateway.curve_secret_key set; a client whose key the server has not
@@ -94,7 +100,7 @@ class Producer:
 
     MAX_RETRY_AFTER_S = 30.0  # cap on a server's retry_after_s
 
-    def __init__(self, endpoint: str, *, timeout_s: float = 30.0, retries: int = 5,
+    def __init__(self, endpoint: str | Sequence[str], *, timeout_s: float = 30.0, retries: int = 5,
                  max_message_bytes: int = 1 << 20, identity: bytes | None = None,
                  max_chunk_rows: int = MAX_CHUNK_ROWS, server_key: str | None = None,
                  client_key: str | None = None) -> None:
@@ -104,31 +110,55 @@ class Producer:
             raise ValueError("retries must be >= 0")
         if max_message_bytes < 1024:
             raise ValueError("max_message_bytes must be >= 1024")
-        self.endpoint = endpoint
+        endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
+        if not endpoints or not all(isinstance(e, str) and e for e in endpoints):
+            raise ValueError(f"endpoint must be a non-empty string or list of them, got {endpoint!r}")
+        self.endpoints = endpoints
+        self.endpoint = endpoints[0]
         self.timeout_s = float(timeout_s)
         self.retries = int(retries)
         self.max_message_bytes = int(max_message_bytes)
         self.max_chunk_rows = int(max_chunk_rows)
         # figures of the last send_result: chunks, chunks_sent, begins, timeouts,
-        # busy_waits, max_unacked, window, elapsed_s
+        # busy_waits, max_unacked, window, elapsed_s, failovers
         self.last_stats: dict[str, Any] = {}
         # CURVE (section 7): the server's public certificate and our secret one; set before connect
-        curve = client_curve_options(server_key, client_key)
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        for name, value in curve.items():
-            self._sock.setsockopt(getattr(zmq, name), value)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout_s * 1000)))
+        self._options: dict[int, Any] = {zmq.LINGER: 0, zmq.SNDTIMEO: max(1, int(self.timeout_s * 1000))}
         if identity is not None:
-            self._sock.setsockopt(zmq.IDENTITY, identity)
+            self._options[zmq.IDENTITY] = identity
+        for name, value in client_curve_options(server_key, client_key).items():
+            self._options[getattr(zmq, name)] = value
+        self._ctx = zmq.Context()
+        self._sock = None
+        self._connect(self.endpoint)
+
+    def _connect(self, endpoint: str) -> None:
+        """A fresh DEALER on endpoint (the previous one, if any, closed: its late replies are dropped)."""
+        if self._sock is not None and not self._sock.closed:
+            self._sock.close(0)
+        self._sock = self._ctx.socket(zmq.DEALER)
+        for opt, value in self._options.items():
+            self._sock.setsockopt(opt, value)
         try:
             self._sock.connect(endpoint)
         except zmq.ZMQError as e:
             self.close()
             raise ValueError(f"cannot connect to {endpoint!r}: {e}") from None
+        self.endpoint = endpoint
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
+
+    def failover(self, reason: str = "") -> bool:
+        """Move to the next of several endpoints (in order, wrapping round); False with only one.
+        The caller resumes there with `begin`: the daemon behind it answers from what is durable."""
+        if len(self.endpoints) < 2:
+            return False
+        old = self.endpoint
+        nxt = self.endpoints[(self.endpoints.index(old) + 1) % len(self.endpoints)]
+        self._connect(nxt)
+        self.last_stats["failovers"] = self.last_stats.get("failovers", 0) + 1
+        log.warning("event=send_failover from=%s to=%s reason=%s", old, nxt, reason or "?")
+        return True
 
     # -- low level -----------------------------------------------------------
 
@@ -272,11 +302,13 @@ class Producer:
             strikes += 1
             if strikes > self.retries:
                 if reply is None:
-                    raise SendError(batch_id, "timeout", f"no reply from {self.endpoint} in "
+                    raise SendError(batch_id, "timeout", f"no reply from {', '.join(self.endpoints)} in "
                                     f"{strikes} attempt(s) of {self.timeout_s:g}s each")
                 raise SendError(batch_id, code, str(reply.get("message", "")), reply)
             log.warning("event=send_resume batch_id=%s reason=%s attempt=%d/%d",
                         batch_id, code, strikes, self.retries)
+            if code in FAILOVER_ON and self.failover(code):
+                continue  # another daemon: no need to wait out this one's retry_after_s
             if reply is not None:
                 time.sleep(self._retry_after(reply))
 
@@ -297,7 +329,10 @@ class Producer:
             log.warning("event=send_resume request_id=%s reason=%s attempt=%d/%d acked_chunks=%d/%d%s",
                         request_id, code, conv.strikes, self.retries, len(conv.acked),
                         len(ranges), detail)
+            if code in FAILOVER_ON and self.failover(code):
+                switched.append(code)  # the resume's `begin` goes to the next daemon, at once
 
+        switched: list[str] = []
         conv = Conversation(request_id, ranges, timeout_s=self.timeout_s, retries=self.retries,
                             max_retry_after_s=self.MAX_RETRY_AFTER_S, progress=progress,
                             on_resume=on_resume)
@@ -338,13 +373,18 @@ class Producer:
                 msg = self._wait_ours(request_id, wake)
                 now = time.monotonic()
                 out = conv.on_reply(msg, now) if msg is not None else conv.tick(now)
+                if switched and conv.backing_off:
+                    # the retry_after_s was the old daemon's: the next one is asked now
+                    conv.backoff_until = now
+                    out = conv.tick(now)
+                switched.clear()
         finally:
             conv.stats["elapsed_s"] = time.monotonic() - t0
         if conv.stored is not None:
             return conv.stored
         f = conv.failure
         if f.code == "timeout" and f.reply is None:
-            raise SendError(request_id, "timeout", f"no reply from {self.endpoint} in "
+            raise SendError(request_id, "timeout", f"no reply from {', '.join(self.endpoints)} in "
                             f"{f.attempts} attempt(s) of {self.timeout_s:g}s each")
         raise SendError(request_id, f.code, f.message, f.reply)
 
