@@ -65,7 +65,6 @@ def test_keygen_writes_loadable_certificates(keys):
     assert zmq.auth.load_certificate(keys["alice"]) == (public, secret)
 
 
-@pytest.mark.slow
 def test_gateway_curve_authorized_unknown_and_reloaded_keys(make_daemon, keys):
     port = free_port()
     d = make_daemon({"gateway": {"endpoint": f"tcp://0.0.0.0:{port}", "curve_secret_key": keys["server"],
@@ -136,7 +135,6 @@ def result_absent(d, request_id: str) -> bool:
         return c.execute("SELECT count(*) FROM backtest_results WHERE request_id = ?", (request_id,)).fetchone()[0] == 0
 
 
-@pytest.mark.slow
 def test_admin_over_curve_needs_an_authorized_key_and_the_token(make_daemon, keys):
     port = free_port()
     d = make_daemon({"admin": {"endpoint": f"tcp://0.0.0.0:{port}", "token": "s3cret",
@@ -172,7 +170,6 @@ def test_admin_over_curve_needs_an_authorized_key_and_the_token(make_daemon, key
     assert d.proc.wait(30) == 0
 
 
-@pytest.mark.slow
 def test_legacy_allowlist_on_any_address(make_daemon):
     port = free_port()
     d = make_daemon({"gateway": {"legacy_endpoint": f"tcp://0.0.0.0:{port}", "legacy_allow": ["127.0.0.1"]}})
