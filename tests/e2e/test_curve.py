@@ -157,7 +157,7 @@ def test_admin_over_curve_needs_an_authorized_key_and_the_token(make_daemon, key
     assert request(ep, "status", token="s3cret", timeout_s=1.5, curve=bob) is None  # unknown key: nothing
     assert request(ep, "status", token="s3cret", timeout_s=1.5, curve=bob) is None
     wait_metric(d, "pairlane_auth_failures_total", 1.0, endpoint="admin", reason="unknown_key")
-    s = wait_metric(d, "pairlane_auth_failures_total", 1.0, endpoint="admin", reason="bad_token")
+    wait_metric(d, "pairlane_auth_failures_total", 1.0, endpoint="admin", reason="bad_token")
     assert len(refusal_lines(d, "admin")) == 1
 
     # the CLI, with its keys and the token
