@@ -11,9 +11,18 @@ stalls; an empty store is a safe stop waiting for data: WARNING with reason
 actor), and the admin commands `pairs` and `pairs.evaluate` (their
 handlers below; the commands themselves are declared in pairlane.admin_commands). Never writes
 the database itself, and never serves `result` or `verify` (the admin actor reads those).
+
+An evaluation (loading the candidates and `pairlane.pairs.evaluate`) runs in a worker thread,
+one at a time, so the actor keeps heartbeating however long it takes (10,000 strategies are
+50M pairs); the actor polls for its end and does everything else (metrics, logs, alert, the
+ReplaceSlots to the writer, admin replies) itself. A request arriving while one runs waits for
+the next evaluation, which starts as soon as the running one ends (its snapshot is then no older
+than the request). An evaluation still running after EVALUATION_DEADLINE_S is given up: its
+waiters get an error, it is logged and counted, and its result is dropped if it ever comes.
 """
 from __future__ import annotations
 
+import threading
 import time
 
 from pairlane import pairs as pairlogic
@@ -26,6 +35,8 @@ from .base import PairlaneActor
 from .messages import AdminCommand, ReplaceSlots, SlotsWritten
 
 SLOTS_TIMEOUT_S = 10.0   # pairs.evaluate answers without waiting longer for the writer
+EVAL_POLL_S = 0.02       # how often the actor checks whether the evaluation thread is done
+EVALUATION_DEADLINE_S = 300.0   # an evaluation running longer is given up (reported, never restarted for)
 
 
 class PairsActor(PairlaneActor):
@@ -38,6 +49,9 @@ class PairsActor(PairlaneActor):
         self.errors = 0
         self.requests = Requests(self)   # pairs.evaluate awaiting the writer's SlotsWritten
         self.metrics_addr = self.peer("metrics")
+        self.running: dict | None = None   # the evaluation in the worker thread, if one runs
+        self.waiting: list = []            # admin callbacks served by the next evaluation to start
+        self.abandoned = 0
         # the periodic evaluation is due at this monotonic time; an "evaluate" timer firing earlier
         # was scheduled under an interval a reload since replaced, and is ignored
         self.due = time.monotonic() + min(5.0, self.interval)
@@ -72,7 +86,8 @@ class PairsActor(PairlaneActor):
         return {"evaluations": self.evaluations, "errors": self.errors, "interval_s": self.interval,
                 "last_evaluated_at": last.get("evaluated_at"), "slots": len(last.get("slots", [])),
                 "safe_stop": last.get("safe_stop"), "excluded": last.get("excluded"),
-                "last_evaluation_s": last.get("evaluation_s")}
+                "last_evaluation_s": last.get("evaluation_s"), "running": self.running is not None,
+                "abandoned": self.abandoned}
 
     def _connection(self):
         """The reader, opened on first use; None while a SQLite database does not exist yet."""
@@ -83,41 +98,123 @@ class PairsActor(PairlaneActor):
     def on_timer(self, payload) -> None:
         if self.requests.on_timer(payload):
             return
-        if payload == "evaluate":
+        if payload == "eval_poll":
+            self._poll()
+        elif payload == "evaluate":
             if time.monotonic() < self.due - 0.05:
                 return  # a timer of an interval a reload replaced
-            result = self.evaluate()
-            if result.get("ok", True):
-                self.write_slots(result)
+            if self.running is None:
+                self.start_evaluation()
             if not self._stopping:
                 self.due = time.monotonic() + self.interval
                 self.after(self.interval, "evaluate")
 
-    def evaluate(self) -> dict:
+    def start_evaluation(self, waiters: list | None = None) -> None:
+        """Start an evaluation in the worker thread; waiters are admin (respond, confirm) pairs
+        answered in the actor once it ends (confirm: after the writer stored the slots).
+        Periodic evaluations have none."""
+        run = {"done": threading.Event(), "out": None, "started": time.monotonic(),
+               "now": time.time(), "waiters": list(waiters or []), "cfg": self.cfg}
+        self.running = run
+
+        def work() -> None:
+            try:
+                run["out"] = self._compute(run["cfg"])
+            except BaseException as exc:  # reported by the actor; never lost in the thread
+                run["out"] = exc
+            finally:
+                run["done"].set()
+        threading.Thread(target=work, name="pairs-evaluate", daemon=True).start()
+        self.after(EVAL_POLL_S, "eval_poll")
+
+    def _compute(self, cfg: pairlogic.PairsConfig) -> tuple:
+        """Worker thread: read the candidates and evaluate. Touches the reader connection only
+        here (one evaluation at a time), nothing else of the actor."""
         t0 = time.perf_counter()
-        now = time.time()
-        try:
-            conn = self._connection()
-            cands = pairlogic.load_candidates(conn, window_trades=self.cfg.window_trades) if conn is not None else []
-            newest = None
-            if conn is not None:
-                row = conn.execute("SELECT max(completed_at) FROM backtest_results WHERE status = 'complete'").fetchone()
-                newest = row[0] if row else None
-            ev = pairlogic.evaluate(cands, self.cfg)
-        except reader_errors() as exc:
-            self.errors += 1
-            self.metrics.inc("pairlane_pair_evaluations_total", outcome="error")
-            self.log("ERROR", "pair_evaluation_failed", error=exc)
-            if self.conn is not None:
-                try:
-                    self.conn.close()
-                except reader_errors():
-                    pass
-                self.conn = None
-            return {"ok": False, "error": f"pair evaluation failed: {exc}"}
-        elapsed = time.perf_counter() - t0
+        conn = self._connection()
+        cands = pairlogic.load_candidates(conn, window_trades=cfg.window_trades) if conn is not None else []
+        newest = None
+        if conn is not None:
+            row = conn.execute("SELECT max(completed_at) FROM backtest_results WHERE status = 'complete'").fetchone()
+            newest = row[0] if row else None
+        ev = pairlogic.evaluate(cands, cfg)
+        return len(cands), newest, ev, time.perf_counter() - t0
+
+    def _poll(self) -> None:
+        run = self.running
+        if run is None:
+            return
+        if not run["done"].is_set():
+            if time.monotonic() - run["started"] > EVALUATION_DEADLINE_S:
+                self._give_up(run)
+            else:
+                self.after(EVAL_POLL_S, "eval_poll")
+            return
+        self.running = None
+        out = run["out"]
+        if isinstance(out, Exception):
+            result = self._failed(out)
+        elif isinstance(out, BaseException):
+            raise out
+        else:
+            result = self._finished(run["now"], *out)
+        if not result.get("ok", True):
+            for respond, _ in run["waiters"]:
+                respond(result)
+        else:
+            confirmed = [respond for respond, confirm in run["waiters"] if confirm]
+            self.write_slots(result, self._fan_out(confirmed) if confirmed else None)
+            for respond, confirm in run["waiters"]:
+                if not confirm:
+                    respond(self._admin_view(result))
+        self._next()
+
+    def _give_up(self, run: dict) -> None:
+        """The evaluation outlived EVALUATION_DEADLINE_S: report why, drop its result, go on."""
+        self.running = None
+        self.conn = None   # the hung thread may still hold it; the next evaluation opens its own
+        self.abandoned += 1
+        self.errors += 1
+        self.metrics.inc("pairlane_pair_evaluations_total", outcome="error")
+        took = time.monotonic() - run["started"]
+        self.log("ERROR", "pair_evaluation_abandoned", running_s=round(took, 1),
+                 deadline_s=EVALUATION_DEADLINE_S)
+        self.flush_metrics()
+        reply = {"ok": False, "error": f"pair evaluation abandoned after {took:.0f} s "
+                                       f"(deadline {EVALUATION_DEADLINE_S:.0f} s)"}
+        for respond, _ in run["waiters"]:
+            respond(reply)
+        self._next()
+
+    def _next(self) -> None:
+        if self.waiting and self.running is None and not self._stopping:
+            waiters, self.waiting = self.waiting, []
+            self.start_evaluation(waiters)
+
+    @staticmethod
+    def _fan_out(responds: list):
+        def respond(reply: dict) -> None:
+            for r in responds:
+                r(reply)
+        return respond
+
+    def _failed(self, exc: Exception) -> dict:
+        if not isinstance(exc, reader_errors()):
+            raise exc  # a bug: let supervision see it, as before
+        self.errors += 1
+        self.metrics.inc("pairlane_pair_evaluations_total", outcome="error")
+        self.log("ERROR", "pair_evaluation_failed", error=exc)
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except reader_errors():
+                pass
+            self.conn = None
+        self.flush_metrics()
+        return {"ok": False, "error": f"pair evaluation failed: {exc}"}
+
+    def _finished(self, now: float, total: int, newest, ev, elapsed: float) -> dict:
         self.evaluations += 1
-        total = len(cands)
         result = ev.as_dict()
         result.update(evaluated_at=now, evaluation_s=round(elapsed, 6), strategies=total,
                       newest_result_age_s=round(now - newest, 3) if newest else None)
@@ -180,20 +277,19 @@ class PairsActor(PairlaneActor):
                 self.requests.answer(msg.token, msg)
 
     # ----- admin commands (declared in pairlane.admin_commands) -----------------------------------
-    def admin_pairs(self, args: dict, respond) -> dict:
-        if self.last is None:
-            result = self.evaluate()
-            if result.get("ok") is False:
-                return result
-            self.write_slots(result)
-        return self._admin_view(self.last)
+    def admin_pairs(self, args: dict, respond) -> dict | None:
+        if self.last is not None:
+            return self._admin_view(self.last)
+        self._wait_for_next(respond, confirm=False)   # nothing evaluated yet: the first evaluation
+        return None
 
     def admin_pairs_evaluate(self, args: dict, respond) -> dict | None:
-        result = self.evaluate()
-        if not result.get("ok", True):
-            return result
-        self.write_slots(result, respond)
+        self._wait_for_next(respond, confirm=True)    # answered once the writer confirms the slots
         return None
+
+    def _wait_for_next(self, respond, confirm: bool) -> None:
+        self.waiting.append((respond, confirm))
+        self._next()
 
     @staticmethod
     def _admin_view(result: dict) -> dict:
