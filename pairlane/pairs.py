@@ -94,8 +94,9 @@ _MASK64 = 0xFFFFFFFFFFFFFFFF
 
 _FLAT_REL = 1e-12  # composite bucket / variance treated as exactly flat below this
 _BOUND_SLACK = 1e-6  # relative slack on the PF bound (keeps pruning exact under rounding)
-_BLOCK_ELEMS = 1 << 18  # row-block size target (rows * n)
+_BLOCK_ELEMS = 1 << 20  # pairs per block (rows * columns): bounds the memory of one block
 _BATCH_ELEMS = 1 << 20  # exact-PF batch size target (pairs * series length)
+_HOLDER_MIN = 1 << 14  # a block leaving at least this many pairs gets the Hoelder bound
 _DENSE_MIN_SHARE = 64  # a bucket shared by at least this many strategies goes to BLAS
 
 
@@ -398,6 +399,8 @@ class _Matrix:
         self.M2 = np.bincount(sid, weights=dev * dev, minlength=n)
         self.B = self.S * mu  # S^2 / n
         self.Q4 = np.bincount(sid, weights=(x * x) ** 2, minlength=n)
+        self.Mabs = np.zeros(n)  # largest |bucket value| per strategy (the cheap PF bound)
+        np.maximum.at(self.Mabs, sid, np.abs(x))
 
         # padded rows for the exact per-bucket pass (pad key = ncols, value 0)
         w = int(lens.max()) if n else 0
@@ -454,31 +457,33 @@ class _Matrix:
             self.la = self.lb = np.empty(0, np.int64)
             self.lxa = self.lxb = np.empty(0, np.float64)
 
-    def block(self, r0: int, r1: int) -> dict[str, np.ndarray]:
+    def block(self, r0: int, r1: int, c0: int = 0,
+              which: tuple[str, ...] = ("K", "C", "C31", "C13", "C22")) -> dict[str, np.ndarray]:
+        """The sums named in ``which`` for rows r0..r1-1 against columns c0..n-1
+        (shape (r1 - r0, n - c0)); c0 <= r0 + 1."""
         n = self.n
         b = r1 - r0
+        c = n - c0
+        out: dict[str, np.ndarray] = {}
         if self.dense:
             Dm, Dx, Dx2, Dx3 = self.Dm, self.Dx, self.Dx2, self.Dx3
-            out = {
-                "K": Dm[r0:r1] @ Dm.T,
-                "C": Dx[r0:r1] @ Dx.T,
-                "C31": Dx3[r0:r1] @ Dx.T,
-                "C13": Dx[r0:r1] @ Dx3.T,
-                "C22": Dx2[r0:r1] @ Dx2.T,
-            }
+            products = {"K": (Dm, Dm), "C": (Dx, Dx), "C31": (Dx3, Dx), "C13": (Dx, Dx3), "C22": (Dx2, Dx2)}
+            for key in which:
+                left, right = products[key]
+                out[key] = left[r0:r1] @ right[c0:].T
         else:
-            out = {k: np.zeros((b, n)) for k in ("K", "C", "C31", "C13", "C22")}
+            out = {k: np.zeros((b, c)) for k in which}
         lo, hi = np.searchsorted(self.la, [r0, r1])
         if hi > lo:
-            flat = (self.la[lo:hi] - r0) * n + self.lb[lo:hi]
+            # light pairs have lb > la >= r0, so lb >= c0 whenever c0 <= r0 + 1
+            flat = (self.la[lo:hi] - r0) * c + (self.lb[lo:hi] - c0)
             xa = self.lxa[lo:hi]
             xb = self.lxb[lo:hi]
-            size = b * n
-            out["K"] += np.bincount(flat, minlength=size).reshape(b, n)
-            out["C"] += np.bincount(flat, weights=xa * xb, minlength=size).reshape(b, n)
-            out["C31"] += np.bincount(flat, weights=xa**3 * xb, minlength=size).reshape(b, n)
-            out["C13"] += np.bincount(flat, weights=xa * xb**3, minlength=size).reshape(b, n)
-            out["C22"] += np.bincount(flat, weights=(xa * xb) ** 2, minlength=size).reshape(b, n)
+            size = b * c
+            weights = {"K": lambda: None, "C": lambda: xa * xb, "C31": lambda: xa**3 * xb,
+                       "C13": lambda: xa * xb**3, "C22": lambda: (xa * xb) ** 2}
+            for key in which:
+                out[key] += np.bincount(flat, weights=weights[key](), minlength=size).reshape(b, c)
         return out
 
     def exact_gains_losses(
@@ -520,28 +525,25 @@ class _Matrix:
         return wa * ga + wb * gb + gi, wa * la + wb * lb + li
 
 
-def _pair_corr(mx: _Matrix, li: np.ndarray, j: np.ndarray, i: np.ndarray, blk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Union size, variances, covariance and Pearson correlation of the
-    zero-filled aligned series of pairs (i, j); li = row inside the block."""
-    K = blk["K"][li, j]
-    ni, nj = mx.cnt[i], mx.cnt[j]
+def _block_pairs(mx: _Matrix, r0: int, r1: int, c0: int, blk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """For every (i, j) of the block (rows r0..r1-1, columns c0..n-1, 2-D arrays,
+    broadcast from per-strategy sums, no gathers): union size m, zero-filled
+    variances, covariance, Pearson correlation, inverse-vol weights, composite
+    sum D, its sum of squares, Sharpe, and a cheap score upper bound ``ub``
+    (profit factor bounded through sum|p| >= sum p^2 / max|p|)."""
+    I, J = slice(r0, r1), slice(c0, mx.n)
+    K = blk["K"]
+    ni, nj = mx.cnt[I, None], mx.cnt[None, J]
     m = ni + nj - K  # union size
     # variance of a zero-filled aligned series, from non-negative terms:
     # m*var = M2_i + (S_i^2 / n_i) * (m - n_i) / m, and m - n_i = n_j - K
-    va = (mx.M2[i] + mx.B[i] * (nj - K) / m) / m
-    vb = (mx.M2[j] + mx.B[j] * (ni - K) / m) / m
-    cov = (blk["C"][li, j] - mx.S[i] * mx.S[j] / m) / m
+    va = (mx.M2[I, None] + mx.B[I, None] * (nj - K) / m) / m
+    vb = (mx.M2[None, J] + mx.B[None, J] * (ni - K) / m) / m
+    cov = (blk["C"] - mx.S[I, None] * mx.S[None, J] / m) / m
     den = np.sqrt(va * vb)
     corr = np.divide(cov, den, out=np.zeros_like(cov), where=den > 0)
     np.clip(corr, -1.0, 1.0, out=corr)
-    return {"i": i, "j": j, "li": li, "m": m, "va": va, "vb": vb, "cov": cov, "corr": corr}
 
-
-def _pair_scores(mx: _Matrix, d: dict[str, np.ndarray], blk: dict[str, np.ndarray]) -> None:
-    """Adds weights, Sharpe and a score upper bound ``ub`` to pairs from
-    _pair_corr (in place)."""
-    i, j, li, m = d["i"], d["j"], d["li"], d["m"]
-    va, vb, cov = d["va"], d["vb"], d["cov"]
     sa, sb = np.sqrt(va), np.sqrt(vb)
     ssum = sa + sb
     both = (sa > 0) & (sb > 0)
@@ -551,35 +553,50 @@ def _pair_scores(mx: _Matrix, d: dict[str, np.ndarray], blk: dict[str, np.ndarra
         ssum = np.where(both, ssum, 1.0)
         wa = np.where(both, sb / ssum, np.where(sa > 0, 1.0, np.where(sb > 0, 0.0, 0.5)))
         wb = np.where(both, sa / ssum, np.where(sb > 0, 1.0, np.where(sa > 0, 0.0, 0.5)))
-
-    D = wa * mx.S[i] + wb * mx.S[j]  # sum of the composite
+    D = wa * mx.S[I, None] + wb * mx.S[None, J]  # sum of the composite
     mean_p = D / m
     parts = wa * wa * va + wb * wb * vb
     var_p = parts + 2.0 * wa * wb * cov
     live = var_p > _FLAT_REL * parts
     sharpe = np.divide(mean_p, np.sqrt(np.maximum(var_p, 0.0)), out=np.zeros_like(mean_p), where=live)
-
-    # PF = G / L with G - L = D and G + L = T = sum|p|, so for D > 0
-    # PF = (T + D) / (T - D), decreasing in T; Hoelder gives
-    # T >= (sum p^2)^1.5 / (sum p^4)^0.5. For D <= 0, PF <= 1.
     sum2 = m * (np.maximum(var_p, 0.0) + mean_p * mean_p)
-    wa2, wb2 = wa * wa, wb * wb
-    sum4 = (
-        wa2 * wa2 * mx.Q4[i]
-        + 4.0 * wa2 * wa * wb * blk["C31"][li, j]
-        + 6.0 * wa2 * wb2 * blk["C22"][li, j]
-        + 4.0 * wa * wb2 * wb * blk["C13"][li, j]
-        + wb2 * wb2 * mx.Q4[j]
-    )
-    holder = sum2 * np.sqrt(np.divide(sum2, sum4, out=np.zeros_like(sum2), where=sum4 > 0))
-    t_lb = np.maximum(np.abs(D), holder) * (1.0 - _BOUND_SLACK)
+    # |p| <= wa max|x_i| + wb max|x_j| in every bucket, so sum|p| >= sum2 / that
+    pmax = wa * mx.Mabs[I, None] + wb * mx.Mabs[None, J]
+    t_lb = np.divide(sum2, pmax, out=np.zeros_like(sum2), where=pmax > 0)
+    ub = _score_bound(sharpe, D, t_lb)
+    return {"m": m, "va": va, "vb": vb, "cov": cov, "corr": corr, "wa": wa, "wb": wb,
+            "D": D, "sum2": sum2, "sharpe": sharpe, "ub": ub}
+
+
+def _score_bound(sharpe: np.ndarray, D: np.ndarray, t_lb: np.ndarray) -> np.ndarray:
+    """Score upper bound from Sharpe (exact) and a lower bound t_lb of T = sum|p|:
+    PF = G / L with G - L = D and G + L = T, so for D > 0 PF = (T + D) / (T - D),
+    decreasing in T; for D <= 0, PF <= 1."""
+    t_lb = np.maximum(np.abs(D), t_lb) * (1.0 - _BOUND_SLACK)
     gap = t_lb - D
     pf_ub = np.divide(t_lb + D, gap, out=np.full_like(gap, np.inf), where=gap > 0)
     pf_ub[D <= 0] = 1.0
     ub = SHARPE_WEIGHT * sharpe + PF_WEIGHT * pf_ub
     ub += 1e-9 * (1.0 + np.abs(ub))
     ub[np.isnan(ub)] = np.inf
-    d.update(wa=wa, wb=wb, sharpe=sharpe, ub=ub)
+    return ub
+
+
+def _holder_bound(mx: _Matrix, d: dict[str, np.ndarray], blk: dict[str, np.ndarray]) -> None:
+    """Tightens ``ub`` of gathered pairs (keys li, lj, i, j) with Hoelder's
+    T >= (sum p^2)^1.5 / (sum p^4)^0.5 (in place)."""
+    i, j, li, lj = d["i"], d["j"], d["li"], d["lj"]
+    wa, wb, sum2 = d["wa"], d["wb"], d["sum2"]
+    wa2, wb2 = wa * wa, wb * wb
+    sum4 = (
+        wa2 * wa2 * mx.Q4[i]
+        + 4.0 * wa2 * wa * wb * blk["C31"][li, lj]
+        + 6.0 * wa2 * wb2 * blk["C22"][li, lj]
+        + 4.0 * wa * wb2 * wb * blk["C13"][li, lj]
+        + wb2 * wb2 * mx.Q4[j]
+    )
+    holder = sum2 * np.sqrt(np.divide(sum2, sum4, out=np.zeros_like(sum2), where=sum4 > 0))
+    d["ub"] = np.minimum(d["ub"], _score_bound(d["sharpe"], d["D"], holder))
 
 
 class _Top:
@@ -655,34 +672,46 @@ def _select_pairs(names: list[str], series: list[tuple[np.ndarray, np.ndarray]],
     top = _Top(k, names)
     count1 = 0
     band: list[dict[str, np.ndarray]] | None = []  # rescue band while it may matter
-    rows = max(1, min(n, _BLOCK_ELEMS // n))
-    for r0 in range(0, n - 1, rows):
-        r1 = min(n, r0 + rows)
-        blk = mx.block(r0, r1)
-        li, j = np.nonzero(np.arange(n)[None, :] > np.arange(r0, r1)[:, None])
-        i = li + r0
-        d = _pair_corr(mx, li, j, i, blk)
+    r0 = 0
+    while r0 < n - 1:
+        # rows r0..r1-1 against columns r0+1..n-1 (the pairs i < j of these rows): about
+        # _BLOCK_ELEMS pairs per block whatever n, so memory stays bounded
+        c0 = r0 + 1
+        r1 = r0 + max(1, min(n - 1 - r0, _BLOCK_ELEMS // (n - c0)))
+        blk = mx.block(r0, r1, c0, ("K", "C"))
+        d = _block_pairs(mx, r0, r1, c0, blk)
+        valid = np.arange(c0, n)[None, :] > np.arange(r0, r1)[:, None]
         absr = np.abs(d["corr"])
-        keep = absr <= cfg.corr_max
+        keep = valid & (absr <= cfg.corr_max)
         count1 += int(keep.sum())
         if band is not None and count1 >= k:
             band = None
-        wanted = keep | (absr <= cfg.rescue_corr_max) if band is not None else keep
-        if wanted.any():
-            sub = {key: v[wanted] for key, v in d.items()}
-            _pair_scores(mx, sub, blk)
-            keep = keep[wanted]
-            if band is not None:
-                sel = ~keep
-                if sel.any():
-                    band.append({key: v[sel] for key, v in sub.items()})
-            keep &= sub["ub"] >= top.theta
-            if keep.any():
-                top.offer(mx, {key: v[keep] for key, v in sub.items()})
-        del blk
+        if band is not None:
+            # pairs of the rescue band, kept whatever their bound until k pairs pass corr_max
+            sel = valid & ~keep & (absr <= cfg.rescue_corr_max)
+            if sel.any():
+                band.append(_gather(d, sel, r0, c0))
+        keep &= d["ub"] >= top.theta
+        if keep.any():
+            cand = _gather(d, keep, r0, c0)
+            if cand["i"].size >= _HOLDER_MIN:  # many left: worth the three more products
+                _holder_bound(mx, cand, mx.block(r0, r1, c0, ("C31", "C13", "C22")))
+                cand = {key: v[cand["ub"] >= top.theta] for key, v in cand.items()}
+            if cand["i"].size:
+                top.offer(mx, cand)
+        del blk, d
+        r0 = r1
     if band:
         top.offer(mx, {key: np.concatenate([b[key] for b in band]) for key in band[0]})
     return [item[2] for item in top.items]
+
+
+def _gather(d: dict[str, np.ndarray], sel: np.ndarray, r0: int, c0: int) -> dict[str, np.ndarray]:
+    """The pairs of a block where ``sel`` holds, as 1-D arrays (with i, j, li, lj)."""
+    li, lj = np.nonzero(sel)
+    out = {key: v[li, lj] for key, v in d.items()}
+    out.update(li=li, lj=lj, i=li + r0, j=lj + c0)
+    return out
 
 
 # ------------------------------------------------------------------ loading
