@@ -252,3 +252,35 @@ class Peer:
             conn.execute("COMMIT")
             self.commits += 1
         return {"type": "aborted", "request_id": rid}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.peer --endpoint EP --db PATH`: serve until SIGTERM/SIGINT; prints `ready`
+    once bound (the bench runs it as a process of its own, as a user would)."""
+    import argparse
+    import signal
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m bench.peer", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--endpoint", required=True)
+    ap.add_argument("--db", required=True)
+    ap.add_argument("--credit", type=int, default=8)
+    ap.add_argument("--max-message-bytes", type=int, default=1 << 20)
+    ns = ap.parse_args(argv)
+    peer = Peer(ns.endpoint, ns.db, credit=ns.credit, max_message_bytes=ns.max_message_bytes)
+    signal.signal(signal.SIGTERM, lambda *_: peer._stop.set())
+    signal.signal(signal.SIGINT, lambda *_: peer._stop.set())
+    peer.start()
+    print("ready", flush=True)
+    while not peer._stop.wait(0.2):
+        if peer._thread is not None and not peer._thread.is_alive():
+            break
+    peer.stop()
+    if peer.error is not None:
+        print(f"peer failed: {peer.error!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

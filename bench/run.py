@@ -5,7 +5,11 @@ ingest through it (send -> stored) beside the floors (plain msgpack decode of
 the same frames; plain sqlite3 executemany of the same rows into a fresh
 database with the same schema and indexes, same pragmas), daemon RSS growth
 during a large result, the legacy S-expression path, small-result latency
-while a legacy parse runs, and pair evaluation. These machines are shared and
+while a legacy parse runs, and pair evaluation; and pairlane against the peer
+(bench/peer.py, a single-process ROUTER + sqlite3 receiver run as a process of
+its own) in the same run, interleaved, with the same Producer: 1,000-row,
+5,000-row and 1 MiB chunks of 18-column and 2-column rows, and small results'
+round trips (one `result` message, and begin/chunk/end). These machines are shared and
 noisy: it reports medians and ratios, never a single absolute time as a
 verdict. Never runs in the test suite.
 """
@@ -14,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -111,6 +117,132 @@ def send_one(endpoint: str, rid: str, cols: dict, max_bytes: int) -> float:
     return dt
 
 
+def free_tcp_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+class PeerProcess:
+    """bench/peer.py in a process of its own (`python -m bench.peer`), on a free port."""
+
+    def __init__(self, tmp: str, max_bytes: int, credit: int) -> None:
+        self.endpoint = free_tcp_endpoint()
+        root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.peer", "--endpoint", self.endpoint,
+                                      "--db", os.path.join(tmp, "peer.db"), "--credit", str(credit),
+                                      "--max-message-bytes", str(max_bytes)],
+                                     stdout=subprocess.PIPE, text=True, env=env, cwd=root)
+        line = self.proc.stdout.readline().strip()
+        if line != "ready":
+            self.stop()
+            raise RuntimeError(f"peer did not start (said {line!r})")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def send_shaped(endpoint: str, rid: str, cols: dict, max_bytes: int, max_rows: int) -> float:
+    from pairlane.chunks import MAX_CHUNK_ROWS
+    from pairlane.client import Producer
+    with Producer(endpoint, timeout_s=60, max_message_bytes=max_bytes,
+                  max_chunk_rows=max_rows or MAX_CHUNK_ROWS) as p:
+        t = time.perf_counter()
+        reply = p.send_result(rid, f"bench-{rid}", cols)
+        dt = time.perf_counter() - t
+    assert reply.get("type") == "stored", reply
+    return dt
+
+
+def result_round_trips(endpoint: str, prefix: str, cols: dict, n: int) -> list[float]:
+    """Seconds from sending one `result` message of `cols` to its `stored` reply, n times (after a
+    warm-up message), on one DEALER."""
+    from pairlane.chunks import encode_chunk
+    rows = len(cols["timestamp"])
+    trades = msgpack.unpackb(encode_chunk("x", 0, cols, 0, rows), raw=False)["trades"]   # as on the wire
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, 30_000)
+    s.connect(endpoint)
+    out = []
+    try:
+        for i in range(n + 1):
+            frame = msgpack.packb({"type": "result", "request_id": f"{prefix}-{i}", "strategy_name": prefix,
+                                   "total_trades": rows, "trades": trades}, use_bin_type=True)
+            t = time.perf_counter()
+            s.send(frame)
+            reply = msgpack.unpackb(s.recv(), raw=False)
+            dt = time.perf_counter() - t
+            assert reply.get("type") == "stored", reply
+            if i:
+                out.append(dt)
+    finally:
+        s.close(0)
+    return out
+
+
+def chunked_round_trips(endpoint: str, prefix: str, cols: dict, n: int, max_bytes: int) -> list[float]:
+    """Seconds of begin/chunk/end of `cols` to `stored`, n times (after a warm-up), one Producer."""
+    from pairlane.client import Producer
+    out = []
+    with Producer(endpoint, timeout_s=30, max_message_bytes=max_bytes) as p:
+        for i in range(n + 1):
+            t = time.perf_counter()
+            reply = p.send_result(f"{prefix}-{i}", prefix, cols)
+            dt = time.perf_counter() - t
+            assert reply.get("type") == "stored", reply
+            if i:
+                out.append(dt)
+    return out
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return 1000 * xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def versus_peer(ep: str, peer_ep: str, ns, max_bytes: int, run: str, tmp: str) -> dict:
+    """pairlane / peer for every chunk size and row shape, then small results; interleaved runs."""
+    from pairlane.synthetic import result_columns
+    full = result_columns(ns.small, seed=5)
+    shapes = {"18col": full, "2col": {"timestamp": full["timestamp"], "pnl": full["pnl"]}}
+    sizes = {"1000rows": 1000, "5000rows": 5000, "1mib": 0}   # 0: planned by bytes (max_message_bytes)
+    out: dict = {"trades": ns.small, "ingest": {}}
+    for shape, cols in shapes.items():
+        for size, rows in sizes.items():
+            key = f"{shape}_{size}"
+            ours, theirs = [], []
+            for i in range(ns.repeat):
+                progress(f"vs peer: {ns.small:,} trades {key}, run {i + 1}/{ns.repeat}", ns.quiet)
+                os.sync()
+                ours.append(ns.small / send_shaped(ep, f"vp-{key}-{i}-{run}", cols, max_bytes, rows))
+                os.sync()
+                theirs.append(ns.small / send_shaped(peer_ep, f"vp-{key}-{i}-{run}", cols, max_bytes, rows))
+            out["ingest"][key] = {"pairlane_tps": statistics.median(ours), "peer_tps": statistics.median(theirs),
+                                  "ratio": statistics.median(o / t for o, t in zip(ours, theirs)),
+                                  "ratios": [round(o / t, 3) for o, t in zip(ours, theirs)]}
+    small = result_columns(10, seed=98)
+    for kind, fn in (("small_result", lambda e, pfx: result_round_trips(e, pfx, small, ns.latency_n)),
+                     ("small_chunked", lambda e, pfx: chunked_round_trips(e, pfx, small, ns.latency_n,
+                                                                          max_bytes))):
+        progress(f"vs peer: {kind} round trips ({ns.latency_n} each)", ns.quiet)
+        ours = fn(ep, f"{kind}-{run}-p")
+        theirs = fn(peer_ep, f"{kind}-{run}-q")
+        out[kind] = {"trades": 10, "n": ns.latency_n,
+                     "pairlane_p50_ms": _pct(ours, 0.5), "pairlane_p99_ms": _pct(ours, 0.99),
+                     "peer_p50_ms": _pct(theirs, 0.5), "peer_p99_ms": _pct(theirs, 0.99)}
+        out[kind]["p50_ratio"] = out[kind]["pairlane_p50_ms"] / out[kind]["peer_p50_ms"]
+    return out
+
+
 def progress(msg: str, quiet: bool) -> None:
     if not quiet:
         print(f"  .. {msg}", file=sys.stderr, flush=True)
@@ -126,10 +258,16 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--small", type=int, default=100_000, help="trades in the ingest ratio result")
     ap.add_argument("--skip-big", action="store_true", help="skip the large result")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="a short run: 20,000-trade results, one run each, no large result, 50 round trips")
+    ap.add_argument("--latency-n", type=int, default=200, help="small-result round trips per receiver")
+    ap.add_argument("--skip-peer", action="store_true", help="skip the comparison with bench/peer.py")
     ap.add_argument("--store", default="", metavar="URL",
                     help="a postgresql:// URL: the daemon stores there (store.url) and the floor is a raw "
                          "psycopg COPY of the same rows; the legacy and pairs parts are skipped")
     ns = ap.parse_args(argv)
+    if ns.quick:
+        ns.repeat, ns.small, ns.skip_big, ns.latency_n = 1, min(ns.small, 20_000), True, min(ns.latency_n, 50)
     from pairlane import pairs
     from pairlane.synthetic import legacy_message
     from pairlane.synthetic import result_columns as synthetic_columns
@@ -167,6 +305,13 @@ def main(argv: list[str]) -> int:
                          "ratio_vs_executemany": statistics.median(o / f for o, f in zip(ours, flo)),
                          "ratios": [round(o / f, 3) for o, f in zip(ours, flo)],
                          "ratio_vs_decode": statistics.median(o / f for o, f in zip(ours, dec))}
+        # --- pairlane against the peer, same run -----------------------------------------------------------
+        if not ns.skip_peer and not ns.store:
+            peer = PeerProcess(tmp, max_bytes, int(d.cfg.get("gateway", {}).get("credit", 8)))
+            try:
+                out["peer"] = versus_peer(ep, peer.endpoint, ns, max_bytes, run, tmp)
+            finally:
+                peer.stop()
         # --- large result: RSS ----------------------------------------------------------------------------
         if not ns.skip_big:
             progress(f"ingest {ns.big:,} trades (RSS)", ns.quiet)
@@ -263,6 +408,16 @@ def _report(out: dict, ns) -> int:
     print(f"  pairlane send -> stored      {ing['pairlane_send_to_stored_tps']:>14,.0f} trades/s")
     print(f"  ratio vs {'COPY' if ns.store else 'executemany'} floor   {ing['ratio_vs_executemany']:>14.2f}x   "
           f"(target >= 0.70; runs {min(ing['ratios']):.2f}-{max(ing['ratios']):.2f})")
+    if "peer" in out:
+        vp = out["peer"]
+        print(f"pairlane / peer (bench/peer.py), {vp['trades']:,} trades, median of {ns.repeat} interleaved runs:")
+        for key, v in vp["ingest"].items():
+            print(f"  {key:<16} pairlane {v['pairlane_tps']:>10,.0f}/s  peer {v['peer_tps']:>10,.0f}/s  "
+                  f"ratio {v['ratio']:.2f}x (target >= 1.0)")
+        for kind in ("small_result", "small_chunked"):
+            v = vp[kind]
+            print(f"  {kind:<16} pairlane p50 {v['pairlane_p50_ms']:.2f} ms p99 {v['pairlane_p99_ms']:.2f} ms; "
+                  f"peer p50 {v['peer_p50_ms']:.2f} ms p99 {v['peer_p99_ms']:.2f} ms; p50 ratio {v['p50_ratio']:.2f}x")
     if "large" in out:
         lg = out["large"]
         print(f"large result {lg['trades']:,} trades: {lg['pairlane_tps']:,.0f} trades/s; daemon RSS growth "
