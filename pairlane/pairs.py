@@ -43,13 +43,18 @@ contract is silent:
 
 Performance: per-pair sums over union-aligned, zero-filled series are matrix
 products over the buckets two strategies share (dense BLAS for buckets shared
-by many strategies, enumeration for buckets shared by few), computed in row
-blocks of about 2**18 pairs, so memory stays near O(n * buckets + 2**18)
-rather than O(n**2). Correlation, weights and Sharpe of every
-pair come from those moments. The profit factor needs per-bucket signs; it is
-computed exactly only for pairs whose score upper bound (Sharpe exact, PF
-bounded through Hoelder's inequality sum|p| >= (sum p^2)^1.5 / (sum p^4)^0.5)
-can still reach the current top ``max_pairs``.
+by many strategies, enumeration for buckets shared by few), computed for the
+pairs i < j only, in blocks of about 2**20 pairs (the first one small), so
+memory stays near O(n * buckets + 2**20) rather than O(n**2) whatever n.
+Correlation, weights and Sharpe of every pair come from those moments,
+broadcast over the 2-D block. The profit factor needs per-bucket signs; it is
+computed exactly only for pairs whose score upper bound can still reach the
+current top ``max_pairs``: Sharpe is exact, and PF = (T + D) / (T - D) for the
+composite sum D > 0 is bounded through lower bounds of T = sum|p|:
+sum p^2 / max|p|, and wa L1_a + wb L1_b - 2 sqrt(wa wb) sum_shared sqrt|a b|
+(from |a + b| >= |a| + |b| - 2 min(|a|, |b|); tight when few buckets are
+shared; one more matrix product), and, when a block still leaves many pairs,
+Hoelder's sum|p| >= (sum p^2)^1.5 / (sum p^4)^0.5 (three more products).
 """
 
 from __future__ import annotations
@@ -96,6 +101,7 @@ _FLAT_REL = 1e-12  # composite bucket / variance treated as exactly flat below t
 _BOUND_SLACK = 1e-6  # relative slack on the PF bound (keeps pruning exact under rounding)
 _BLOCK_ELEMS = 1 << 20  # pairs per block (rows * columns): bounds the memory of one block
 _BATCH_ELEMS = 1 << 20  # exact-PF batch size target (pairs * series length)
+_FIRST_BLOCK_ELEMS = 1 << 13  # pairs in the first block
 _HOLDER_MIN = 1 << 14  # a block leaving at least this many pairs gets the Hoelder bound
 _DENSE_MIN_SHARE = 64  # a bucket shared by at least this many strategies goes to BLAS
 
@@ -399,8 +405,9 @@ class _Matrix:
         self.M2 = np.bincount(sid, weights=dev * dev, minlength=n)
         self.B = self.S * mu  # S^2 / n
         self.Q4 = np.bincount(sid, weights=(x * x) ** 2, minlength=n)
-        self.Mabs = np.zeros(n)  # largest |bucket value| per strategy (the cheap PF bound)
+        self.Mabs = np.zeros(n)  # largest |bucket value| per strategy (the cheap PF bounds)
         np.maximum.at(self.Mabs, sid, np.abs(x))
+        self.L1 = np.bincount(sid, weights=np.abs(x), minlength=n)
 
         # padded rows for the exact per-bucket pass (pad key = ncols, value 0)
         w = int(lens.max()) if n else 0
@@ -427,6 +434,7 @@ class _Matrix:
             self.Dx[sid[sel], dmap[col[sel]]] = x[sel]
             self.Dx2 = self.Dx * self.Dx
             self.Dx3 = self.Dx2 * self.Dx
+            self.Ds = np.sqrt(np.abs(self.Dx))
 
         light = (es >= 2) & (es < _DENSE_MIN_SHARE)
         la: list[np.ndarray] = []
@@ -460,14 +468,15 @@ class _Matrix:
     def block(self, r0: int, r1: int, c0: int = 0,
               which: tuple[str, ...] = ("K", "C", "C31", "C13", "C22")) -> dict[str, np.ndarray]:
         """The sums named in ``which`` for rows r0..r1-1 against columns c0..n-1
-        (shape (r1 - r0, n - c0)); c0 <= r0 + 1."""
+        (shape (r1 - r0, n - c0)); c0 <= r0 + 1. E sums sqrt(|x_i x_j|)."""
         n = self.n
         b = r1 - r0
         c = n - c0
         out: dict[str, np.ndarray] = {}
         if self.dense:
             Dm, Dx, Dx2, Dx3 = self.Dm, self.Dx, self.Dx2, self.Dx3
-            products = {"K": (Dm, Dm), "C": (Dx, Dx), "C31": (Dx3, Dx), "C13": (Dx, Dx3), "C22": (Dx2, Dx2)}
+            products = {"K": (Dm, Dm), "C": (Dx, Dx), "C31": (Dx3, Dx), "C13": (Dx, Dx3), "C22": (Dx2, Dx2),
+                        "E": (self.Ds, self.Ds)}
             for key in which:
                 left, right = products[key]
                 out[key] = left[r0:r1] @ right[c0:].T
@@ -481,7 +490,8 @@ class _Matrix:
             xb = self.lxb[lo:hi]
             size = b * c
             weights = {"K": lambda: None, "C": lambda: xa * xb, "C31": lambda: xa**3 * xb,
-                       "C13": lambda: xa * xb**3, "C22": lambda: (xa * xb) ** 2}
+                       "C13": lambda: xa * xb**3, "C22": lambda: (xa * xb) ** 2,
+                       "E": lambda: np.sqrt(np.abs(xa * xb))}
             for key in which:
                 out[key] += np.bincount(flat, weights=weights[key](), minlength=size).reshape(b, c)
         return out
@@ -563,6 +573,12 @@ def _block_pairs(mx: _Matrix, r0: int, r1: int, c0: int, blk: dict[str, np.ndarr
     # |p| <= wa max|x_i| + wb max|x_j| in every bucket, so sum|p| >= sum2 / that
     pmax = wa * mx.Mabs[I, None] + wb * mx.Mabs[None, J]
     t_lb = np.divide(sum2, pmax, out=np.zeros_like(sum2), where=pmax > 0)
+    # |a + b| >= |a| + |b| - 2 min(|a|, |b|) and min(u, v) <= sqrt(uv): sum|p| >=
+    # wa L1_i + wb L1_j - 2 sqrt(wa wb) E (E over shared buckets; tight when few are shared),
+    # less a margin for rounding and for composite buckets flattened to 0
+    l1 = wa * mx.L1[I, None] + wb * mx.L1[None, J]
+    cross = 2.0 * np.sqrt(wa * wb) * blk["E"]
+    np.maximum(t_lb, (l1 - cross) - 1e-9 * (l1 + cross), out=t_lb)
     ub = _score_bound(sharpe, D, t_lb)
     return {"m": m, "va": va, "vb": vb, "cov": cov, "corr": corr, "wa": wa, "wb": wb,
             "D": D, "sum2": sum2, "sharpe": sharpe, "ub": ub}
@@ -677,8 +693,10 @@ def _select_pairs(names: list[str], series: list[tuple[np.ndarray, np.ndarray]],
         # rows r0..r1-1 against columns r0+1..n-1 (the pairs i < j of these rows): about
         # _BLOCK_ELEMS pairs per block whatever n, so memory stays bounded
         c0 = r0 + 1
-        r1 = r0 + max(1, min(n - 1 - r0, _BLOCK_ELEMS // (n - c0)))
-        blk = mx.block(r0, r1, c0, ("K", "C"))
+        # the first block is small: it sets a threshold cheaply, which prunes the big ones
+        target = _FIRST_BLOCK_ELEMS if r0 == 0 else _BLOCK_ELEMS
+        r1 = r0 + max(1, min(n - 1 - r0, target // (n - c0)))
+        blk = mx.block(r0, r1, c0, ("K", "C", "E"))
         d = _block_pairs(mx, r0, r1, c0, blk)
         valid = np.arange(c0, n)[None, :] > np.arange(r0, r1)[:, None]
         absr = np.abs(d["corr"])
