@@ -466,7 +466,7 @@ class _Matrix:
             self.lxa = self.lxb = np.empty(0, np.float64)
 
     def block(self, r0: int, r1: int, c0: int = 0,
-              which: tuple[str, ...] = ("K", "C", "C31", "C13", "C22")) -> dict[str, np.ndarray]:
+              which: tuple[str, ...] = ("K", "C", "E", "C31", "C13", "C22")) -> dict[str, np.ndarray]:
         """The sums named in ``which`` for rows r0..r1-1 against columns c0..n-1
         (shape (r1 - r0, n - c0)); c0 <= r0 + 1. E sums sqrt(|x_i x_j|)."""
         n = self.n

@@ -526,6 +526,35 @@ def test_dense_and_light_paths_agree(monkeypatch):
             assert close(a[key], b[key], 1e-9)
 
 
+@pytest.mark.parametrize("share", [2, 10**9])   # dense (BLAS) products, then light (enumerated) ones
+@pytest.mark.parametrize("bucket", ["day", "exact"])
+def test_score_bounds_never_fall_below_the_exact_score(monkeypatch, share, bucket):
+    """The pruning bounds (cheap ones, then Hoelder) hold for every pair: a bound below a pair's
+    exact score would drop that pair from the selection unseen."""
+    monkeypatch.setattr(pairs, "_DENSE_MIN_SHARE", share)
+    cands = _random_pool(60, 30, seed=21, span_days=30)
+    series = [bucket_series(c.timestamps, c.pnls, 30, bucket) for c in cands]
+    mx = pairs._Matrix(series)
+    n = len(series)
+    blk = mx.block(0, n - 1, 1)
+    d = pairs._block_pairs(mx, 0, n - 1, 1, blk)
+    valid = np.arange(1, n)[None, :] > np.arange(0, n - 1)[:, None]
+    g = pairs._gather(d, valid, 0, 1)
+    cheap = g["ub"].copy()
+    pairs._holder_bound(mx, g, blk)
+    checked = 0
+    for q in range(g["i"].size):
+        i, j = int(g["i"][q]), int(g["j"][q])
+        ka, va = series[i]
+        kb, vb = series[j]
+        exact = ref_pair("a", dict(zip(ka.tolist(), va.tolist())), "b", dict(zip(kb.tolist(), vb.tolist())))
+        assert close(exact["sharpe"], float(g["sharpe"][q]), 1e-9)
+        assert cheap[q] >= exact["score"] and g["ub"][q] >= exact["score"], (i, j, exact, cheap[q], g["ub"][q])
+        checked += 1
+    assert checked == n * (n - 1) // 2
+    assert float(np.median(cheap)) < 50   # and the cheap bound is a real bound, not infinity
+
+
 @pytest.mark.parametrize("bucket", ["day", "exact"])
 def test_bench_evaluates_every_synthetic_strategy(bucket):
     seconds = pairs.bench(40, bucket=bucket)
