@@ -288,6 +288,9 @@ class PairsActor(PairlaneActor):
         return None
 
     def _wait_for_next(self, respond, confirm: bool) -> None:
+        if not confirm and self.running is not None:
+            self.running["waiters"].append((respond, confirm))   # `pairs`: the running one will do
+            return
         self.waiting.append((respond, confirm))
         self._next()
 
