@@ -190,8 +190,16 @@ class Admin(PairlaneActor):
 
         def status(msg: StatusReply) -> None:
             actors = [{k: v for k, v in r.items() if k != "is_supervisor"} for r in msg.rows]
-            respond({"ok": True, "ready": msg.ready, "daemon": self.daemon_identity(),
-                     "pairs_leader": True, "actors": actors})  # (one daemon: it evaluates pairs)
+            reply = {"ok": True, "ready": msg.ready, "daemon": self.daemon_identity(),
+                     "pairs_leader": True, "actors": actors}   # SQLite: one daemon, it evaluates pairs
+            pairs = self.peer("pairs")
+            if backend(self.config) != "postgresql":
+                return respond(reply)
+            if pairs is None:   # several daemons may share the store: no pairs actor, no leader here
+                return respond(dict(reply, pairs_leader=False))
+            # the pairs actor holds (or not) the pair-leader lock in PostgreSQL
+            self._ask(pairs, InspectRequest, "pairs", COMMANDS["status"].timeout_s,
+                      lambda m: respond(dict(reply, pairs_leader=bool(m.state.get("leader", False)))))
         self._ask(root, StatusRequest, "root supervisor", COMMANDS["status"].timeout_s, status)
         return None
 

@@ -8,6 +8,9 @@ inventory requests to the dlq, metrics and logs. Every rule of the request lifec
 Reads the database only to carry out a lookup the lifecycle allows to be answered locally: a
 read-only connection answers without queueing behind bulk writes at the writer (all writes go
 through the writer).
+With PostgreSQL (several daemons may share the store) it also carries out the lifecycle's Claim and
+Unclaim through its own `pgstore.PgLeases` session: a request's lease is a session advisory lock,
+so it dies with this daemon (PROTOCOL.md section 7, multi-daemon rules).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import time
 
 from pairlane import lifecycle as lc
 from pairlane.store import StoreError, meta_from_message
-from pairlane.stores import open_store
+from pairlane.stores import backend, open_store
 
 from .base import PairlaneActor
 from .messages import (BeginRequest, ChunkDurable, ChunkRejected, Inbound, Inventory,
@@ -30,8 +33,13 @@ class Assembler(PairlaneActor):
         g = self.config["gateway"]
         self.writer = self.peer("writer")
         self.dlq = self.peer("dlq")
+        self.leases = None
+        if backend(self.config) == "postgresql":
+            from pairlane.pgstore import PgLeases
+            self.leases = PgLeases(self.config["store"]["url"], "pairlane-leases " + self.config["daemon"]["name"])
         self.life = lc.Lifecycle(g["credit"], g["max_requests"], g["assembly_timeout_s"],
-                                 clock=time.monotonic, wall=time.time, writer_up=self.writer is not None)
+                                 clock=time.monotonic, wall=time.time, writer_up=self.writer is not None,
+                                 claims=self.leases is not None)
         self.replies: list = []
         self.released: list = []
         self.side_replies: list = []                        # (actor, identity, reply) not via the gateway
@@ -41,6 +49,8 @@ class Assembler(PairlaneActor):
 
     def on_stop(self) -> None:
         self.reader.close()
+        if self.leases is not None:
+            self.leases.close()   # every lease this daemon held is free for the others now
 
     def inspect(self) -> dict:
         return self.life.inspect()
@@ -119,6 +129,13 @@ class Assembler(PairlaneActor):
             self._to_writer(SweepStale(eff.older_than, eff.active))
         elif isinstance(eff, lc.Lookup):
             self._lookup(eff)
+        elif isinstance(eff, lc.Claim):
+            self._feed(self._claim(eff.request_id))
+        elif isinstance(eff, lc.Unclaim):
+            try:
+                self.leases.release_request(eff.request_id)
+            except StoreError as exc:   # the session is gone, and every lease with it
+                self.log("WARNING", "lease_release_failed", request_id=eff.request_id, error=exc)
         elif isinstance(eff, lc.AskInventory):
             if self.dlq is not None:
                 self.send_ordered(self.dlq, InventoryRequest())
@@ -126,6 +143,17 @@ class Assembler(PairlaneActor):
             getattr(self.metrics, eff.op)(eff.name, eff.value, **dict(eff.labels))
         elif isinstance(eff, lc.Log):
             self.log(eff.level, eff.event, **dict(eff.fields))
+
+    def _claim(self, rid: str) -> lc.Claimed:
+        try:
+            had = set(self.leases.held)
+            ok = self.leases.try_request(rid)
+            if had - self.leases.held:   # the session was lost (reconnected): those leases may be others' now
+                self.log("WARNING", "leases_lost", requests=len(had - self.leases.held))
+            return lc.Claimed(rid, ok)
+        except StoreError as exc:
+            self.log("WARNING", "lease_claim_failed", request_id=rid, error=exc)
+            return lc.Claimed(rid, False, failed=True)
 
     def _to_writer(self, msg) -> None:
         if self.writer is not None:

@@ -19,6 +19,14 @@ ReplaceSlots to the writer, admin replies) itself. A request arriving while one 
 the next evaluation, which starts as soon as the running one ends (its snapshot is then no older
 than the request). An evaluation still running after EVALUATION_DEADLINE_S is given up: its
 waiters get an error, it is logged and counted, and its result is dropped if it ever comes.
+
+Several daemons on one PostgreSQL store (PROTOCOL.md section 7): only the daemon whose pairs actor
+holds the pair-leader advisory lock (`pgstore.PgLeases`, its own session, so it dies with the daemon)
+evaluates and writes slots. The lock is tried before every evaluation and every LEADER_CHECK_S, so a
+follower takes over within LEADER_CHECK_S of the leader's death. A follower answers `pairs` from the
+stored slots and refuses `pairs.evaluate` with an error naming the leading daemon (never forwards).
+`leader` (inspect, `admin status` pairs_leader, gauge pairlane_pairs_leader) says which this is.
+With SQLite there is one daemon: it always leads.
 """
 from __future__ import annotations
 
@@ -26,7 +34,8 @@ import threading
 import time
 
 from pairlane import pairs as pairlogic
-from pairlane.stores import open_reader, reader_errors
+from pairlane.store import SLOT_COLUMNS, StoreError
+from pairlane.stores import backend, open_reader, reader_errors
 from pairlane.vocab import AlertName, AlertState
 from supervision.requests import Requests
 
@@ -37,6 +46,7 @@ from .messages import AdminCommand, ReplaceSlots, SlotsWritten
 SLOTS_TIMEOUT_S = 10.0   # pairs.evaluate answers without waiting longer for the writer
 EVAL_POLL_S = 0.02       # how often the actor checks whether the evaluation thread is done
 EVALUATION_DEADLINE_S = 300.0   # an evaluation running longer is given up (reported, never restarted for)
+LEADER_CHECK_S = 2.0     # a follower tries the pair-leader lock this often (takeover bound)
 
 
 class PairsActor(PairlaneActor):
@@ -56,6 +66,40 @@ class PairsActor(PairlaneActor):
         # was scheduled under an interval a reload since replaced, and is ignored
         self.due = time.monotonic() + min(5.0, self.interval)
         self.after(min(5.0, self.interval), "evaluate")
+        self.lock = None   # PostgreSQL: the pair-leader lock's session
+        self.leader = True
+        if backend(self.config) == "postgresql":
+            from pairlane.pgstore import PgLeases
+            self.lock = PgLeases(self.config["store"]["url"], "pairlane-pairs " + self.config["daemon"]["name"])
+            self.leader = False
+            self._check_leader()
+            self.after(LEADER_CHECK_S, "leader_check")
+        self.metrics.set("pairlane_pairs_leader", 1.0 if self.leader else 0.0)
+        self.flush_metrics()
+
+    def _check_leader(self) -> bool:
+        """Try (or confirm) the pair-leader lock; report a change. True while this daemon leads."""
+        if self.lock is None:
+            return True
+        try:
+            leader = self.lock.try_pairs_leader()
+        except StoreError as exc:
+            if self.leader:
+                self.log("WARNING", "pairs_leader_check_failed", error=exc)
+            leader = False
+        if leader != self.leader:
+            self.leader = leader
+            self.log("INFO", "pairs_leader_changed", leader=leader)
+            self.metrics.set("pairlane_pairs_leader", 1.0 if leader else 0.0)
+            self.flush_metrics()
+        return leader
+
+    def _leader_name(self) -> str:
+        try:
+            name = self.lock.leader_name() if self.lock is not None else None
+        except StoreError:
+            name = None
+        return name.removeprefix("pairlane-pairs ") if name else "unknown (no daemon holds the lock)"
 
     def on_directory(self) -> None:
         addr = self.peer("metrics")
@@ -63,9 +107,10 @@ class PairsActor(PairlaneActor):
             # a restarted metrics actor starts from zero: give it our gauges and alert again now,
             # not at the next evaluation (a safe stop would otherwise look resolved until then)
             self.metrics_addr = addr
+            self.metrics.set("pairlane_pairs_leader", 1.0 if self.leader else 0.0)
             if self.last is not None:
                 self._report(self.last)
-                self.flush_metrics()
+            self.flush_metrics()
 
     def on_reload(self, old_config: dict, new_config: dict) -> None:
         """SIGHUP: new pair parameters apply from the next evaluation; a new interval at once."""
@@ -80,6 +125,8 @@ class PairsActor(PairlaneActor):
     def on_stop(self) -> None:
         if self.conn is not None:
             self.conn.close()
+        if self.lock is not None:
+            self.lock.close()   # leadership passes at once
 
     def inspect(self) -> dict:
         last = self.last or {}
@@ -87,7 +134,7 @@ class PairsActor(PairlaneActor):
                 "last_evaluated_at": last.get("evaluated_at"), "slots": len(last.get("slots", [])),
                 "safe_stop": last.get("safe_stop"), "excluded": last.get("excluded"),
                 "last_evaluation_s": last.get("evaluation_s"), "running": self.running is not None,
-                "abandoned": self.abandoned}
+                "abandoned": self.abandoned, "leader": self.leader}
 
     def _connection(self):
         """The reader, opened on first use; None while a SQLite database does not exist yet."""
@@ -100,10 +147,16 @@ class PairsActor(PairlaneActor):
             return
         if payload == "eval_poll":
             self._poll()
+        elif payload == "leader_check":
+            was = self.leader
+            if self._check_leader() and not was and self.running is None:
+                self.start_evaluation()   # a new leader evaluates at once, not an interval later
+            if not self._stopping:
+                self.after(LEADER_CHECK_S, "leader_check")
         elif payload == "evaluate":
             if time.monotonic() < self.due - 0.05:
                 return  # a timer of an interval a reload replaced
-            if self.running is None:
+            if self.running is None and self._check_leader():
                 self.start_evaluation()
             if not self._stopping:
                 self.due = time.monotonic() + self.interval
@@ -278,12 +331,17 @@ class PairsActor(PairlaneActor):
 
     # ----- admin commands (declared in pairlane.admin_commands) -----------------------------------
     def admin_pairs(self, args: dict, respond) -> dict | None:
+        if not self._check_leader():
+            return self._stored_view()
         if self.last is not None:
             return self._admin_view(self.last)
         self._wait_for_next(respond, confirm=False)   # nothing evaluated yet: the first evaluation
         return None
 
     def admin_pairs_evaluate(self, args: dict, respond) -> dict | None:
+        if not self._check_leader():
+            return {"ok": False, "error": f"this daemon does not evaluate pairs: daemon {self._leader_name()} "
+                                          "leads pair evaluation; send pairs.evaluate there"}
         self._wait_for_next(respond, confirm=True)    # answered once the writer confirms the slots
         return None
 
@@ -293,6 +351,20 @@ class PairsActor(PairlaneActor):
             return
         self.waiting.append((respond, confirm))
         self._next()
+
+    def _stored_view(self) -> dict:
+        """A follower's `pairs`: the slots the leader stored (candidates and exclusions are the leader's)."""
+        try:
+            conn = self._connection()
+            rows = conn.execute(f"SELECT {', '.join(SLOT_COLUMNS)} FROM pair_slots ORDER BY score DESC, "
+                                "pair_id").fetchall()
+        except reader_errors() as exc:
+            self.conn = None
+            return {"ok": False, "error": f"cannot read the stored pair slots: {exc}"}
+        slots = [dict(zip(SLOT_COLUMNS, r)) for r in rows]
+        return {"ok": True, "slots": slots, "candidates": None, "excluded": {}, "safe_stop": not slots,
+                "newest_result_age_s": None, "evaluated_at": slots[0]["evaluated_at"] if slots else None,
+                "leader": False, "leader_daemon": self._leader_name()}
 
     @staticmethod
     def _admin_view(result: dict) -> dict:

@@ -27,6 +27,7 @@ BULK_ROWS = 1024             # chunks with more rows are "big": at most BULK_WIN
 BULK_WINDOW = 1
 INFLIGHT_TIMEOUT_S = 120.0   # no answer from writer/dlq for this long: the chunk is presumed lost
 MAX_MISSING = 1000           # `missing` lists at most this many seqs
+CLAIM_RETRY_S = 2.0          # `busy` because another daemon holds the request's lease: retry after this
 
 
 def settle(total_chunks: int, total_trades: int, durable_chunks: int, durable_rows: int) -> WriteOutcome:
@@ -170,6 +171,15 @@ class Peers:
 
 
 @dataclass(frozen=True)
+class Claimed:
+    """The answer to Claim: ok, this daemon now holds request_id's lease; not ok, another daemon does
+    (or, with failed, nobody could tell: the store did not answer)."""
+    request_id: str
+    ok: bool
+    failed: bool = False
+
+
+@dataclass(frozen=True)
 class Tick:
     """Timers: in-flight timeouts, abandonment, completed requests leaving memory, lookups, sweeps."""
 
@@ -232,6 +242,18 @@ class Sweep:
     """Abandon `receiving` results idle since older_than (wall) and not in active."""
     older_than: float
     active: frozenset
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Take request_id's lease (several daemons on one store, PROTOCOL.md section 7); answer Claimed."""
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Unclaim:
+    """Give request_id's lease back: this daemon no longer assembles it."""
+    request_id: str
 
 
 @dataclass(frozen=True)
@@ -300,7 +322,7 @@ def _release_key(ev) -> tuple | None:
 class Lifecycle:
     def __init__(self, credit: int, max_requests: int, assembly_timeout_s: float, *,
                  clock: Callable[[], float], wall: Callable[[], float],
-                 writer_up: bool = True, dlq_up: bool = False):
+                 writer_up: bool = True, dlq_up: bool = False, claims: bool = False):
         self.credit = credit
         self.max_requests = max_requests
         self.timeout_s = assembly_timeout_s
@@ -308,6 +330,9 @@ class Lifecycle:
         self.wall = wall
         self.writer_up = writer_up
         self.dlq_up = dlq_up
+        self.claims = claims          # several daemons may share the store: a request needs its lease
+        self.claiming: set = set()    # rids whose Claim is unanswered (their events wait in `lookups`)
+        self.leases: set = set()      # rids whose lease this daemon holds
         self.reqs: dict[str, Req] = {}
         self.lookups: dict[str, tuple[float, list]] = {}    # rid -> (asked_at, queued events)
         self.recent: collections.OrderedDict = collections.OrderedDict()  # rid -> (totals, trades, location)
@@ -326,6 +351,8 @@ class Lifecycle:
         """Feed one event; returns the effects to carry out, in order."""
         self._out = []
         self._HANDLERS[type(ev)](self, ev)
+        if self.leases:
+            self._unclaim_finished()
         out, self._out = self._out, []
         return out
 
@@ -337,7 +364,7 @@ class Lifecycle:
                 "lookups_pending": len(self.lookups), "live_batches_pending": len(self.live),
                 "dlq_inventory_chunks": sum(len(v) for v in self.inventory.values()),
                 "big_chunks_at_writer": self.bulk_at_writer, "big_chunks_waiting": len(self.bulk_waiting),
-                "recent_results": len(self.recent), **dict(self.stats)}
+                "recent_results": len(self.recent), "leases": len(self.leases), **dict(self.stats)}
 
     # ----- effect helpers -------------------------------------------------------------------------
     def _emit(self, eff) -> None:
@@ -417,7 +444,50 @@ class Lifecycle:
             self._release_ev(ev)
             return self._err(ev.identity, "unavailable", "pairlane's writer is restarting", rid, 1.0)
         self.lookups[rid] = (self.clock(), [ev])
+        if self.claims and isinstance(ev, Begin) and rid not in self.leases:
+            # the lookup must come after the lease: the store then shows what a previous owner made durable
+            self.claiming.add(rid)
+            return self._emit(Claim(rid))
         self._emit(Lookup(rid, local_ok))
+
+    def _claimed(self, ev: Claimed) -> None:
+        """The claim rule: only the lease holder assembles a request; everyone else is told `busy`."""
+        rid = ev.request_id
+        if rid not in self.claiming:   # nobody waits (timed out, writer lost): give it back
+            if ev.ok:
+                self.leases.add(rid)
+            return
+        self.claiming.discard(rid)
+        if ev.ok:
+            self.leases.add(rid)
+            self.stats["claims_won"] += 1
+            local_ok = (rid not in self.status_sent and not self.sweep_pending
+                        and self.clock() - self.started >= LOCAL_LOOKUP_GRACE_S)
+            if local_ok or self.writer_up:
+                return self._emit(Lookup(rid, local_ok))
+        _, queued = self.lookups.pop(rid, (None, []))
+        if ev.ok:
+            text, retry = "pairlane's writer is restarting", 1.0
+            code = "unavailable"
+        elif ev.failed:
+            code, text, retry = "busy", "the store did not say whether another daemon owns this request", 1.0
+        else:
+            self.stats["claims_lost"] += 1
+            code, retry = "busy", CLAIM_RETRY_S
+            text = f"request {rid} is being assembled by another pairlane daemon; retry"
+        for q in queued:
+            self._release_ev(q)
+            self._err(q.identity, code, text, rid, retry)
+
+    def _unclaim_finished(self) -> None:
+        """Give back every lease whose request is no longer being assembled here (stored, failed,
+        aborted, abandoned, or its begin answered otherwise)."""
+        for rid in list(self.leases):
+            req = self.reqs.get(rid)
+            if rid in self.lookups or (req is not None and req.status == ResultStatus.RECEIVING):
+                continue
+            self.leases.discard(rid)
+            self._emit(Unclaim(rid))
 
     def _conflict(self, ev) -> None:
         self._release_ev(ev)
@@ -737,6 +807,7 @@ class Lifecycle:
                     self._err(q.identity, "busy", "pairlane's writer restarted; retry", rid, 0.5)
                     self._release_ev(q)
             self.lookups.clear()
+            self.claiming.clear()
             for batch_id, identity in self.live.items():
                 self._err(identity, "busy", "pairlane's writer restarted; retry", batch_id, 0.5)
                 self._release(batch_id, -1)
@@ -773,6 +844,7 @@ class Lifecycle:
         for rid, (asked_at, queued) in list(self.lookups.items()):
             if now - asked_at > LOOKUP_TIMEOUT_S:
                 self.lookups.pop(rid)
+                self.claiming.discard(rid)
                 for q in queued:
                     self._release_ev(q)
                     self._err(q.identity, "busy", "the database did not answer in time; retry", rid, 1.0)
@@ -788,5 +860,5 @@ class Lifecycle:
     _HANDLERS: ClassVar[dict] = {
         Begin: _inbound, Result: _inbound, Chunk: _inbound, End: _inbound, Abort: _inbound,
         LiveTrades: _live_trades, Durable: _durable, Rejected: _rejected, LiveDone: _live_done,
-        LookupAnswer: _looked_up, Inventory: _inventory, SweepDone: _sweep_done, Peers: _peers, Tick: _tick,
+        LookupAnswer: _looked_up, Claimed: _claimed, Inventory: _inventory, SweepDone: _sweep_done, Peers: _peers, Tick: _tick,
     }

@@ -618,3 +618,96 @@ class PgStoreView:
     def verify(self, assembly_timeout_s: float, now: float | None = None) -> list[dict]:
         now = time.time() if now is None else now
         return self._snapshot(lambda conn: Store._verify(SqliteStyle(conn), assembly_timeout_s, now))
+
+
+PAIRS_LEADER_KEY = (0x7061_6972, 1)   # ("pair", 1): the two-int advisory key of the pair evaluator
+
+
+class PgLeases:
+    """Session-level PostgreSQL advisory locks on one dedicated connection (PROTOCOL.md section 7,
+    multi-daemon rules): a lease lives exactly as long as this connection's session, so it dies with
+    the daemon (or its connection) and never needs an expiry. Request leases use the one-bigint key
+    `hashtextextended(request_id, 0)`; the pair evaluator uses the two-int key PAIRS_LEADER_KEY (the
+    two key spaces never collide). `held` is what this session holds; a broken connection empties it
+    (the server released them all) and is reopened on the next call. Never used from more than one
+    thread; psycopg failures surface as StoreError."""
+
+    def __init__(self, url: str, application_name: str = "pairlane-leases"):
+        self.url = url
+        self.application_name = application_name
+        self.conn = None
+        self.held: set = set()
+
+    def _conn(self):
+        import psycopg
+        if self.conn is None or self.conn.closed:
+            self.held.clear()
+            try:
+                self.conn = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+                                            options="-c statement_timeout=2000",
+                                            application_name=self.application_name)
+            except psycopg.Error as exc:
+                self.conn = None
+                raise StoreError(classify(exc), f"cannot connect to {redact(self.url)}: {str(exc).strip()}")
+        return self.conn
+
+    def _one(self, sql: str, params: tuple):
+        import psycopg
+        conn = self._conn()
+        try:
+            return conn.execute(sql, params).fetchone()[0]
+        except psycopg.Error as exc:
+            self.close()   # whatever the session held is gone with it
+            raise StoreError(classify(exc), f"{redact(self.url)}: {str(exc).strip()}")
+
+    def alive(self) -> bool:
+        """Is the session (and so every lease in `held`) still there? Reconnects nothing."""
+        if self.conn is None or self.conn.closed:
+            self.held.clear()
+            return False
+        try:
+            self._one("SELECT 1", ())
+            return True
+        except StoreError:
+            return False
+
+    def try_request(self, request_id: str) -> bool:
+        """Take the lease of request_id unless another session holds it (True if this one already does)."""
+        if request_id in self.held:
+            return True
+        ok = bool(self._one("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (request_id,)))
+        if ok:
+            self.held.add(request_id)
+        return ok
+
+    def release_request(self, request_id: str) -> None:
+        if request_id not in self.held or self.conn is None:
+            self.held.discard(request_id)
+            return
+        self.held.discard(request_id)
+        self._one("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (request_id,))
+
+    def try_pairs_leader(self) -> bool:
+        """Lead pair evaluation unless another session does (True if this one already leads)."""
+        if "pairs" in self.held and self.alive():
+            return True
+        ok = bool(self._one("SELECT pg_try_advisory_lock(%s, %s)", PAIRS_LEADER_KEY))
+        if ok:
+            self.held.add("pairs")
+        return ok
+
+    def leader_name(self) -> str | None:
+        """The application_name of the session leading pair evaluation, if any."""
+        return self._one("SELECT max(a.application_name) FROM pg_locks l JOIN pg_stat_activity a "
+                         "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+                         "AND l.classid = %s::int::oid AND l.objid = %s::int::oid AND l.objsubid = 2",
+                         PAIRS_LEADER_KEY)
+
+    def close(self) -> None:
+        self.held.clear()
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+            self.conn = None

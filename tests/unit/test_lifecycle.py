@@ -44,10 +44,13 @@ class Probe(lc.Lifecycle):
 
 
 class World:
-    def __init__(self, credit=4, max_requests=4, timeout=60.0, writer_up=True, dlq_up=False, auto_lookup=True):
+    def __init__(self, credit=4, max_requests=4, timeout=60.0, writer_up=True, dlq_up=False, auto_lookup=True,
+                 claims=False):
         self.clock = Clock()
         self.lc = Probe(credit, max_requests, timeout, clock=self.clock, wall=self.clock,
-                        writer_up=writer_up, dlq_up=dlq_up)
+                        writer_up=writer_up, dlq_up=dlq_up, claims=claims)
+        self.others: set = set()     # request leases other daemons hold (claims=True)
+        self.mine: set = set()       # request leases this daemon holds, as the store sees them
         self.clock.t += lc.LOCAL_LOOKUP_GRACE_S + 1
         self.db: dict = {}           # rid -> {"meta", "status", "chunks": {seq: rows}}
         self.pending: list = []      # Write effects the writer has not answered
@@ -111,6 +114,14 @@ class World:
                     r["status"], r["chunks"] = e.status, {}
                 elif e.status == ResultStatus.SPOOLED and r["status"] == ResultStatus.RECEIVING:
                     r["status"] = e.status
+            elif isinstance(e, lc.Claim):
+                ok = e.request_id not in self.others
+                if ok:
+                    self.mine.add(e.request_id)
+                out += self.send(lc.Claimed(e.request_id, ok))
+            elif isinstance(e, lc.Unclaim):
+                assert e.request_id in self.mine, e
+                self.mine.discard(e.request_id)
             elif isinstance(e, lc.Lookup):
                 if self.auto_lookup:
                     out += self.send(lc.LookupAnswer(e.request_id, self.row(e.request_id)))
@@ -853,3 +864,92 @@ def test_invariants_for_a_producer_that_completes_its_requests(actions, auto_loo
         assert w.lc.bulk_at_writer <= lc.BULK_WINDOW
         assert set(w.lc.lookups) <= set(RIDS) and set(w.lc.reqs) <= set(RIDS) and not w.lc.live
         assert len(w.lc.recent) <= len(RIDS) and len(w.lc.status_sent) <= len(RIDS)
+
+
+# ----- several daemons on one store: the claim rule (PROTOCOL.md section 7) -------------------------
+def test_without_claims_no_lease_is_ever_asked_for():
+    w = World()
+    w.begin("R", chunks=1, trades=10)
+    w.chunk("R", 0)
+    w.durable()
+    assert not any(isinstance(e, (lc.Claim, lc.Unclaim)) for e in w.effects)
+
+
+@pytest.mark.parametrize("how", ["begin", "result"])
+def test_begin_of_a_request_another_daemon_holds_is_busy_with_retry_after(how):
+    w = World(claims=True)
+    w.others.add("R")
+    ev = lc.Result("R", b"p", meta("R", 1, 10), raw=b"raw", nrows=10) if how == "result" else \
+        lc.Begin("R", b"p", meta("R"))
+    r = only(w.send(ev))
+    assert r["code"] == "busy" and r["retry_after_s"] == lc.CLAIM_RETRY_S
+    assert not any(isinstance(e, (lc.Lookup, lc.Record, lc.Write)) for e in w.effects)  # nothing touched
+    assert ("R", 0) in w.released if how == "result" else True
+    assert w.lc.leases == set() and w.lc.lookups == {}
+
+
+def test_lease_is_claimed_before_the_lookup_and_the_store_decides_the_resume():
+    w = World(claims=True)
+    w.db["R"] = {"meta": meta("R", 3, 30), "status": ResultStatus.RECEIVING, "chunks": {0: 10, 1: 10}}
+    assert only(w.begin("R"))["credit"] == 3
+    kinds = [type(e) for e in w.effects]
+    assert kinds.index(lc.Claim) < kinds.index(lc.Lookup)
+    assert only(w.chunk("R", 1))["seq"] == 1 and len(w.writes()) == 0   # durable at the previous owner
+    assert w.lc.leases == {"R"} == w.mine
+
+
+def test_lease_freed_by_the_dead_owner_is_taken_over():
+    w = World(claims=True)
+    w.others.add("R")
+    assert code(w.begin("R")) == "busy"
+    w.others.discard("R")                       # the owner's session ended
+    assert only(w.begin("R"))["type"] == "credit"
+    assert w.mine == {"R"}
+
+
+@pytest.mark.parametrize("finish", ["stored", "aborted", "abandoned", "failed", "stored_at_lookup"])
+def test_lease_is_given_back_when_the_request_is_no_longer_assembled_here(finish):
+    w = World(claims=True)
+    if finish == "stored_at_lookup":
+        w.db["R"] = {"meta": meta("R", 1, 10), "status": ResultStatus.COMPLETE, "chunks": {0: 10}}
+        assert only(w.begin("R", chunks=1, trades=10))["type"] == "stored"
+    else:
+        w.begin("R", chunks=1, trades=10)
+        assert w.mine == {"R"}
+        if finish == "stored":
+            w.chunk("R", 0)
+            w.durable()
+        elif finish == "failed":
+            w.chunk("R", 0, nrows=9)
+            w.durable()
+        elif finish == "aborted":
+            w.abort("R")
+        else:
+            w.tick(61.0)
+    assert w.mine == set() and w.lc.leases == set()
+    assert sum(isinstance(e, lc.Unclaim) for e in w.effects) == 1
+
+
+def test_held_lease_is_not_claimed_again_and_leases_stay_within_max_requests():
+    w = World(claims=True, max_requests=2)
+    w.begin("A")
+    w.begin("A", who=b"q")                       # a resend: no second claim
+    assert sum(isinstance(e, lc.Claim) for e in w.effects) == 1
+    w.begin("B")
+    assert code(w.begin("C")) == "busy"          # over max_requests: not even claimed
+    assert sum(isinstance(e, lc.Claim) for e in w.effects) == 2 and w.mine == {"A", "B"}
+
+
+def test_late_claim_answer_for_nobody_is_given_back():
+    w = World(claims=True)
+    w.mine.add("Z")                              # the store granted it, but nobody waits for it any more
+    out = w.send(lc.Claimed("Z", True))
+    assert out == [] and any(isinstance(e, lc.Unclaim) and e.request_id == "Z" for e in w.effects)
+    assert w.lc.leases == set()
+
+
+def test_store_not_answering_the_claim_is_busy():
+    w = World(claims=True)
+    w.lc.handle(lc.Begin("R", b"p", meta("R")))  # the Claim effect, unanswered by the World
+    r = only([e.reply for e in w.lc.handle(lc.Claimed("R", False, failed=True)) if isinstance(e, lc.Reply)])
+    assert r["code"] == "busy" and r["retry_after_s"] > 0
