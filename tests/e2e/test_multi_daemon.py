@@ -1,0 +1,142 @@
+"""Two daemons, one PostgreSQL store (PROTOCOL.md section 7, multi-daemon rules; issue 14 item 4):
+two real `python run.py` on the test session's throwaway server (tests/pg.py), everything on
+127.0.0.1. A request is assembled by the daemon holding its lease (a session advisory lock): the
+other answers `busy` with retry_after_s until the owner dies, then resumes from the chunks durable
+in the shared store. Exactly one daemon leads pair evaluation; when it dies, the other takes over.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from pairlane.client import Producer, encode_chunk, synthetic_columns
+from tests.e2e.util import Dealer, duplicate_groups, inspect, metric, result_row, rows_for, wait_until
+from tests.faults.test_dlq import kill9_everything
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+FAST_PAIRS = {"pairs": {"interval_s": 2.0}}
+
+
+@pytest.fixture
+def two(make_daemon, pg_url):
+    """Daemons A and B on the same store (A started first, so A leads pair evaluation)."""
+    a = make_daemon({"store": {"url": pg_url}, "daemon": {"name": "daemon-A"}, **FAST_PAIRS}, name="A")
+    b = make_daemon({"store": {"url": pg_url}, "daemon": {"name": "daemon-B"}, **FAST_PAIRS}, name="B")
+    return a, b
+
+
+def begin(rid: str, total_trades: int, total_chunks: int, name: str = "Multi") -> dict:
+    return {"type": "begin", "request_id": rid, "strategy_name": name, "total_trades": total_trades,
+            "total_chunks": total_chunks}
+
+
+def chunks_of(rid: str, n: int, size: int) -> list[tuple[int, bytes]]:
+    """(seq, chunk frame) of n synthetic trades, `size` rows per chunk."""
+    cols = synthetic_columns(n, seed=21, strategy=rid)
+    return [(seq, encode_chunk(rid, seq, cols, lo, min(lo + size, n))) for seq, lo in enumerate(range(0, n, size))]
+
+
+def send_and_ack(dl: Dealer, frames: list[tuple[int, bytes]]) -> None:
+    """Send chunks and wait for every per-chunk credit (each chunk durable)."""
+    for _, frame in frames:
+        dl.send(frame)
+    acked = set()
+    while len(acked) < len(frames):
+        r = dl.recv(20)
+        assert r is not None, f"no credit for {[s for s, _ in frames if s not in acked]}"
+        assert r["type"] == "credit" and "seq" in r, r
+        acked.add(r["seq"])
+    assert acked == {s for s, _ in frames}
+
+
+def test_owner_lease_makes_the_other_daemon_busy_and_dies_with_the_owner(two, pg_url):
+    a, b = two
+    rid, n = "multi-lease", 40_000
+    chunks = chunks_of(rid, n, 10_000)
+    assert len(chunks) == 4
+    with Dealer(a.gateway_endpoint) as da, Dealer(b.gateway_endpoint) as db_:
+        r = da.rt(begin(rid, n, 4))
+        assert r["type"] == "credit", r
+        send_and_ack(da, chunks[:2])                        # seqs 0 and 1 durable at A; A stalls
+        busy = db_.rt(begin(rid, n, 4))
+        assert busy["type"] == "error" and busy["code"] == "busy", busy
+        assert busy["retry_after_s"] > 0 and busy["request_id"] == rid, busy
+        assert "another pairlane daemon" in busy["message"], busy
+        assert db_.rt(chunks[2][1])["code"] == "unknown_request"   # B assembles nothing of it
+        assert inspect(a, "assembler")["leases"] == 1 and inspect(b, "assembler")["leases"] == 0
+
+        kill9_everything(a)                                 # A's PostgreSQL sessions end with it
+
+        def taken_over():
+            reply = db_.rt(begin(rid, n, 4))
+            if reply["type"] == "error":
+                assert reply["code"] == "busy", reply          # only until the server noticed A's death
+                return None
+            return reply
+        r = wait_until(taken_over, 30, 0.2, "B taking the request over")
+        assert r["type"] == "credit", r
+        send_and_ack(db_, chunks[2:])                       # only the missing seqs
+        stored = db_.rt({"type": "end", "request_id": rid})
+    assert stored["type"] == "stored" and stored["trades"] == n, stored
+    assert result_row(b, rid)["status"] == "complete"
+    assert rows_for(b, rid) == n and duplicate_groups(b, rid) == 0
+    assert inspect(b, "assembler")["leases"] == 0           # given back once stored
+
+
+def test_producer_fails_over_to_the_other_daemon_after_sigkill(two):
+    a, b = two
+    rid, n = "multi-failover", 200_000
+    cols = synthetic_columns(n, seed=5, strategy=rid)
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            with Producer([a.gateway_endpoint, b.gateway_endpoint], timeout_s=2.0, retries=20,
+                          max_message_bytes=256 * 1024) as p:
+                out["reply"] = p.send_result(rid, rid, cols)
+                out["stats"] = dict(p.last_stats)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            out["error"] = exc
+    t = threading.Thread(target=run)
+    t.start()
+    wait_until(lambda: rows_for(b, rid) > 0, 60, 0.05, "some chunks durable through A")
+    kill9_everything(a)
+    t.join(180)
+    assert not t.is_alive() and "error" not in out, out
+    assert out["reply"]["type"] == "stored" and out["reply"]["trades"] == n, out
+    assert out["stats"]["failovers"] >= 1, out["stats"]
+    assert result_row(b, rid)["status"] == "complete"
+    assert rows_for(b, rid) == n and duplicate_groups(b, rid) == 0
+
+
+def _leader(d) -> bool | None:
+    st = d.admin("status", timeout=5.0)
+    return st.get("pairs_leader") if st and st.get("ok") else None
+
+
+def test_exactly_one_pair_leader_and_the_other_takes_over_when_it_dies(two):
+    a, b = two
+    wait_until(lambda: {_leader(a), _leader(b)} == {True, False}, 20, 0.2, "one leader, one follower")
+    leader, follower = (a, b) if _leader(a) else (b, a)
+    assert metric(leader, "pairlane_pairs_leader") == 1.0
+    assert metric(follower, "pairlane_pairs_leader") == 0.0
+    wait_until(lambda: inspect(leader, "pairs")["evaluations"] >= 1, 20, 0.2, "the leader evaluating")
+    assert inspect(follower, "pairs")["evaluations"] == 0       # the follower never evaluates
+    r = follower.admin("pairs.evaluate", timeout=20)
+    lead_name = leader.cfg["daemon"]["name"]
+    assert r["ok"] is False and lead_name in r["error"], r
+    r = follower.admin("pairs", timeout=20)
+    assert r["ok"] is True and r["leader"] is False and r["leader_daemon"] == lead_name, r
+
+    kill9_everything(leader)
+    t0 = time.monotonic()
+    wait_until(lambda: _leader(follower) is True, 15, 0.1, "the follower leading")
+    took = time.monotonic() - t0
+    assert took < 10.0, took        # LEADER_CHECK_S (2 s) plus the server noticing the dead session
+    wait_until(lambda: inspect(follower, "pairs")["evaluations"] >= 1, 15, 0.2, "the new leader evaluating")
+    assert metric(follower, "pairlane_pairs_leader") == 1.0
+    r = follower.admin("pairs.evaluate", timeout=30)
+    assert r["ok"] is True, r
