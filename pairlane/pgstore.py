@@ -445,11 +445,16 @@ class PgStore:
         return self._run(tx)
 
     def abandon_stale(self, older_than: float, active: set) -> list[str]:
-        """Abandon `receiving` results not touched since `older_than` and not in `active`."""
+        """Abandon `receiving` results not touched since `older_than`, not in `active` and whose lease
+        (PgLeases) no daemon holds: another daemon sharing the store may be assembling it right now
+        (the transaction-level try-lock fails while any session holds the lease, and ends with the
+        transaction)."""
         def tx(conn):
             ids = [r[0] for r in conn.execute(
                 "SELECT request_id FROM backtest_results WHERE status = 'receiving' AND updated_at < %s "
                 "FOR UPDATE", (older_than,)).fetchall() if r[0] not in active]
+            ids = [rid for rid in ids if conn.execute(
+                "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))", (rid,)).fetchone()[0]]
             now = time.time()
             for rid in ids:
                 self._drop_rows(conn, rid)

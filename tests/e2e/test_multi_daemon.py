@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 
+import psycopg
 import pytest
 
 from pairlane.client import Producer, encode_chunk, synthetic_columns
@@ -140,3 +141,29 @@ def test_exactly_one_pair_leader_and_the_other_takes_over_when_it_dies(two):
     assert metric(follower, "pairlane_pairs_leader") == 1.0
     r = follower.admin("pairs.evaluate", timeout=30)
     assert r["ok"] is True, r
+
+
+def test_abandonment_sweep_skips_a_request_another_daemon_holds(make_daemon, pg_url):
+    """B sweeps every second (assembly_timeout_s 2 s) while A, patient (60 s), holds a request whose
+    begin is older than B's timeout: B never abandons it; A completes it with exact rows."""
+    a = make_daemon({"store": {"url": pg_url}, "daemon": {"name": "daemon-A"}}, name="A")
+    b = make_daemon({"store": {"url": pg_url}, "daemon": {"name": "daemon-B"},
+                     "gateway": {"assembly_timeout_s": 2.0}}, name="B")
+    rid, n = "multi-sweep", 20_000
+    chunks = chunks_of(rid, n, 10_000)
+    with Dealer(a.gateway_endpoint) as da:
+        assert da.rt(begin(rid, n, 2))["type"] == "credit"
+        send_and_ack(da, chunks[:1])
+        # a control: an orphan with the same updated_at as A's request and no lease; B's sweep
+        # abandoning it shows that a sweep ran which saw A's request as stale too
+        with psycopg.connect(pg_url, autocommit=True) as c:
+            c.execute("CREATE TEMP TABLE ctl AS SELECT * FROM backtest_results WHERE request_id = %s", (rid,))
+            c.execute("UPDATE ctl SET request_id = 'multi-sweep-orphan', strategy_name = 'Orphan'")
+            c.execute("INSERT INTO backtest_results SELECT * FROM ctl")
+        wait_until(lambda: (result_row(b, "multi-sweep-orphan") or {}).get("status") == "abandoned", 30, 0.2,
+                   "B's sweep abandoning the orphan")
+        assert result_row(b, rid)["status"] == "receiving"
+        assert rows_for(b, rid) == 10_000
+        send_and_ack(da, chunks[1:])
+        assert da.rt({"type": "end", "request_id": rid})["type"] == "stored"
+    assert result_row(a, rid)["status"] == "complete" and rows_for(a, rid) == n and duplicate_groups(a, rid) == 0
