@@ -625,6 +625,7 @@ class PgStoreView:
         return self._snapshot(lambda conn: Store._verify(SqliteStyle(conn), assembly_timeout_s, now))
 
 
+LEASE_RECONNECT_S = 1.0              # PgLeases: no new connect attempt sooner after a failed one
 PAIRS_LEADER_KEY = (0x7061_6972, 1)   # ("pair", 1): the two-int advisory key of the pair evaluator
 
 
@@ -642,17 +643,21 @@ class PgLeases:
         self.application_name = application_name
         self.conn = None
         self.held: set = set()
+        self.retry_at = 0.0   # after a failed connect, fail fast until then (the caller never waits long)
 
     def _conn(self):
         import psycopg
         if self.conn is None or self.conn.closed:
             self.held.clear()
+            if time.monotonic() < self.retry_at:
+                raise StoreError("connection", f"{redact(self.url)}: not reachable a moment ago")
             try:
                 self.conn = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
                                             options="-c statement_timeout=2000",
                                             application_name=self.application_name)
             except psycopg.Error as exc:
                 self.conn = None
+                self.retry_at = time.monotonic() + LEASE_RECONNECT_S
                 raise StoreError(classify(exc), f"cannot connect to {redact(self.url)}: {str(exc).strip()}")
         return self.conn
 
