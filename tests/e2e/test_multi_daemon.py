@@ -167,3 +167,22 @@ def test_abandonment_sweep_skips_a_request_another_daemon_holds(make_daemon, pg_
         send_and_ack(da, chunks[1:])
         assert da.rt({"type": "end", "request_id": rid})["type"] == "stored"
     assert result_row(a, rid)["status"] == "complete" and rows_for(a, rid) == n and duplicate_groups(a, rid) == 0
+
+
+def test_same_request_at_both_daemons_at_once_one_copy_loser_busy(two):
+    a, b = two
+    rid, n = "multi-race", 20_000
+    chunks = chunks_of(rid, n, 10_000)
+    with Dealer(a.gateway_endpoint) as da, Dealer(b.gateway_endpoint) as db_:
+        da.send(begin(rid, n, 2))
+        db_.send(begin(rid, n, 2))
+        ra, rb = da.recv(20), db_.recv(20)
+        assert sorted([ra["type"], rb["type"]]) == ["credit", "error"], (ra, rb)
+        (win, lose), (w, lost) = ((da, db_), (a, b)) if ra["type"] == "credit" else ((db_, da), (b, a))
+        assert (rb if win is da else ra)["code"] == "busy"
+        send_and_ack(win, chunks)
+        assert win.rt({"type": "end", "request_id": rid})["type"] == "stored"
+        again = lose.rt(begin(rid, n, 2))                    # the loser retries: the store says stored
+        assert again["type"] == "stored" and again["trades"] == n, again
+    assert rows_for(w, rid) == n and duplicate_groups(w, rid) == 0
+    assert inspect(lost, "assembler").get("in_chunk", 0) == 0
