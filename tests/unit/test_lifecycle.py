@@ -585,10 +585,11 @@ ACTIONS = st.tuples(st.sampled_from(KINDS), st.integers(0, 59), st.integers(0, 5
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(ACTIONS, min_size=10, max_size=80), st.booleans())
-def test_invariants_over_random_event_orders(actions, auto_lookup):
+@given(st.lists(ACTIONS, min_size=10, max_size=80), st.booleans(), st.booleans())
+def test_invariants_over_random_event_orders(actions, auto_lookup, claims):
     credit, max_requests = 2, 3
-    w = World(credit=credit, max_requests=max_requests, timeout=60, dlq_up=True, auto_lookup=auto_lookup)
+    w = World(credit=credit, max_requests=max_requests, timeout=60, dlq_up=True, auto_lookup=auto_lookup,
+              claims=claims)
     stored: dict = {}            # rid -> trades of its first `stored`
     balance: dict = {}           # rid -> chunks the producer may still send (a careful producer)
     sent: dict = {}              # rid -> seqs sent and not yet acknowledged
@@ -661,6 +662,11 @@ def test_invariants_over_random_event_orders(actions, auto_lookup):
         assert len(w.lc.bulk_waiting) <= sum(len(q.inflight) for q in w.lc.reqs.values())
         assert len(w.lc.recent) <= lc.RECENT_DONE and len(w.lc.status_sent) <= lc.RECENT_DONE
         assert set(w.lc.lookups) <= set(RIDS)
+        # leases (claims=True): held exactly for what is being assembled here, never beyond max_requests
+        receiving = {r for r, q in w.lc.reqs.items() if q.status == ResultStatus.RECEIVING}
+        assert w.lc.leases == w.mine
+        assert w.lc.leases <= receiving | set(w.lc.lookups) and len(w.lc.leases) <= max_requests
+        assert receiving <= w.lc.leases if claims else not w.lc.leases
 
 
 @pytest.mark.parametrize("drop", ["abort", "abandon"])
