@@ -23,7 +23,7 @@ import numpy as np
 
 from . import codec
 from .lifecycle import totals
-from .store import SLOT_COLUMNS, Store, StoreError, settle_in_tx
+from .store import SLOT_COLUMNS, StatusRules, Store, StoreError
 from .vocab import ResultStatus, WriteOutcome
 
 SCHEMA_VERSION = 1
@@ -234,10 +234,11 @@ def _copy(cur, table: str, names: tuple, cols: list) -> None:
             write(row)
 
 
-class PgStore:
+class PgStore(StatusRules):
     """The writer's store on PostgreSQL: the methods and counters of `pairlane.store.Store`."""
 
     backend = "postgresql"
+    PARAM = "%s"   # psycopg's placeholder, for the shared StatusRules
 
     def __init__(self, url: str, *, busy_timeout_ms: int = 200, readonly: bool = False, **_ignored):
         self.url = url
@@ -398,51 +399,14 @@ class PgStore:
             self.rows_written += nrows
         return out
 
-    def _settle(self, conn, rid: str, now: float) -> WriteOutcome:
-        return settle_in_tx(conn, rid, now, self._drop_rows, param="%s")
-
     def set_status(self, request_id: str, status: ResultStatus | str, error: str | None = None) -> None:
         """`abandoned`/`failed` also remove the result's rows; `spooled` only from `receiving`."""
         status = ResultStatus(status)
-
-        def tx(conn):
-            now = time.time()
-            if status.final_without_rows:
-                current = self._status_for_update(conn, request_id)
-                if current is not None and ResultStatus(current).stored:
-                    return  # a stored result is a promise: never dropped here
-                self._drop_rows(conn, request_id)
-                conn.execute("UPDATE backtest_results SET status = %s, updated_at = %s, "
-                             "error = coalesce(%s, error) WHERE request_id = %s",
-                             (str(status), now, error, request_id))
-            elif status == ResultStatus.SPOOLED:
-                conn.execute("UPDATE backtest_results SET status = 'spooled', updated_at = %s "
-                             "WHERE request_id = %s AND status = 'receiving'", (now, request_id))
-            else:
-                raise ValueError(status)
-        self._run(tx)
+        self._run(lambda conn: self._set_status_in_tx(conn, request_id, status, error, time.time()))
 
     def write_result_without_trades(self, meta: dict, status: str) -> str:
-        """A legacy result with no trade list (`complete`, 0 trades) or with an error (`failed`).
-
-        Returns the row's status before the write ("" when there was none). A stored result
-        (complete, spooled) is a promise and is kept; any other row is replaced whole, its rows
-        removed: the later result wins (the SQLite store's rule)."""
-        rid = meta["request_id"]
-
-        def tx(conn):
-            now = time.time()
-            before = self._status_for_update(conn, rid)
-            if before is not None:
-                if ResultStatus(before).stored:
-                    return before
-                self._drop_rows(conn, rid)
-                conn.execute("DELETE FROM backtest_results WHERE request_id = %s", (rid,))
-            self._insert_result(conn, meta, now)
-            conn.execute("UPDATE backtest_results SET status = %s, completed_at = %s, updated_at = %s "
-                         "WHERE request_id = %s", (str(status), now, now, rid))
-            return before or ""
-        return self._run(tx)
+        """See StatusRules._without_trades_in_tx; the status the row had before ("" if none)."""
+        return self._run(lambda conn: self._without_trades_in_tx(conn, meta, status, time.time()))
 
     def abandon_stale(self, older_than: float, active: set) -> list[str]:
         """Abandon `receiving` results not touched since `older_than`, not in `active` and whose lease

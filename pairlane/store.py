@@ -98,6 +98,58 @@ def settle_in_tx(conn, rid: str, now: float, drop_rows, param: str = "?") -> Wri
     return outcome
 
 
+class StatusRules:
+    """The status rules both stores apply, each inside its own transaction: completion (`_settle`),
+    `set_status` and the write of a result without trades. A store gives its driver's placeholder
+    (`PARAM`) and how it reads a row's status for update (PostgreSQL locks the row; SQLite's
+    BEGIN IMMEDIATE already serializes writers), plus `_drop_rows` and `_insert_result`."""
+
+    PARAM = "?"
+
+    def _q(self, sql: str) -> str:
+        return sql if self.PARAM == "?" else sql.replace("?", self.PARAM)
+
+    def _status_for_update(self, conn, rid: str) -> str | None:
+        row = conn.execute(self._q("SELECT status FROM backtest_results WHERE request_id = ?"), (rid,)).fetchone()
+        return None if row is None else row[0]
+
+    def _settle(self, conn, rid: str, now: float) -> WriteOutcome:
+        return settle_in_tx(conn, rid, now, self._drop_rows, self.PARAM)
+
+    def _set_status_in_tx(self, conn, request_id: str, status: ResultStatus, error: str | None,
+                          now: float) -> None:
+        """`abandoned`/`failed` also remove the result's rows; `spooled` only from `receiving`."""
+        if status.final_without_rows:
+            current = self._status_for_update(conn, request_id)
+            if current is not None and ResultStatus(current).stored:
+                return  # a stored result is a promise: never dropped here
+            self._drop_rows(conn, request_id)
+            conn.execute(self._q("UPDATE backtest_results SET status = ?, updated_at = ?, error = coalesce(?, error) "
+                                 "WHERE request_id = ?"), (str(status), now, error, request_id))
+        elif status == ResultStatus.SPOOLED:
+            conn.execute(self._q("UPDATE backtest_results SET status = 'spooled', updated_at = ? "
+                                 "WHERE request_id = ? AND status = 'receiving'"), (now, request_id))
+        else:
+            raise ValueError(status)
+
+    def _without_trades_in_tx(self, conn, meta: dict, status: str, now: float) -> str:
+        """A legacy result with no trade list (`complete`, 0 trades) or with an error (`failed`).
+        Returns the row's status before the write ("" when there was none). A stored result
+        (complete, spooled) is a promise and is kept; any other row (an earlier failed one, an
+        abandoned or receiving one) is replaced whole, its rows removed: the later result wins."""
+        rid = meta["request_id"]
+        before = self._status_for_update(conn, rid)
+        if before is not None:
+            if ResultStatus(before).stored:
+                return before
+            self._drop_rows(conn, rid)
+            conn.execute(self._q("DELETE FROM backtest_results WHERE request_id = ?"), (rid,))
+        self._insert_result(conn, meta, now)
+        conn.execute(self._q("UPDATE backtest_results SET status = ?, completed_at = ?, updated_at = ? "
+                             "WHERE request_id = ?"), (str(status), now, now, rid))
+        return before or ""
+
+
 class StoreError(Exception):
     """A write that did not commit. reason: locked | full | io | sqlite."""
 
@@ -148,7 +200,7 @@ def meta_from_message(m: dict, source: str = "zmq") -> dict:
             "error": m.get("error"), "source": source}
 
 
-class Store:
+class Store(StatusRules):
     def __init__(self, path: str, *, max_bytes: int = 0, busy_timeout_ms: int = 200,
                  synchronous: str = "FULL"):
         self.path = path
@@ -293,51 +345,14 @@ class Store:
             self.rows_written += nrows
         return out
 
-    def _settle(self, conn, rid: str, now: float) -> WriteOutcome:
-        return settle_in_tx(conn, rid, now, self._drop_rows)
-
     def set_status(self, request_id: str, status: ResultStatus | str, error: str | None = None) -> None:
         """`abandoned`/`failed` also remove the result's rows; `spooled` only from `receiving`."""
         status = ResultStatus(status)
-
-        def tx(conn):
-            now = time.time()
-            if status.final_without_rows:
-                row = conn.execute("SELECT status FROM backtest_results WHERE request_id = ?",
-                                   (request_id,)).fetchone()
-                if row is not None and ResultStatus(row[0]).stored:
-                    return  # a stored result is a promise: never dropped here
-                self._drop_rows(conn, request_id)
-                conn.execute("UPDATE backtest_results SET status = ?, updated_at = ?, error = coalesce(?, error) "
-                             "WHERE request_id = ?", (status, now, error, request_id))
-            elif status == ResultStatus.SPOOLED:
-                conn.execute("UPDATE backtest_results SET status = 'spooled', updated_at = ? "
-                             "WHERE request_id = ? AND status = 'receiving'", (now, request_id))
-            else:
-                raise ValueError(status)
-        self._tx(tx)
+        self._tx(lambda conn: self._set_status_in_tx(conn, request_id, status, error, time.time()))
 
     def write_result_without_trades(self, meta: dict, status: str) -> str:
-        """A legacy result with no trade list (`complete`, 0 trades) or with an error (`failed`).
-
-        Returns the row's status before the write ("" when there was none). A stored result
-        (complete, spooled) is a promise and is kept; any other row (an earlier failed one, an
-        abandoned or receiving one) is replaced whole, its rows removed: the later result wins."""
-        rid = meta["request_id"]
-
-        def tx(conn):
-            now = time.time()
-            row = conn.execute("SELECT status FROM backtest_results WHERE request_id = ?", (rid,)).fetchone()
-            if row is not None:
-                if ResultStatus(row[0]).stored:
-                    return row[0]
-                self._drop_rows(conn, rid)
-                conn.execute("DELETE FROM backtest_results WHERE request_id = ?", (rid,))
-            self._insert_result(conn, meta, now)
-            conn.execute("UPDATE backtest_results SET status = ?, completed_at = ?, updated_at = ? "
-                         "WHERE request_id = ?", (status, now, now, rid))
-            return "" if row is None else row[0]
-        return self._tx(tx)
+        """See StatusRules._without_trades_in_tx; the status the row had before ("" if none)."""
+        return self._tx(lambda conn: self._without_trades_in_tx(conn, meta, status, time.time()))
 
     def abandon_stale(self, older_than: float, active: set) -> list[str]:
         """Abandon `receiving` results not touched since `older_than` and not in `active`."""
