@@ -107,13 +107,21 @@ def test_gateway_curve_authorized_unknown_and_reloaded_keys(make_daemon, keys):
             sock.connect(ep)
             sock.send(b"\x81\xa4type\xa5begin")   # would be answered (malformed) by a plain gateway
         assert not plain.poll(1500) and not wrong.poll(500)
-        # they carry no key to name: each failed handshake is counted, logged at most once a minute
-        wait_metric(d, "pairlane_auth_failures_total", lambda v: v >= 1, endpoint="gateway", reason="wrong_mechanism")
-        wait_metric(d, "pairlane_auth_failures_total", lambda v: v >= 2, endpoint="gateway", reason="bad_handshake")
+        # they carry no key to name: each failed handshake is counted, logged at most once a minute.
+        # Which reason a plaintext client gets is a race in ZMQ: when the server reads its NULL
+        # greeting first it is a mechanism mismatch (wrong_mechanism); when the client sees the CURVE
+        # greeting first and hangs up, the server only sees a failed handshake (bad_handshake). So
+        # the two clients' failures are counted under these two reasons together, never dropped.
+        def handshake_failures() -> float:
+            s, _ = scrape(d)
+            return sum(val(s, "pairlane_auth_failures_total", endpoint="gateway", reason=r) or 0.0
+                       for r in ("wrong_mechanism", "bad_handshake"))
+        wait_until(lambda: handshake_failures() >= 2, 10, what="both failed handshakes counted")
         plain.close(0)
         wrong.close(0)
     failed = [ln for ln in d.log_path.read_text().splitlines() if "event=auth_handshake_failed" in ln]
-    assert sorted("reason=wrong_mechanism" in ln for ln in failed) == [False, True], failed
+    assert failed and all("reason=wrong_mechanism" in ln or "reason=bad_handshake" in ln for ln in failed), failed
+    assert len(failed) == len({ln.split("reason=")[1].split()[0] for ln in failed}), failed  # once per reason
 
     # carol is refused, then authorized by a file in the directory and SIGHUP
     with Producer(ep, timeout_s=1.5, retries=0, server_key=keys["public"], client_key=keys["carol"]) as p:
