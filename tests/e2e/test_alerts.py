@@ -43,8 +43,10 @@ def test_restart_storm_below_the_root_raises_supervisor_escalated(make_daemon):
     try:
         for _ in range(3):
             before = d.actor("dlq")["pid"]
-            # the admin learns a restarted actor's address a moment after status shows it RUNNING
-            d.wait_for(lambda: d.admin("inject", {"actor": "dlq", "fault": "crash"})["ok"], timeout=10,
+            # the admin learns a restarted actor's address a moment after status shows it RUNNING; an
+            # inject sent to the old address waits out the admin's 10 s reply deadline, so leave room
+            # for a retry after one such attempt
+            d.wait_for(lambda: d.admin("inject", {"actor": "dlq", "fault": "crash"})["ok"], timeout=30,
                        what="inject accepted")
             d.wait_for(lambda: d.actor("dlq")["state"] == "RUNNING" and d.actor("dlq")["pid"] != before,
                        timeout=20, what="dlq restarted")
