@@ -20,6 +20,7 @@ class PairlaneActor(Worker):
         super().__init__(*args, **kwargs)
         self.metrics = MetricBatch()
         self._sockets: list = []
+        self._metrics_seen = None   # the metrics actor address our gauges and alerts last went to
 
     def bind_socket(self, kind: int, endpoint: str, **options: int) -> zmq.Socket:
         """A ZMQ socket bound to endpoint (LINGER 0 plus the given options), closed on stop."""
@@ -47,6 +48,16 @@ class PairlaneActor(Worker):
             self.tell("metrics", MetricUpdates(tuple(self.metrics.drain())))
         elif len(self.metrics) > 10000:
             self.metrics.drain()  # no metrics actor: never grow without bound
+
+    def metrics_restarted(self) -> bool:
+        """True once for each metrics actor address the directory shows (the first one included):
+        a restarted metrics actor starts from zero, so the gauges and raised alerts an actor owns
+        must be sent to it again, not only at their next change."""
+        addr = self.peer("metrics")
+        if addr is None or addr == self._metrics_seen:
+            return False
+        self._metrics_seen = addr
+        return True
 
     def on_tick(self) -> None:
         self.flush_metrics()

@@ -86,6 +86,11 @@ class DLQ(PairlaneActor):
 
     def on_directory(self) -> None:
         self.inflight.clear()  # a restarted writer lost what we sent it; retry later
+        if self.metrics_restarted():   # it starts from zero: our gauges and a parked alert again
+            self._gauges()
+            if self.spool.parked_count:
+                self._parked_alert()
+            self.flush_metrics()
 
     def _take(self, sb: SpoolBatch) -> None:
         w = sb.work

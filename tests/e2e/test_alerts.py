@@ -9,6 +9,7 @@ import zmq
 
 from entry import chaos
 from pairlane.client import Producer, synthetic_columns
+from tests.e2e.test_pairs_metrics import wait_metric
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -37,19 +38,32 @@ class Alerts:
         self.sock.close(0)
 
 
+def crash(d, name: str, seen: set, attempts: int = 5) -> int:
+    """Inject a crash into `name` and wait until an incarnation with a pid not in `seen` runs; its pid.
+
+    `inject` goes to the address the admin actor knows. Right after a restart that may still be the
+    old incarnation's (the new address reaches the admin through the root's directory a moment after
+    status shows the new pid), and an inject sent there is lost: send again until a crash shows."""
+    for _ in range(attempts):
+        d.wait_for(lambda: d.admin("inject", {"actor": name, "fault": "crash"})["ok"], timeout=30,
+                   what="inject accepted")
+        try:
+            row = d.wait_for(lambda: (lambda a: a if a["state"] == "RUNNING" and a["pid"] not in seen else None)(
+                d.actor(name)), timeout=6, what=f"{name} restarted")
+        except AssertionError:
+            continue
+        seen.add(row["pid"])
+        return row["pid"]
+    raise AssertionError(f"{attempts} injected crashes of {name} never showed as a restart")
+
+
 def test_restart_storm_below_the_root_raises_supervisor_escalated(make_daemon):
-    d = make_daemon({"supervision": {"max_restarts": 2, "window_s": 30.0}})
+    d = make_daemon({"supervision": {"max_restarts": 2, "window_s": 60.0}})
     alerts = Alerts(d.cfg["alerts"]["endpoint"])
     try:
+        seen = {d.actor("dlq")["pid"]}
         for _ in range(3):
-            before = d.actor("dlq")["pid"]
-            # the admin learns a restarted actor's address a moment after status shows it RUNNING; an
-            # inject sent to the old address waits out the admin's 10 s reply deadline, so leave room
-            # for a retry after one such attempt
-            d.wait_for(lambda: d.admin("inject", {"actor": "dlq", "fault": "crash"})["ok"], timeout=30,
-                       what="inject accepted")
-            d.wait_for(lambda: d.actor("dlq")["state"] == "RUNNING" and d.actor("dlq")["pid"] != before,
-                       timeout=20, what="dlq restarted")
+            crash(d, "dlq", seen)
         a = alerts.wait("supervisor_escalated", "raised")
         assert a["severity"] == "critical" and a["reasons"]["supervisor"] == "store"
         chaos.wait_all_running(d)
@@ -82,6 +96,17 @@ def test_parked_item_raises_dlq_parked_and_replay_clears_it(make_daemon):
         assert a["reasons"]["parked"] >= 1
         items = d.admin("dlq.list")["items"]
         assert items and all(i["parked"] for i in items)
+        # a restarted metrics actor starts from zero: the DLQ sends its gauges and the alert again
+        assert d.admin("restart", {"actor": "metrics"})["ok"]
+        d.wait_running("metrics", restarts=1, timeout=20)
+        again = d.wait_for(lambda: [x for x in d.admin("alerts")["alerts"] if x["name"] == "dlq_parked"],
+                           timeout=10, what="dlq_parked listed by the restarted metrics actor")
+        assert again[0]["reasons"]["parked"] == len(items)
+        wait_metric(d, "pairlane_dlq_parked_items", float(len(items)))
+        # a subscriber of the new metrics actor's socket (the old one's messages stop with it)
+        alerts.close()
+        alerts = Alerts(d.cfg["alerts"]["endpoint"])
+        assert alerts.wait("dlq_parked", "raised", timeout=10)["reasons"]["parked"] == len(items)
         lock.release()
         lock = None
         assert d.admin("dlq.replay", {"all": True, "rate": 50})["queued"] == len(items)
