@@ -100,6 +100,8 @@ class Assembler(PairlaneActor):
             self._flush()
 
     def tick(self) -> None:
+        if self.leases is not None and self.life.leases and not self.life.reclaiming and not self.leases.alive():
+            self._feed(lc.LeasesLost())   # cut (server restart, pg_terminate_backend): claim them again
         self._feed(lc.Tick())
         self._flush()
 
@@ -130,7 +132,10 @@ class Assembler(PairlaneActor):
         elif isinstance(eff, lc.Lookup):
             self._lookup(eff)
         elif isinstance(eff, lc.Claim):
+            had = set(self.leases.held)
             self._feed(self._claim(eff.request_id))
+            if had - self.leases.held:   # the session was lost (and reopened): those leases may be others' now
+                self._feed(lc.LeasesLost())
         elif isinstance(eff, lc.Unclaim):
             try:
                 self.leases.release_request(eff.request_id)
@@ -146,13 +151,10 @@ class Assembler(PairlaneActor):
 
     def _claim(self, rid: str) -> lc.Claimed:
         try:
-            had = set(self.leases.held)
-            ok = self.leases.try_request(rid)
-            if had - self.leases.held:   # the session was lost (reconnected): those leases may be others' now
-                self.log("WARNING", "leases_lost", requests=len(had - self.leases.held))
-            return lc.Claimed(rid, ok)
+            return lc.Claimed(rid, self.leases.try_request(rid))
         except StoreError as exc:
-            self.log("WARNING", "lease_claim_failed", request_id=rid, error=exc)
+            if rid not in self.life.reclaiming:   # a lease being re-taken is tried again every tick: no flood
+                self.log("WARNING", "lease_claim_failed", request_id=rid, error=exc)
             return lc.Claimed(rid, False, failed=True)
 
     def _to_writer(self, msg) -> None:

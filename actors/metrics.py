@@ -43,7 +43,8 @@ def tree_actor_names(config: dict) -> tuple[str, ...]:
 
 class MetricsActor(PairlaneActor):
     def on_start(self) -> None:
-        self.m = Metrics(actors=tree_actor_names(self.config))
+        # SQLite: one daemon, the pair evaluator; PostgreSQL: unknown (0) until the pairs actor says
+        self.m = Metrics(actors=tree_actor_names(self.config), pairs_leader=backend(self.config) != "postgresql")
         self.server = None
         listen = self.config["metrics"]["listen"]
         if listen:

@@ -265,6 +265,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--store", default="", metavar="URL",
                     help="a postgresql:// URL: the daemon stores there (store.url) and the floor is a raw "
                          "psycopg COPY of the same rows; the legacy and pairs parts are skipped")
+    ap.add_argument("--curve", action="store_true",
+                    help="also CURVE against plain ingest (two daemons side by side, interleaved; "
+                         "bench/multi.py), under 'curve'")
     ns = ap.parse_args(argv)
     if ns.quick:
         ns.repeat, ns.small, ns.skip_big, ns.latency_n = 1, min(ns.small, 20_000), True, min(ns.latency_n, 50)
@@ -305,6 +308,10 @@ def main(argv: list[str]) -> int:
                          "ratio_vs_executemany": statistics.median(o / f for o, f in zip(ours, flo)),
                          "ratios": [round(o / f, 3) for o, f in zip(ours, flo)],
                          "ratio_vs_decode": statistics.median(o / f for o, f in zip(ours, dec))}
+        if ns.curve:   # issue 14: CURVE costs at most 15% of ingest
+            from bench.multi import bench_curve
+            progress("CURVE against plain ingest", ns.quiet)
+            out["curve"] = bench_curve(Path(tmp) / "curve", n, max(ns.repeat, 3), ns.store, ns.quiet)
         # --- pairlane against the peer, same run -----------------------------------------------------------
         if not ns.skip_peer and not ns.store:
             peer = PeerProcess(tmp, max_bytes, int(d.cfg.get("gateway", {}).get("credit", 8)))
@@ -412,6 +419,10 @@ def _report(out: dict, ns) -> int:
     print(f"  pairlane send -> stored      {ing['pairlane_send_to_stored_tps']:>14,.0f} trades/s")
     print(f"  ratio vs {'COPY' if ns.store else 'executemany'} floor   {ing['ratio_vs_executemany']:>14.2f}x   "
           f"(target >= 0.70; runs {min(ing['ratios']):.2f}-{max(ing['ratios']):.2f})")
+    if "curve" in out:
+        cv = out["curve"]
+        print(f"CURVE / plain ingest, {cv['trades']:,} trades, {cv['rounds']} interleaved rounds: "
+              f"{cv['ratio_of_medians']:.2f}x (target >= 0.85; rounds {min(cv['ratios']):.2f}-{max(cv['ratios']):.2f})")
     if "peer" in out:
         vp = out["peer"]
         print(f"pairlane / peer (bench/peer.py), {vp['trades']:,} trades, median of {ns.repeat} interleaved runs:")

@@ -180,6 +180,13 @@ class Claimed:
 
 
 @dataclass(frozen=True)
+class LeasesLost:
+    """The session holding this daemon's leases ended (connection cut, server restarted): the server
+    released every lease. Each is claimed again (Claim, answered by Claimed); a request whose lease
+    another daemon took meanwhile is no longer assembled here."""
+
+
+@dataclass(frozen=True)
 class Tick:
     """Timers: in-flight timeouts, abandonment, completed requests leaving memory, lookups, sweeps."""
 
@@ -333,6 +340,7 @@ class Lifecycle:
         self.claims = claims          # several daemons may share the store: a request needs its lease
         self.claiming: set = set()    # rids whose Claim is unanswered (their events wait in `lookups`)
         self.leases: set = set()      # rids whose lease this daemon holds
+        self.reclaiming: set = set()  # leases lost with their session, to be re-taken (claimed at each Tick)
         self.reqs: dict[str, Req] = {}
         self.lookups: dict[str, tuple[float, list]] = {}    # rid -> (asked_at, queued events)
         self.recent: collections.OrderedDict = collections.OrderedDict()  # rid -> (totals, trades, location)
@@ -364,7 +372,8 @@ class Lifecycle:
                 "lookups_pending": len(self.lookups), "live_batches_pending": len(self.live),
                 "dlq_inventory_chunks": sum(len(v) for v in self.inventory.values()),
                 "big_chunks_at_writer": self.bulk_at_writer, "big_chunks_waiting": len(self.bulk_waiting),
-                "recent_results": len(self.recent), "leases": len(self.leases), **dict(self.stats)}
+                "recent_results": len(self.recent), "leases": len(self.leases),
+                "leases_reclaiming": len(self.reclaiming), **dict(self.stats)}
 
     # ----- effect helpers -------------------------------------------------------------------------
     def _emit(self, eff) -> None:
@@ -453,6 +462,8 @@ class Lifecycle:
     def _claimed(self, ev: Claimed) -> None:
         """The claim rule: only the lease holder assembles a request; everyone else is told `busy`."""
         rid = ev.request_id
+        if rid in self.reclaiming:
+            return self._reclaimed(ev)
         if rid not in self.claiming:   # nobody waits (timed out, writer lost): give it back
             if ev.ok:
                 self.leases.add(rid)
@@ -479,6 +490,49 @@ class Lifecycle:
             self._release_ev(q)
             self._err(q.identity, code, text, rid, retry)
 
+    def _leases_lost(self, ev: LeasesLost) -> None:
+        """Every lease went with its session: claim each again before anything else of ours needs it."""
+        if not self.leases:
+            return
+        self.stats["lease_sessions_lost"] += 1
+        self._emit(Log("WARNING", "leases_lost", (("requests", len(self.leases)),)))
+        self.reclaiming |= self.leases
+        for rid in sorted(self.leases):
+            self._emit(Claim(rid))
+
+    def _reclaimed(self, ev: Claimed) -> None:
+        """A lease lost with its session, claimed again. Taken: nothing changes. Another daemon holds it
+        now: stop assembling the request here (what was acknowledged is durable in the shared store; the
+        chunks at the writer are written once, like any duplicate) and tell its producer `unavailable`,
+        so it moves to the daemon that owns it and resumes there. Unknown (the store did not answer):
+        claimed again at the next Tick."""
+        rid = ev.request_id
+        if ev.failed:
+            return
+        self.reclaiming.discard(rid)
+        if ev.ok:
+            self.stats["leases_retaken"] += 1
+            return
+        self.stats["leases_taken_by_other"] += 1
+        self.leases.discard(rid)
+        text = (f"request {rid}'s lease was lost with this daemon's database session and another pairlane "
+                "daemon holds it now: send begin to that daemon")
+        req = self.reqs.pop(rid, None)
+        if req is not None:
+            if any(w.meta["request_id"] == rid for w in self.bulk_waiting):  # never sent: nothing to write
+                for w in self.bulk_waiting:
+                    if w.meta["request_id"] == rid:
+                        self._release(rid, w.seq)
+                self.bulk_waiting = collections.deque(w for w in self.bulk_waiting if w.meta["request_id"] != rid)
+            # chunks at the writer are released (and counted) when their answer comes: never credited
+            self._err(req.identity, "unavailable", text, rid, CLAIM_RETRY_S)
+        _, queued = self.lookups.pop(rid, (None, []))
+        for q in queued:
+            self._release_ev(q)
+            self._err(q.identity, "unavailable", text, rid, CLAIM_RETRY_S)
+        self._emit(Log("WARNING", "lease_taken_by_other", (("request_id", rid),
+                                                             ("durable", len(req.durable) if req else 0))))
+
     def _unclaim_finished(self) -> None:
         """Give back every lease whose request is no longer being assembled here (stored, failed,
         aborted, abandoned, or its begin answered otherwise)."""
@@ -487,6 +541,7 @@ class Lifecycle:
             if rid in self.lookups or (req is not None and req.status == ResultStatus.RECEIVING):
                 continue
             self.leases.discard(rid)
+            self.reclaiming.discard(rid)
             self._emit(Unclaim(rid))
 
     def _conflict(self, ev) -> None:
@@ -820,6 +875,8 @@ class Lifecycle:
     # ----- timers --------------------------------------------------------------------------------------
     def _tick(self, ev: Tick) -> None:
         now = self.clock()
+        for rid in sorted(self.reclaiming):   # the store did not answer last time
+            self._emit(Claim(rid))
         for req in self.reqs.values():  # safety net: a chunk whose answer was lost is not in flight forever
             for seq, (rows, sent_at) in list(req.inflight.items()):
                 if now - sent_at > INFLIGHT_TIMEOUT_S and not any(
@@ -860,5 +917,6 @@ class Lifecycle:
     _HANDLERS: ClassVar[dict] = {
         Begin: _inbound, Result: _inbound, Chunk: _inbound, End: _inbound, Abort: _inbound,
         LiveTrades: _live_trades, Durable: _durable, Rejected: _rejected, LiveDone: _live_done,
-        LookupAnswer: _looked_up, Claimed: _claimed, Inventory: _inventory, SweepDone: _sweep_done, Peers: _peers, Tick: _tick,
+        LookupAnswer: _looked_up, Claimed: _claimed, LeasesLost: _leases_lost, Inventory: _inventory,
+        SweepDone: _sweep_done, Peers: _peers, Tick: _tick,
     }

@@ -91,7 +91,8 @@ METRIC_SPECS: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | Non
                                      "by endpoint and reason.", ("endpoint", "reason"), None),
     # state of the tree (from the root's status table)
     "pairlane_actor_up": ("gauge", "1 while the actor (or supervisor) is RUNNING, else 0.", ("actor",), None),
-    "pairlane_pairs_leader": ("gauge", "1 while this daemon evaluates pairs (always 1 on a single daemon).", (), None),
+    "pairlane_pairs_leader": ("gauge", "1 while this daemon evaluates pairs (always 1 on a single daemon; "
+                              "0 until known).", (), None),
     "pairlane_build_info": ("gauge", "Always 1; the label carries the pairlane version.", ("version",), None),
     # thresholds, caps and disk space, so alerting rules need no copy of the configuration
     "pairlane_ingest_stall_threshold_seconds": ("gauge", "alerts.ingest_stall_s: no new result for this "
@@ -133,10 +134,17 @@ _PRESET_LABELS: dict[str, tuple[str, ...]] = {
     "pairlane_disk_size_bytes": AREAS,
     "pairlane_metrics_dropped_total": ("unknown_name", "bad_op", "bad_labels", "bad_value", "too_many_series"),
 }
+# Every reason pairlane.zap can give, per endpoint: CURVE sockets (gateway, admin) refuse an unknown key
+# or a malformed ZAP request (ZAP) and count failed handshakes (the socket monitor: a plaintext client,
+# another server key); the legacy allowlist (ZAP, NULL mechanism) refuses by address or mechanism;
+# the admin token is checked after CURVE.
+AUTH_REASONS: dict[str, tuple[str, ...]] = {
+    "gateway": ("unknown_key", "wrong_mechanism", "bad_handshake", "malformed"),
+    "admin": ("unknown_key", "wrong_mechanism", "bad_handshake", "malformed", "bad_token"),
+    "legacy": ("address_not_allowed", "wrong_mechanism", "malformed"),
+}
 _PRESET_PAIRS: dict[str, tuple[tuple[str, ...], ...]] = {
-    # CURVE (gateway, admin) and the legacy allowlist (ZAP) refuse with these reasons; the admin token too
-    "pairlane_auth_failures_total": (("gateway", "unknown_key"), ("admin", "unknown_key"),
-                                     ("admin", "bad_token"), ("legacy", "address_not_allowed")),
+    "pairlane_auth_failures_total": tuple((e, r) for e, reasons in AUTH_REASONS.items() for r in reasons),
 }
 _PER_ACTOR = ("pairlane_actor_restarts_total", "pairlane_actor_up")
 
@@ -222,7 +230,11 @@ class Metrics:
     the series bookkeeping is guarded by a lock.
     """
 
-    def __init__(self, actors: Iterable[str] = ACTORS, version: str | None = None) -> None:
+    def __init__(self, actors: Iterable[str] = ACTORS, version: str | None = None,
+                 pairs_leader: bool = False) -> None:
+        """pairs_leader: this daemon is known to evaluate pairs from the start (one daemon: SQLite);
+        else pairlane_pairs_leader is 0 until the pairs actor sets it (several daemons may share the
+        store, and a follower must never show 1)."""
         self.registry = CollectorRegistry(auto_describe=True)
         self._metrics: dict[str, Any] = {}
         self._series: dict[str, set[tuple[str, ...]]] = {}
@@ -250,7 +262,7 @@ class Metrics:
                 self._metrics[name].labels(*v)
                 self._series[name].add(tuple(v))
         self._metrics["pairlane_build_info"].labels(version or build_version()).set(1)
-        self._metrics["pairlane_pairs_leader"].set(1)   # one daemon: it is the one evaluating pairs
+        self._metrics["pairlane_pairs_leader"].set(1 if pairs_leader else 0)
 
     def apply(self, batch: Iterable[Any]) -> None:
         """Apply updates ``(op, name, labels, value)``; bad ones are dropped and counted.

@@ -6,6 +6,8 @@ in the shared store. Exactly one daemon leads pair evaluation; when it dies, the
 """
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -87,9 +89,13 @@ def test_owner_lease_makes_the_other_daemon_busy_and_dies_with_the_owner(two, pg
     assert inspect(b, "assembler")["leases"] == 0           # given back once stored
 
 
-def test_producer_fails_over_to_the_other_daemon_after_sigkill(two):
+@pytest.mark.parametrize("n", [200_000, pytest.param(1_000_000, marks=pytest.mark.timeout(600))],
+                         ids=["200k", "1M"])
+def test_producer_fails_over_to_the_other_daemon_after_sigkill(two, n):
+    """SIGKILL of daemon A mid-transfer (issue 14: of a 1M-trade result): the Producer moves to B,
+    which resumes from what A made durable; stored exactly once with exact rows."""
     a, b = two
-    rid, n = "multi-failover", 200_000
+    rid = f"multi-failover-{n}"
     cols = synthetic_columns(n, seed=5, strategy=rid)
     out: dict = {}
 
@@ -103,9 +109,10 @@ def test_producer_fails_over_to_the_other_daemon_after_sigkill(two):
             out["error"] = exc
     t = threading.Thread(target=run)
     t.start()
-    wait_until(lambda: rows_for(b, rid) > 0, 60, 0.05, "some chunks durable through A")
+    some = n // 5 if n >= 1_000_000 else 1
+    wait_until(lambda: rows_for(b, rid) >= some, 120, 0.05, f"{some} rows durable through A")
     kill9_everything(a)
-    t.join(180)
+    t.join(480)
     assert not t.is_alive() and "error" not in out, out
     assert out["reply"]["type"] == "stored" and out["reply"]["trades"] == n, out
     assert out["stats"]["failovers"] >= 1, out["stats"]
@@ -186,3 +193,86 @@ def test_same_request_at_both_daemons_at_once_one_copy_loser_busy(two):
         assert again["type"] == "stored" and again["trades"] == n, again
     assert rows_for(w, rid) == n and duplicate_groups(w, rid) == 0
     assert inspect(lost, "assembler").get("in_chunk", 0) == 0
+
+
+# ----- the lease session cut while receiving (PostgreSQL restart, pg_terminate_backend) --------------
+LEASE_HOLDERS = """SELECT l.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.classid::bigint = (hashtextextended(%(rid)s, 0) >> 32) & 4294967295
+  AND l.objid::bigint = hashtextextended(%(rid)s, 0) & 4294967295"""
+
+
+def lease_holders(pg_url: str, rid: str) -> list[tuple[int, str]]:
+    """(backend pid, application_name) of every session holding rid's lease (pg_locks)."""
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        return [tuple(r) for r in c.execute(LEASE_HOLDERS, {"rid": rid}).fetchall()]
+
+
+def terminate(pg_url: str, pid: int) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        assert c.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0] is True
+
+
+def test_lease_session_terminated_mid_transfer_the_leases_are_taken_again(two, pg_url):
+    """pg_terminate_backend of A's lease session while A receives: A notices within a heartbeat, takes
+    the lease again on a new session (pg_locks shows it), B still answers busy, and the result is
+    stored once with exact rows."""
+    a, b = two
+    rid, n = "multi-lease-cut", 40_000
+    chunks = chunks_of(rid, n, 10_000)
+    with Dealer(a.gateway_endpoint) as da, Dealer(b.gateway_endpoint) as db_:
+        assert da.rt(begin(rid, n, 4))["type"] == "credit"
+        send_and_ack(da, chunks[:2])
+        [(old_pid, app)] = lease_holders(pg_url, rid)
+        assert app == "pairlane-leases daemon-A"
+        terminate(pg_url, old_pid)
+        holders = wait_until(lambda: [h for h in lease_holders(pg_url, rid) if h[0] != old_pid], 15, 0.1,
+                             "A taking the lease again on a new session")
+        assert [app for _, app in holders] == ["pairlane-leases daemon-A"], holders
+        st = inspect(a, "assembler")
+        assert st["lease_sessions_lost"] == 1 and st["leases_retaken"] == 1 and st["leases"] == 1, st
+        assert "event=leases_lost" in a.log()
+        busy = db_.rt(begin(rid, n, 4))
+        assert busy["type"] == "error" and busy["code"] == "busy", busy
+        send_and_ack(da, chunks[2:])
+        stored = da.rt({"type": "end", "request_id": rid})
+    assert stored["type"] == "stored" and stored["trades"] == n, stored
+    assert result_row(a, rid)["status"] == "complete"
+    assert rows_for(a, rid) == n and duplicate_groups(a, rid) == 0
+    assert lease_holders(pg_url, rid) == []                 # given back once stored
+
+
+def test_lease_another_daemon_took_while_the_session_was_cut_stops_assembly_here(two, pg_url):
+    """A's lease session is terminated while A's assembler is stopped (SIGSTOP, well inside the
+    heartbeat deadline), and B takes the request over in that gap. When A's assembler runs again it
+    cannot take the lease back: it stops assembling the request and answers its producer
+    `unavailable` (the producer moves to B); B finishes from the chunks A made durable."""
+    a, b = two
+    rid, n = "multi-lease-taken", 40_000
+    chunks = chunks_of(rid, n, 10_000)
+    with Dealer(a.gateway_endpoint) as da, Dealer(b.gateway_endpoint) as db_:
+        assert da.rt(begin(rid, n, 4))["type"] == "credit"
+        send_and_ack(da, chunks[:2])
+        [(old_pid, _)] = lease_holders(pg_url, rid)
+        asm = a.actor("assembler")["pid"]
+        os.kill(asm, signal.SIGSTOP)
+        try:
+            terminate(pg_url, old_pid)
+            wait_until(lambda: not lease_holders(pg_url, rid), 2, 0.02, "the server releasing A's lease")
+            took = db_.rt(begin(rid, n, 4))
+        finally:
+            os.kill(asm, signal.SIGCONT)
+        assert took["type"] == "credit", took
+        lost = da.recv(15)
+        assert lost is not None and lost["type"] == "error" and lost["code"] == "unavailable", lost
+        assert lost["request_id"] == rid and lost["retry_after_s"] > 0, lost
+        st = inspect(a, "assembler")
+        assert st["leases_taken_by_other"] == 1 and st["leases"] == 0, st
+        assert a.actor("assembler")["pid"] == asm                 # not restarted: it noticed by itself
+        assert da.rt(chunks[2][1])["code"] == "unknown_request"   # A assembles nothing of it now
+        send_and_ack(db_, chunks[2:])                              # B needs only the missing seqs
+        stored = db_.rt({"type": "end", "request_id": rid})
+    assert stored["type"] == "stored" and stored["trades"] == n, stored
+    assert result_row(b, rid)["status"] == "complete"
+    assert rows_for(b, rid) == n and duplicate_groups(b, rid) == 0
+    assert [app for _, app in lease_holders(pg_url, rid)] == []

@@ -51,6 +51,7 @@ class World:
                         writer_up=writer_up, dlq_up=dlq_up, claims=claims)
         self.others: set = set()     # request leases other daemons hold (claims=True)
         self.mine: set = set()       # request leases this daemon holds, as the store sees them
+        self.store_down = False      # claims fail: nobody can tell who holds a lease
         self.clock.t += lc.LOCAL_LOOKUP_GRACE_S + 1
         self.db: dict = {}           # rid -> {"meta", "status", "chunks": {seq: rows}}
         self.pending: list = []      # Write effects the writer has not answered
@@ -114,6 +115,8 @@ class World:
                     r["status"], r["chunks"] = e.status, {}
                 elif e.status == ResultStatus.SPOOLED and r["status"] == ResultStatus.RECEIVING:
                     r["status"] = e.status
+            elif isinstance(e, lc.Claim) and self.store_down:
+                out += self.send(lc.Claimed(e.request_id, False, failed=True))
             elif isinstance(e, lc.Claim):
                 ok = e.request_id not in self.others
                 if ok:
@@ -578,7 +581,7 @@ def test_one_big_chunk_at_the_writer_at_a_time():
 # ----- invariants over random event orders -----------------------------------------------------------
 RIDS = ("A", "B", "C")
 KINDS = (["begin"] * 2 + ["chunk"] * 5 + ["durable"] * 5 + ["end"] * 2 + ["lookup"] * 2
-         + ["abort", "rejected", "tick", "lost"])   # mostly the happy path, every disturbance mixed in
+         + ["abort", "rejected", "tick", "lost", "session"])   # mostly the happy path, every disturbance mixed in
 TOTALS = [(3, 30), (3, 31), (1, 10), (2, 4000)]     # (3, 31) never adds up; (2, 4000) has big chunks
 TICKS = [0.5, 5.0, 31.0, 61.0, 130.0]
 ACTIONS = st.tuples(st.sampled_from(KINDS), st.integers(0, 59), st.integers(0, 59))
@@ -636,6 +639,16 @@ def test_invariants_over_random_event_orders(actions, auto_lookup, claims):
                 continue
             q = w.lookups.pop(x % len(w.lookups))
             replies = w.send(lc.LookupAnswer(q.request_id, w.row(q.request_id)))
+        elif kind == "session":  # the lease session was cut; another daemon may have taken one lease meanwhile
+            w.mine.clear()
+            steal = RIDS[x % len(RIDS)] if y % 2 and claims else None
+            if steal is not None:
+                w.others.add(steal)
+            replies = w.send(lc.LeasesLost())
+            w.others.discard(steal)  # that daemon is done with it
+            if steal is not None and steal not in w.lc.reqs:
+                balance.pop(steal, None)   # its producer was told to go elsewhere
+                sent.pop(steal, None)
         else:                    # the writer restarted: what it held is lost
             w.pending.clear()
             sent.clear()         # the producer hears nothing, and resends after its next begin
@@ -959,3 +972,49 @@ def test_store_not_answering_the_claim_is_busy():
     w.lc.handle(lc.Begin("R", b"p", meta("R")))  # the Claim effect, unanswered by the World
     r = only([e.reply for e in w.lc.handle(lc.Claimed("R", False, failed=True)) if isinstance(e, lc.Reply)])
     assert r["code"] == "busy" and r["retry_after_s"] > 0
+
+
+# ----- the lease session cut while receiving (PostgreSQL restart, pg_terminate_backend) -------------
+def test_leases_lost_with_their_session_are_taken_again_and_assembly_goes_on():
+    w = World(claims=True)
+    w.begin("R")
+    w.chunk("R", 0)
+    w.mine.clear()                               # the server released them with the session
+    assert w.send(lc.LeasesLost()) == []
+    assert w.mine == {"R"} == w.lc.leases and not w.lc.reclaiming
+    assert only(w.durable())["seq"] == 0         # nothing changed for the producer
+    assert w.chunk("R", 1) == [] and len(w.pending) == 1
+
+
+def test_lease_another_daemon_took_meanwhile_stops_assembly_here_and_sends_the_producer_elsewhere():
+    w = World(claims=True)
+    w.begin("R", chunks=3, trades=3 * 2000)
+    w.chunk("R", 0, nrows=2000)
+    w.durable()                                  # acknowledged: durable in the shared store
+    w.chunk("R", 1, nrows=2000)                  # at the writer
+    w.chunk("R", 2, nrows=2000)                  # waiting for the bulk window
+    w.mine.clear()
+    w.others.add("R")                            # the other daemon's producer began R there meanwhile
+    r = only(w.send(lc.LeasesLost()))
+    assert r["code"] == "unavailable" and r["retry_after_s"] > 0 and "another pairlane daemon" in r["message"]
+    assert "R" not in w.lc.reqs and w.lc.leases == set() and not w.lc.bulk_waiting
+    assert ("R", 2) in w.released                # never sent to the writer
+    assert w.durable() == [] and ("R", 1) in w.released   # written (once, as any duplicate), never credited
+    assert w.db["R"]["chunks"] == {0: 2000, 1: 2000} and w.db["R"]["status"] == ResultStatus.RECEIVING
+    assert not any(isinstance(e, (lc.SetStatus, lc.Unclaim)) and e.request_id == "R" for e in w.effects)
+    assert code(w.chunk("R", 2, nrows=2000)) == "unknown_request"
+    assert code(w.begin("R", chunks=3, trades=3 * 2000)) == "busy"
+
+
+def test_leases_not_retaken_while_the_store_is_down_are_claimed_at_each_tick():
+    w = World(claims=True)
+    w.begin("R")
+    w.mine.clear()
+    w.store_down = True
+    assert w.send(lc.LeasesLost()) == [] and w.lc.reclaiming == {"R"}
+    assert w.tick(0.5) == [] and w.lc.reclaiming == {"R"} and "R" in w.lc.reqs
+    w.store_down = False
+    w.tick(0.5)
+    assert w.lc.reclaiming == set() and w.mine == {"R"} == w.lc.leases
+    claims = [e for e in w.effects if isinstance(e, lc.Claim)]
+    assert len(claims) == 4                      # the begin, the loss, two ticks

@@ -336,7 +336,29 @@ def test_actor_series_follow_the_given_tree_and_build_info_carries_the_version()
     assert 'pairlane_actor_up{actor="only"} 0.0' in text
     assert 'pairlane_actor_restarts_total{actor="writer"}' not in text
     assert _value(m, 'pairlane_build_info{version="9.9.9"}') == 1.0
-    assert _value(m, "pairlane_pairs_leader") == 1.0
+    assert _value(m, "pairlane_pairs_leader") == 0.0            # unknown until the pairs actor says
+    assert _value(Metrics(pairs_leader=True), "pairlane_pairs_leader") == 1.0   # one daemon (SQLite)
+
+
+def test_every_auth_failure_reason_zap_can_give_is_preset_for_its_endpoints():
+    """The reasons are read from pairlane/zap.py's source, so a new one cannot miss its zero series."""
+    import inspect
+    import re
+
+    from pairlane import zap
+    from pairlane.metrics import AUTH_REASONS
+    src = inspect.getsource(zap)
+    zap_reasons = set(re.findall(r'_refuse\(rid, "(\w+)"', src)) | set(re.findall(r'Refusal\("(\w+)"', src))
+    zap_reasons |= {zap.handshake_reason(zap._MECHANISM_MISMATCH), zap.handshake_reason(0)}
+    assert {"unknown_key", "wrong_mechanism", "bad_handshake", "address_not_allowed", "malformed"} <= zap_reasons
+    m = Metrics()
+    for endpoint in ("gateway", "admin"):                       # CURVE: any reason of the ZAP or the monitor
+        for reason in zap_reasons - {"address_not_allowed"}:
+            assert reason in AUTH_REASONS[endpoint]
+            assert _value(m, f'pairlane_auth_failures_total{{endpoint="{endpoint}",reason="{reason}"}}') == 0.0
+    for reason in zap_reasons - {"unknown_key", "bad_handshake"}:   # the legacy allowlist: NULL, no monitor
+        assert _value(m, f'pairlane_auth_failures_total{{endpoint="legacy",reason="{reason}"}}') == 0.0
+    assert _value(m, 'pairlane_auth_failures_total{endpoint="admin",reason="bad_token"}') == 0.0
 
 
 def test_senders_cannot_set_internal_metrics():
