@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import msgpack
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import codec
 from .chunks import MAX_CHUNK_ROWS, encode_values, pack_chunk, plan
@@ -130,12 +131,18 @@ class Producer:
             self._options[getattr(zmq, name)] = value
         self._ctx = zmq.Context()
         self._sock = None
+        self._mon = None     # with several endpoints: the socket's monitor (handshakes, disconnects)
+        self._up = False     # a handshake with the current endpoint succeeded since the last loss
+        self.peer_lost = False  # the last recv ended early: the daemon we talked to went away
         self._connect(self.endpoint)
 
     def _connect(self, endpoint: str) -> None:
-        """A fresh DEALER on endpoint (the previous one, if any, closed: its late replies are dropped)."""
-        if self._sock is not None and not self._sock.closed:
-            self._sock.close(0)
+        """A fresh DEALER on endpoint (the previous one, if any, closed: its late replies are dropped).
+
+        With several endpoints the socket is monitored: once a daemon that completed a handshake
+        drops the connection (killed, host gone: the kernel closes its TCP connections), `recv`
+        returns at once instead of waiting out timeout_s, so failover does not wait for silence."""
+        self._close_socket()
         self._sock = self._ctx.socket(zmq.DEALER)
         for opt, value in self._options.items():
             self._sock.setsockopt(opt, value)
@@ -147,6 +154,21 @@ class Producer:
         self.endpoint = endpoint
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
+        self._up = False
+        if len(self.endpoints) > 1:
+            self._mon = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+            self._poller.register(self._mon, zmq.POLLIN)
+
+    def _close_socket(self) -> None:
+        if self._mon is not None:
+            try:
+                self._sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._mon.close(0)
+            self._mon = None
+        if self._sock is not None and not self._sock.closed:
+            self._sock.close(0)
 
     def failover(self, reason: str = "") -> bool:
         """Move to the next of several endpoints (in order, wrapping round); False with only one.
@@ -170,12 +192,23 @@ class Producer:
             self._sock.send_multipart(frame)
 
     def recv(self, timeout_s: float) -> dict | None:
-        """The next reply as a dict, or None when nothing arrives within timeout_s.
+        """The next reply as a dict, or None when nothing arrives within timeout_s, or (with several
+        endpoints) as soon as the daemon we were connected to drops the connection: then
+        `peer_lost` is True.
 
         A reply that is not a msgpack map comes back as {"type": None, "raw": frames}.
         """
-        if not self._poller.poll(max(0, math.ceil(timeout_s * 1000))):
-            return None
+        self.peer_lost = False
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            ready = dict(self._poller.poll(max(0, math.ceil((deadline - time.monotonic()) * 1000))))
+            if self._sock in ready:
+                break
+            if self._mon is not None and self._mon in ready and self._peer_went_away():
+                self.peer_lost = True
+                return None
+            if not ready or time.monotonic() >= deadline:
+                return None
         frames = [f for f in self._sock.recv_multipart() if f]
         if len(frames) == 1:
             try:
@@ -186,11 +219,22 @@ class Producer:
                 return msg
         return {"type": None, "raw": frames}
 
+    def _peer_went_away(self) -> bool:
+        """Read the monitor's events: True when a connection that had completed its handshake closed
+        (a refused or never-answering endpoint is left to timeout_s, as before)."""
+        lost = False
+        while self._mon.poll(0):
+            event = recv_monitor_message(self._mon)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._up, lost = True, False
+            elif event == zmq.EVENT_DISCONNECTED and self._up:
+                self._up, lost = False, True
+        return lost
+
     def close(self) -> None:
         """Close the socket and its context at once (LINGER 0: unsent frames are dropped)."""
-        sock = getattr(self, "_sock", None)
-        if sock is not None and not sock.closed:
-            sock.close(0)
+        if getattr(self, "_sock", None) is not None:
+            self._close_socket()
         ctx = getattr(self, "_ctx", None)
         if ctx is not None and not ctx.closed:
             ctx.term()
@@ -220,6 +264,8 @@ class Producer:
                 return None
             msg = self.recv(left)
             if msg is None:
+                if self.peer_lost:
+                    raise _PeerLost()
                 return None
             if self._ours(msg, request_id):
                 return msg
@@ -290,7 +336,7 @@ class Producer:
             try:
                 self._send(frame)
                 reply = self._wait_ours(batch_id, time.monotonic() + self.timeout_s)
-            except _SendBlocked:
+            except (_SendBlocked, _PeerLost):
                 reply = None
             if reply is not None and reply.get("type") == "stored":
                 return reply
@@ -322,7 +368,9 @@ class Producer:
         """Carry out one Conversation over this socket; its `stored` reply, or SendError."""
         def on_resume(code: str, reply: dict | None) -> None:
             detail = ""
-            if code == "timeout":
+            if code == "timeout" and self.peer_lost:
+                detail = f" endpoint={self.endpoint} disconnected=true"
+            elif code == "timeout":
                 detail = f" endpoint={self.endpoint} waited_s={self.timeout_s:g}"
             elif reply is not None and code in RETRYABLE:
                 detail = f" retry_after_s={conv.retry_after(reply):g}"
@@ -370,7 +418,12 @@ class Producer:
                             conv.on_reply(msg, time.monotonic())
                     out = conv.tick(time.monotonic())
                     continue
-                msg = self._wait_ours(request_id, wake)
+                try:
+                    msg = self._wait_ours(request_id, wake)
+                except _PeerLost:   # the daemon went away: as good as silence, without waiting it out
+                    out = conv.blocked(time.monotonic())
+                    switched.clear()
+                    continue
                 now = time.monotonic()
                 out = conv.on_reply(msg, now) if msg is not None else conv.tick(now)
                 if switched and conv.backing_off:
@@ -391,3 +444,7 @@ class Producer:
 
 class _SendBlocked(Exception):
     """A send could not be queued within timeout_s."""
+
+
+class _PeerLost(Exception):
+    """The daemon we were talking to dropped the connection (several endpoints only)."""

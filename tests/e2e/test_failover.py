@@ -84,6 +84,40 @@ def test_producer_moves_to_the_next_endpoint(daemon, answer):
     assert got[0] == pytest.approx(float(cols["pnl"].sum()), abs=1e-6)
 
 
+def test_a_daemon_that_goes_away_is_left_at_once_not_after_timeout_s(daemon):
+    """The first endpoint takes the connection and the chunks, then dies (its socket closed, as the
+    kernel closes a SIGKILLed daemon's connections): the Producer moves on when the connection
+    drops, not after timeout_s (60 s here) of silence."""
+    cols = synthetic.result_columns(20000, seed=10, strategy="fo")
+    ctx = zmq.Context()
+    dying = ctx.socket(zmq.ROUTER)
+    dying.setsockopt(zmq.LINGER, 0)
+    port = dying.bind_to_random_port("tcp://127.0.0.1")
+    seen: list = []
+
+    def die_after_begin() -> None:
+        while dying.poll(10_000):
+            seen.append(msgpack.unpackb(dying.recv_multipart()[1], raw=False).get("type"))
+            if seen[0] == "begin":
+                break
+        dying.close(0)
+    t = threading.Thread(target=die_after_begin, daemon=True)
+    t.start()
+    try:
+        with Producer([f"tcp://127.0.0.1:{port}", daemon.gateway_endpoint], timeout_s=60.0, retries=3,
+                      max_message_bytes=64 * 1024) as p:
+            reply = p.send_result("failover-gone", "fo", cols)
+            stats = dict(p.last_stats)
+    finally:
+        t.join(5)
+        ctx.term()
+    assert seen == ["begin"], seen
+    assert reply["type"] == "stored" and reply["trades"] == 20000, reply
+    assert stats["failovers"] == 1 and stats["begins"] == 2, stats
+    assert stats["elapsed_s"] < 30, stats   # far below the 60 s of silence it used to wait
+    assert rows_for(daemon, "failover-gone") == 20000
+
+
 def test_send_cli_takes_several_endpoints_and_skips_an_unreachable_one(daemon):
     dead = f"tcp://127.0.0.1:{free_port()}"   # nothing listens: refused at once
     out = subprocess.run([sys.executable, str(REPO / "run.py"), "send", "--synthetic", "3000", "--seed", "4",
