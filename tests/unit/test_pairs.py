@@ -555,6 +555,114 @@ def test_score_bounds_never_fall_below_the_exact_score(monkeypatch, share, bucke
     assert float(np.median(cheap)) < 50   # and the cheap bound is a real bound, not infinity
 
 
+# ------------------------------------------- screened tiles (issue 16)
+
+
+def _force_screen(monkeypatch, share, rows=3, cols=5):
+    """Small tiles and a one-row first block, so that a small pool goes through
+    the screened path; returns the list of rows it started at (one per run)."""
+    monkeypatch.setattr(pairs, "_FIRST_BLOCK_ELEMS", 1)
+    monkeypatch.setattr(pairs, "_TILE_ROWS", rows)
+    monkeypatch.setattr(pairs, "_TILE_COLS", cols)
+    monkeypatch.setattr(pairs, "_FLUSH_PAIRS", 3)
+    monkeypatch.setattr(pairs, "_DENSE_MIN_SHARE", share)
+    started = []
+    real = pairs._screened_pairs
+
+    def spy(mx, top, r0, corr_max):
+        started.append(r0)
+        return real(mx, top, r0, corr_max)
+
+    monkeypatch.setattr(pairs, "_screened_pairs", spy)
+    return started
+
+
+def _drift_pool(n, trades, seed, span_days, drift):
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        ts = MIDNIGHT + rng.integers(0, span_days * DAY, size=trades)
+        if k % 5 == 0:  # some exact-timestamp sharing
+            ts[: trades // 2] = MIDNIGHT + rng.integers(0, 20, size=trades // 2) * 3600
+        pn = np.round(rng.normal(rng.normal(drift, 0.3), 1.0, size=trades), 2)
+        out.append(cand(f"q{k:03d}", ts, pn, sharpe=float(rng.normal())))
+    return out
+
+
+@pytest.mark.parametrize("share", [2, 10**9])   # dense (float32 BLAS) screen sums, then light (enumerated)
+@pytest.mark.parametrize("bucket", ["day", "exact"])
+def test_screened_evaluation_matches_reference(monkeypatch, share, bucket):
+    """Pairs past the first blocks are screened in tiles without their cross
+    products, then evaluated exactly: the slots equal the plain reference's."""
+    started = _force_screen(monkeypatch, share)
+    hit = 0
+    for seed in range(6):
+        cands = _drift_pool(45, 24, seed=100 + seed, span_days=25, drift=0.4)
+        cfg = PairsConfig(min_trades=10, window_trades=20, per_group=1000, bucket=bucket, max_pairs=1 + seed % 4)
+        before = len(started)
+        ev = check_against_reference(cands, cfg)
+        hit += len(started) > before and started[-1] < 40
+        assert len(ev.slots) == cfg.max_pairs
+    assert hit >= 5, started  # the screen really ran, over most of each pool
+
+
+@st.composite
+def screened_cases(draw):
+    corr_max = draw(st.sampled_from([0.05, 0.12, 0.2, 0.35, 0.6]))
+    cfg = PairsConfig(
+        min_trades=4,
+        window_trades=draw(st.integers(4, 20)),
+        per_group=1000,
+        bucket=draw(st.sampled_from(["day", "exact"])),
+        corr_max=corr_max,
+        rescue_corr_max=corr_max + draw(st.sampled_from([0.0, 0.1])),
+        max_pairs=draw(st.integers(1, 6)),
+    )
+    pool = _drift_pool(draw(st.integers(6, 30)), draw(st.integers(4, 24)), draw(st.integers(0, 2**32 - 1)),
+                       draw(st.integers(2, 40)), draw(st.sampled_from([0.0, 0.2, 0.6, 1.5])))
+    tiles = (draw(st.integers(1, 5)), draw(st.integers(1, 7)))
+    return pool, cfg, tiles, draw(st.sampled_from([2, 3, 10**9]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(screened_cases())
+def test_screened_evaluation_matches_reference_on_random_pools(monkeypatch, case):
+    pool, cfg, tiles, share = case
+    _force_screen(monkeypatch, share, *tiles)
+    check_against_reference(pool, cfg, property_test=True)
+
+
+@pytest.mark.parametrize("share", [2, 10**9])
+@pytest.mark.parametrize("bucket", ["day", "exact"])
+@pytest.mark.parametrize("corr_max", [0.1, 0.3, 0.8])
+def test_screen_keeps_every_pair_that_can_reach_the_threshold(monkeypatch, share, bucket, corr_max):
+    """The screen (float32 products, Sharpe bounded through corr >= -corr_max) is a
+    relaxation of the exact path's test |corr| <= corr_max and ub >= theta: a pair
+    it dropped that passes that test would be lost from the selection unseen."""
+    monkeypatch.setattr(pairs, "_DENSE_MIN_SHARE", share)
+    for seed, drift in ((31, 0.3), (32, 1.0), (33, 0.0)):
+        cands = _drift_pool(60, 30, seed=seed, span_days=30, drift=drift)
+        series = [bucket_series(c.timestamps, c.pnls, 30, bucket) for c in cands]
+        mx = pairs._Matrix(series)
+        n = len(series)
+        d = pairs._block_pairs(mx, 0, n - 1, 1, mx.block(0, n - 1, 1, ("K", "C", "E")))
+        valid = np.arange(1, n)[None, :] > np.arange(0, n - 1)[:, None]
+        eligible = valid & (np.abs(d["corr"]) <= corr_max)
+        ubs = np.sort(d["ub"][eligible & np.isfinite(d["ub"])])
+        pruned = 0
+        for q in (0.5, 0.9, 0.99, 1.0):
+            theta = float(ubs[min(ubs.size - 1, int(q * ubs.size))])
+            if theta <= 0.301:
+                continue
+            screen = pairs._screen_tile(mx, 0, n - 1, 1, n, theta, corr_max)
+            need = eligible & (d["ub"] >= theta)
+            assert need.any()
+            assert not (need & ~screen).any(), np.argwhere(need & ~screen)
+            assert not (screen & ~valid).any()
+            pruned += int((valid & ~screen).sum())
+        assert pruned > 0  # and it is a screen, not a pass-through
+
+
 @pytest.mark.parametrize("bucket", ["day", "exact"])
 def test_bench_evaluates_every_synthetic_strategy(bucket):
     seconds = pairs.bench(40, bucket=bucket)
