@@ -1031,12 +1031,24 @@ WHERE l.status = 'complete'
 ORDER BY l.k, t.seq, t.timestamp, t.pnl
 """
 
-_WINDOW_ROWS_SQL = """
-SELECT timestamp, pnl FROM backtest_trade_logs
-WHERE request_id = ?
-ORDER BY timestamp DESC, seq DESC, pnl DESC
-LIMIT ?
+# The last ``window`` trades of every latest complete result in one statement: each
+# result's rows from its window-th latest timestamp on (found on the index led by
+# request_id and timestamp; the earliest one when it has fewer rows), so a result of
+# millions of rows is never read whole. Ties at that timestamp may add rows: the
+# caller keeps the last ``window`` of the order (timestamp, seq, pnl).
+_WINDOW_ALL_SQL = _LATEST_CTE + """
+SELECT l.k, t.timestamp, t.pnl
+FROM latest AS l
+JOIN backtest_trade_logs AS t ON t.request_id = l.request_id
+WHERE l.status = 'complete'
+  AND t.timestamp >= COALESCE(
+      (SELECT b.timestamp FROM backtest_trade_logs AS b WHERE b.request_id = l.request_id
+       ORDER BY b.timestamp DESC LIMIT 1 OFFSET ?),
+      (SELECT min(b.timestamp) FROM backtest_trade_logs AS b WHERE b.request_id = l.request_id))
+ORDER BY l.k, t.timestamp, t.seq, t.pnl
 """
+
+_ROW_DTYPE = np.dtype([("k", np.int64), ("t", np.int64), ("p", np.float64)])
 
 _COUNT_SQL = "SELECT COUNT(*) FROM backtest_trade_logs WHERE request_id = ?"
 
@@ -1051,8 +1063,8 @@ def load_candidates(conn: sqlite3.Connection, window_trades: int | None = None) 
     snapshots; works on a ``mode=ro`` connection.
 
     With ``window_trades`` only the last that many trades by timestamp are
-    read per result (one LIMIT query each, served by an index led by
-    request_id) and ``n_trades`` carries the result's ``total_trades``
+    read per result (one statement for all results, each bounded below by
+    its window-th latest timestamp through an index led by request_id) and ``n_trades`` carries the result's ``total_trades``
     (a complete result has exactly that many rows); ``evaluate`` then gives
     the same answer as with all rows as long as ``window_trades`` >= the
     config's. Prefer it in the daemon: one result may hold millions of rows.
@@ -1085,12 +1097,22 @@ def _load(conn: sqlite3.Connection, window_trades: int | None) -> list[Candidate
 
     if window_trades is not None:
         limit = int(window_trades)
+        if limit >= 1 and complete:
+            rows = np.fromiter(conn.execute(_WINDOW_ALL_SQL, (limit - 1,)), dtype=_ROW_DTYPE)
+            bounds = np.searchsorted(rows["k"], np.arange(len(complete) + 1))
+            # keep the last `limit` rows of each result (ties at its boundary timestamp)
+            end = np.repeat(bounds[1:], np.diff(bounds))
+            keep = end - np.arange(rows.size) <= limit
+            if not keep.all():
+                rows = rows[keep]
+                bounds = np.searchsorted(rows["k"], np.arange(len(complete) + 1))
+            ts, pn = rows["t"], rows["p"]
+            for idx, (_, c, _) in complete.items():
+                lo, hi = bounds[idx], bounds[idx + 1]
+                if hi > lo:
+                    c.timestamps = ts[lo:hi].copy()
+                    c.pnls = pn[lo:hi].copy()
         for request_id, c, total in complete.values():
-            rows = conn.execute(_WINDOW_ROWS_SQL, (request_id, limit)).fetchall()
-            if rows:
-                rows.reverse()
-                c.timestamps = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-                c.pnls = np.fromiter((r[1] for r in rows), dtype=np.float64, count=len(rows))
             if total is None:
                 total = conn.execute(_COUNT_SQL, (request_id,)).fetchone()[0]
             c.n_trades = int(total)

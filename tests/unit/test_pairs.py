@@ -794,6 +794,39 @@ def test_load_candidates_windowed_equals_full():
     assert full.as_dict() == win.as_dict()
 
 
+def test_load_candidates_windowed_rows_are_each_results_last_trades():
+    """The one-statement windowed load returns, per latest complete result, exactly the rows
+    a per-result ``ORDER BY timestamp DESC, seq DESC, pnl DESC LIMIT window`` returns, in
+    ascending order: ties at the window's boundary timestamp, results shorter than the
+    window, equal (timestamp, seq) rows ordered by pnl."""
+    rng = np.random.default_rng(77)
+    results, trades = [], []
+    for k in range(25):
+        rid = f"w-{k:02d}"
+        m = int(rng.integers(0, 30))
+        results.append((rid, f"s{k}", "complete" if k % 6 else "abandoned", m, 0.1, None, None, "A", float(k)))
+        ts = MIDNIGHT + rng.integers(0, 6, size=m) * 3600  # few distinct timestamps: many ties
+        for q in range(m):
+            trades.append((rid, f"s{k}", int(rng.integers(0, 3)), int(ts[q]), float(rng.integers(-4, 5))))
+    conn = make_db(results, [trades[q] for q in rng.permutation(len(trades))])
+    ref_sql = ("SELECT timestamp, pnl FROM backtest_trade_logs WHERE request_id = ? "
+               "ORDER BY timestamp DESC, seq DESC, pnl DESC LIMIT ?")
+    checked = 0
+    for window in (1, 3, 7, 100):
+        got = {c.name: c for c in load_candidates(conn, window_trades=window)}
+        for rid, name, status, m, *_ in results:
+            c = got[name]
+            assert c.status == status
+            if status != "complete":
+                assert c.timestamps.size == 0
+                continue
+            want = conn.execute(ref_sql, (rid, window)).fetchall()[::-1]
+            assert c.timestamps.tolist() == [t for t, _ in want] and c.pnls.tolist() == [p for _, p in want]
+            assert c.trade_count == m
+            checked += len(want) > 0 and m > window
+    assert checked > 20  # the windows really cut results (often inside a run of equal timestamps)
+
+
 def test_load_candidates_read_only_connection(tmp_path):
     path = tmp_path / "store.db"
     src = make_db(
