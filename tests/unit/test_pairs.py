@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import sqlite3
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -846,3 +848,95 @@ def test_load_candidates_read_only_connection(tmp_path):
     load_candidates(conn)
     assert conn.in_transaction
     conn.execute("ROLLBACK")
+
+
+# ------------------------------------------- the pairs actor's evaluation thread
+
+
+class _ActorHarness:
+    """A PairsActor outside Thespian: timers, logs, alerts and slot writes recorded, not sent."""
+
+    def __init__(self, path):
+        from actors.pairs import PairsActor
+        from pairlane.metrics import MetricBatch
+
+        a = PairsActor.__new__(PairsActor)
+        a.config = {"store": {"path": str(path)}, "pairs": {"interval_s": 3600.0}}
+        a.cfg = PairsConfig(min_trades=1, per_group=1000)
+        a.conn = None
+        a.last = None
+        a.evaluations = a.errors = a.abandoned = 0
+        a.running = None
+        a.waiting = []
+        a._stopping = False
+        a.metrics = MetricBatch()
+        self.logs, self.written = [], []
+        a.after = lambda delay, payload: None
+        a.log = lambda level, event, **fields: self.logs.append((level, event, fields))
+        a.flush_metrics = lambda: None
+        a.alert = lambda *args: None
+        a.write_slots = lambda result, respond=None: self.written.append(result)
+        self.actor = a
+
+    def poll_until(self, cond, what, timeout=20.0):
+        """Drive the actor's eval_poll timer until cond() holds (what the 20 ms timer does)."""
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline, what
+            self.actor._poll()
+            time.sleep(0.005)
+
+
+def test_evaluation_past_its_deadline_is_given_up_reported_and_the_next_one_runs(monkeypatch, tmp_path):
+    """An evaluation outliving EVALUATION_DEADLINE_S (made small here) is given up: its waiter gets
+    an error saying why, it is logged and counted, the actor goes on (no restart), and the next
+    evaluation runs on a reader connection of its own while the abandoned thread still runs; the
+    abandoned result, arriving late, is dropped."""
+    from actors import pairs as pairs_actor
+
+    path = tmp_path / "store.db"
+    src = make_db([("r1", "s1", "complete", 4, 1.0, None, None, "A", 1.0),
+                   ("r2", "s2", "complete", 4, 1.0, None, None, "A", 2.0)],
+                  [(r, s, 0, MIDNIGHT + k * DAY, float(v)) for r, s, vals in
+                   (("r1", "s1", (1, -2, 3, 1)), ("r2", "s2", (2, 1, -1, 4))) for k, v in enumerate(vals)])
+    src.execute("VACUUM INTO ?", (str(path),))
+    src.close()
+    monkeypatch.setattr(pairs_actor, "EVALUATION_DEADLINE_S", 0.3)
+    release, hung = threading.Event(), threading.Event()
+    real = pairs.evaluate
+
+    def evaluate_first_hangs(cands, cfg):
+        if not hung.is_set():
+            hung.set()
+            release.wait(30)  # never longer than the test
+        return real(cands, cfg)
+
+    monkeypatch.setattr(pairs, "evaluate", evaluate_first_hangs)
+    h = _ActorHarness(path)
+    a = h.actor
+    replies = []
+    try:
+        a.start_evaluation([(replies.append, False)])
+        first = a.running
+        h.poll_until(lambda: replies, "the hung evaluation's waiter was never answered")
+        assert hung.is_set() and not first["done"].is_set()  # it was given up while still running
+        assert replies[0]["ok"] is False and "abandoned" in replies[0]["error"], replies
+        assert "deadline" in replies[0]["error"]
+        assert a.running is None and a.abandoned == 1 and a.errors == 1 and a.evaluations == 0
+        assert [e for lvl, e, _ in h.logs if lvl == "ERROR"] == ["pair_evaluation_abandoned"], h.logs
+
+        a.start_evaluation([(replies.append, False)])  # the next one: runs beside the hung thread
+        second = a.running
+        h.poll_until(lambda: len(replies) == 2, "the next evaluation was never answered")
+        assert replies[1]["ok"] is True and replies[1]["strategies"] == 2, replies[1]
+        assert a.evaluations == 1 and len(h.written) == 1
+        assert second["conn"] is not None and second["conn"] is not first["conn"]
+        assert a.conn is None  # the actor's own connection was never lent to an evaluation
+        for run in (first, second):
+            with pytest.raises(sqlite3.ProgrammingError):
+                run["conn"].execute("SELECT 1")  # each evaluation closed its own
+    finally:
+        release.set()
+    h.poll_until(lambda: first["done"].is_set(), "the abandoned thread never ended")
+    a._poll()
+    assert len(replies) == 2 and a.evaluations == 1 and len(h.written) == 1  # its late result: dropped
