@@ -265,6 +265,30 @@ def bucket_series(
     return keys[starts], np.add.reduceat(p, starts)
 
 
+def _bucket_all(cands: list[Candidate], window_trades: int, bucket: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``bucket_series`` of every candidate, in one pass over all their trades (same
+    order of additions, so the same sums)."""
+    lens = np.fromiter((c.timestamps.size for c in cands), dtype=np.int64, count=len(cands))
+    total = int(lens.sum())
+    if total == 0:
+        return [(np.empty(0, np.int64), np.empty(0, np.float64)) for _ in cands]
+    ts = np.concatenate([c.timestamps for c in cands])
+    pn = np.concatenate([c.pnls for c in cands])
+    cid = np.repeat(np.arange(len(cands), dtype=np.int64), lens)
+    order = np.lexsort((ts, cid))  # by candidate, then timestamp; stable, as bucket_series
+    keep = np.cumsum(lens)[cid] - np.arange(total) <= window_trades  # each one's last trades
+    order, cid = order[keep], cid[keep]
+    t, p = ts[order], pn[order]
+    keys = t // SECONDS_PER_DAY if bucket == "day" else t
+    new = np.ones(keys.size, dtype=bool)
+    new[1:] = (keys[1:] != keys[:-1]) | (cid[1:] != cid[:-1])
+    starts = np.flatnonzero(new)
+    sums = np.add.reduceat(p, starts)
+    bkeys, bcid = keys[starts], cid[starts]
+    bounds = np.searchsorted(bcid, np.arange(len(cands) + 1))
+    return [(bkeys[lo:hi], sums[lo:hi]) for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+
+
 def align(
     keys_a: np.ndarray, vals_a: np.ndarray, keys_b: np.ndarray, vals_b: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -365,11 +389,13 @@ def evaluate(cands: list[Candidate], cfg: PairsConfig) -> Evaluation:
 
     names: list[str] = []
     series: list[tuple[np.ndarray, np.ndarray]] = []
+    enough: list[Candidate] = []
     for c in sorted(top, key=lambda c: c.name):
         if c.trade_count < cfg.min_trades:
             excluded["too_few_trades"] += 1
-            continue
-        keys, vals = bucket_series(c.timestamps, c.pnls, cfg.window_trades, cfg.bucket)
+        else:
+            enough.append(c)
+    for c, (keys, vals) in zip(enough, _bucket_all(enough, cfg.window_trades, cfg.bucket)):
         if vals.size == 0 or vals.min() == vals.max():
             excluded["zero_variance"] += 1
             continue
@@ -381,6 +407,20 @@ def evaluate(cands: list[Candidate], cfg: PairsConfig) -> Evaluation:
 
 
 # -------------------------------------------------------------- pair moments
+
+
+def _dense_ranks(keys: np.ndarray) -> np.ndarray:
+    """The rank of each key among the distinct keys (as ``np.unique``'s inverse): through
+    a presence table when the keys span a small range (day numbers), else by sorting."""
+    if keys.size == 0:
+        return np.empty(0, np.int64)
+    lo, hi = int(keys.min()), int(keys.max())
+    if hi - lo <= 4 * keys.size + 1024:
+        rel = keys - lo
+        present = np.zeros(hi - lo + 1, dtype=bool)
+        present[rel] = True
+        return (np.cumsum(present) - 1)[rel].astype(np.int64)
+    return np.unique(keys, return_inverse=True)[1].reshape(-1).astype(np.int64)
 
 
 class _Matrix:
@@ -400,8 +440,7 @@ class _Matrix:
         allk = np.concatenate([k for k, _ in series])
         x = np.concatenate([v for _, v in series])
         sid = np.repeat(np.arange(n, dtype=np.int64), lens)
-        _, col = np.unique(allk, return_inverse=True)
-        col = col.reshape(-1).astype(np.int64)
+        col = _dense_ranks(allk)
         ncols = int(col.max()) + 1 if col.size else 0
         self.ncols = ncols
 
@@ -441,8 +480,6 @@ class _Matrix:
             self.Dx = np.zeros((n, h))
             self.Dm[sid[sel], dmap[col[sel]]] = 1.0
             self.Dx[sid[sel], dmap[col[sel]]] = x[sel]
-            self.Dx2 = self.Dx * self.Dx
-            self.Dx3 = self.Dx2 * self.Dx
             self.Ds = np.sqrt(np.abs(self.Dx))
 
         light = (es >= 2) & (es < _DENSE_MIN_SHARE)
@@ -490,6 +527,20 @@ class _Matrix:
             "C22": np.bincount(inv, weights=(xa * xb) ** 2, minlength=nk),
         }
         self._scr: dict[str, Any] | None = None
+        self._powers: dict[str, np.ndarray] = {}
+
+    @property
+    def Dx2(self) -> np.ndarray:
+        """x^2 of the dense buckets (the Hoelder bound's products only: made on first use)."""
+        if "2" not in self._powers:
+            self._powers["2"] = self.Dx * self.Dx
+        return self._powers["2"]
+
+    @property
+    def Dx3(self) -> np.ndarray:
+        if "3" not in self._powers:
+            self._powers["3"] = self.Dx2 * self.Dx
+        return self._powers["3"]
 
     def block(self, r0: int, r1: int, c0: int = 0,
               which: tuple[str, ...] = ("K", "C", "E", "C31", "C13", "C22")) -> dict[str, np.ndarray]:

@@ -313,6 +313,26 @@ def test_window_is_last_trades_by_timestamp_stable():
     assert keys.size == 0 and vals.size == 0
 
 
+@pytest.mark.parametrize("bucket", ["day", "exact"])
+def test_bucketing_all_candidates_at_once_equals_one_by_one(bucket):
+    """evaluate buckets every candidate in one pass: the same keys and bit-identical sums as
+    bucket_series per candidate (equal timestamps, windows cutting runs of them, empty ones)."""
+    rng = np.random.default_rng(8)
+    cands = []
+    for k in range(60):
+        m = int(rng.integers(0, 40)) if k % 9 else 0
+        ts = MIDNIGHT + rng.integers(0, 5, size=m) * (DAY // 3) + rng.integers(0, 2, size=m)
+        cands.append(cand(f"b{k}", ts, rng.normal(size=m) * 10.0 ** rng.integers(-3, 4, size=m)))
+    for window in (1, 4, 17, 100):
+        together = pairs._bucket_all(cands, window, bucket)
+        assert len(together) == len(cands)
+        for c, (keys, vals) in zip(cands, together):
+            want_k, want_v = bucket_series(c.timestamps, c.pnls, window, bucket)
+            assert keys.dtype == np.int64 and vals.dtype == np.float64
+            assert keys.tolist() == want_k.tolist() and vals.tobytes() == want_v.tobytes()
+    assert pairs._bucket_all([], 5, bucket) == []
+
+
 def test_align_union_zero_filled():
     xa, xb = align(np.array([1, 3]), np.array([1.0, 3.0]), np.array([2, 3]), np.array([20.0, 30.0]))
     assert xa.tolist() == [1.0, 0.0, 3.0] and xb.tolist() == [0.0, 20.0, 30.0]
