@@ -265,6 +265,11 @@ def bucket_series(
     return keys[starts], np.add.reduceat(p, starts)
 
 
+def _each_ascending(ts: np.ndarray, cid: np.ndarray) -> bool:
+    """Whether the timestamps are ascending within each candidate (cid ascending)."""
+    return bool(((ts[1:] >= ts[:-1]) | (cid[1:] != cid[:-1])).all())
+
+
 def _bucket_all(cands: list[Candidate], window_trades: int, bucket: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """``bucket_series`` of every candidate, in one pass over all their trades (same
     order of additions, so the same sums)."""
@@ -275,7 +280,10 @@ def _bucket_all(cands: list[Candidate], window_trades: int, bucket: str) -> list
     ts = np.concatenate([c.timestamps for c in cands])
     pn = np.concatenate([c.pnls for c in cands])
     cid = np.repeat(np.arange(len(cands), dtype=np.int64), lens)
-    order = np.lexsort((ts, cid))  # by candidate, then timestamp; stable, as bucket_series
+    if _each_ascending(ts, cid):
+        order = np.arange(total)  # loaded and synthetic trades come in timestamp order
+    else:
+        order = np.lexsort((ts, cid))  # by candidate, then timestamp; stable, as bucket_series
     keep = np.cumsum(lens)[cid] - np.arange(total) <= window_trades  # each one's last trades
     order, cid = order[keep], cid[keep]
     t, p = ts[order], pn[order]
