@@ -653,9 +653,15 @@ class _Matrix:
                 # [Dm, n_i, 1] . [-Dm, 1, n_j] = n_i + n_j - K: small integers, exact in float32
                 scr["L"] = np.ascontiguousarray(np.hstack([self.Dm, cnt, one]), dtype=np.float32)
                 scr["R"] = np.ascontiguousarray(np.hstack([-self.Dm, one, cnt]), dtype=np.float32)
-                scr["S"] = np.ascontiguousarray(self.Ds, dtype=np.float32)
-                # h non-negative float32 products, each of two rounded factors: |error| <= (h + 3) u E
-                scr["inflate"] = 1.0 + 2.0 * (h + 4) * 2.0**-24
+                ax = np.abs(self.Dx[self.Dx != 0])
+                if ax.size == 0 or (ax.min() >= 1e-30 and ax.max() <= 1e30):
+                    # h non-negative float32 products of two rounded factors, none under- or
+                    # overflowing in that range: |error| <= (h + 3) u E
+                    scr["S"] = np.ascontiguousarray(self.Ds, dtype=np.float32)
+                    scr["inflate"] = 1.0 + 2.0 * (h + 4) * 2.0**-24
+                else:  # bucket sums beyond float32's comfortable range: float64 products
+                    scr["S"] = self.Ds
+                    scr["inflate"] = 1.0 + 2.0 * (h + 4) * 2.0**-53
             self._scr = scr
         return self._scr
 
@@ -1033,8 +1039,8 @@ def _screen_tile(mx: _Matrix, p0: int, p1: int, q0: int, q1: int, theta: float, 
     t *= T
     sb += PF_WEIGHT
     sb *= D
-    ok = t <= sb
-    ok &= D > 0
+    ok = ~(t > sb)  # written so that NaN (overflowing sums) passes, as ub NaN -> inf does
+    ok &= ~(D <= 0)
     if q0 < p1:  # the tile crosses the diagonal: only j > i
         ok &= np.arange(q0, q1)[None, :] > np.arange(p0, p1)[:, None]
     return ok

@@ -656,6 +656,30 @@ def test_screened_evaluation_matches_reference_on_random_pools(monkeypatch, case
     check_against_reference(pool, cfg, property_test=True)
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-150, 1e-40, 1e40, 1e100])
+def test_screened_and_unscreened_evaluations_agree(monkeypatch, scale):
+    """The same slots with the screen and without it (corr_max above _SCREEN_CORR_MAX turns it
+    off), also when some strategies' bucket sums are beyond float32's range (the screen's E then
+    takes float64 products: float32 ones underflowed to 0 and dropped the best pair)."""
+    cands = _drift_pool(45, 24, seed=404, span_days=25, drift=0.5)
+    for c in cands[::4]:
+        c.pnls = c.pnls * scale
+    cfg = PairsConfig(min_trades=10, window_trades=20, per_group=1000, max_pairs=4)
+    started = _force_screen(monkeypatch, 2)
+    screened = evaluate(cands, cfg).as_dict()
+    assert started and started[0] < 40
+    monkeypatch.setattr(pairs, "_SCREEN_CORR_MAX", -1.0)
+    plain = evaluate(cands, cfg).as_dict()
+    assert len(started) == 1  # the second run never screened
+    slots, want = screened.pop("slots"), plain.pop("slots")
+    assert len(want) == cfg.max_pairs and screened == plain
+    assert [(s["pair_id"], s["strategy_a"], s["strategy_b"]) for s in slots] == \
+        [(s["pair_id"], s["strategy_a"], s["strategy_b"]) for s in want]
+    for a, b in zip(slots, want):  # the values, to rounding
+        for key in ("weight_a", "weight_b", "corr", "sharpe", "profit_factor", "score"):
+            assert close(a[key], b[key], 1e-9), (key, a, b)
+
+
 @pytest.mark.parametrize("share", [2, 10**9])
 @pytest.mark.parametrize("bucket", ["day", "exact"])
 @pytest.mark.parametrize("corr_max", [0.1, 0.3, 0.8])
