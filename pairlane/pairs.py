@@ -650,9 +650,10 @@ class _Matrix:
                 h = self.Dm.shape[1]
                 one = np.ones((self.n, 1))
                 cnt = self.cnt[:, None]
-                # [Dm, n_i, 1] . [-Dm, 1, n_j] = n_i + n_j - K: small integers, exact in float32
-                scr["L"] = np.ascontiguousarray(np.hstack([self.Dm, cnt, one]), dtype=np.float32)
-                scr["R"] = np.ascontiguousarray(np.hstack([-self.Dm, one, cnt]), dtype=np.float32)
+                # [Dm, n_i, 1] . [-Dm, 1, n_j] = n_i + n_j - K: integers, exact in float32 below 2^24
+                exact32 = float(self.cnt.max()) * 2 + h < 2.0**24
+                scr["L"] = np.ascontiguousarray(np.hstack([self.Dm, cnt, one]), dtype=np.float32 if exact32 else None)
+                scr["R"] = np.ascontiguousarray(np.hstack([-self.Dm, one, cnt]), dtype=np.float32 if exact32 else None)
                 ax = np.abs(self.Dx[self.Dx != 0])
                 if ax.size == 0 or (ax.min() >= 1e-30 and ax.max() <= 1e30):
                     # h non-negative float32 products of two rounded factors, none under- or
