@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from pairlane import pairs, synthetic
@@ -582,6 +582,9 @@ def test_score_bounds_never_fall_below_the_exact_score(monkeypatch, share, bucke
 # ------------------------------------------- screened tiles (issue 16)
 
 
+_SCREENED_PAIRS = pairs._screened_pairs  # the real one (hypothesis reuses a monkeypatched module)
+
+
 def _force_screen(monkeypatch, share, rows=3, cols=5):
     """Small tiles and a one-row first block, so that a small pool goes through
     the screened path; returns the list of rows it started at (one per run)."""
@@ -591,11 +594,10 @@ def _force_screen(monkeypatch, share, rows=3, cols=5):
     monkeypatch.setattr(pairs, "_FLUSH_PAIRS", 3)
     monkeypatch.setattr(pairs, "_DENSE_MIN_SHARE", share)
     started = []
-    real = pairs._screened_pairs
 
     def spy(mx, top, r0, corr_max):
         started.append(r0)
-        return real(mx, top, r0, corr_max)
+        return _SCREENED_PAIRS(mx, top, r0, corr_max)
 
     monkeypatch.setattr(pairs, "_screened_pairs", spy)
     return started
@@ -652,8 +654,9 @@ def screened_cases(draw):
 @given(screened_cases())
 def test_screened_evaluation_matches_reference_on_random_pools(monkeypatch, case):
     pool, cfg, tiles, share = case
-    _force_screen(monkeypatch, share, *tiles)
+    started = _force_screen(monkeypatch, share, *tiles)
     check_against_reference(pool, cfg, property_test=True)
+    event("screened" if started else "blocks only")  # --hypothesis-show-statistics
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # x^4 overflows at 1e100 (the Hoelder sums only)
