@@ -167,12 +167,13 @@ class PairsActor(PairlaneActor):
         answered in the actor once it ends (confirm: after the writer stored the slots).
         Periodic evaluations have none."""
         run = {"done": threading.Event(), "out": None, "started": time.monotonic(),
-               "now": time.time(), "waiters": list(waiters or []), "cfg": self.cfg}
+               "now": time.time(), "waiters": list(waiters or []), "cfg": self.cfg,
+               "config": self.config, "conn": None}
         self.running = run
 
         def work() -> None:
             try:
-                run["out"] = self._compute(run["cfg"])
+                run["out"] = self._compute(run)
             except BaseException as exc:  # reported by the actor; never lost in the thread
                 run["out"] = exc
             finally:
@@ -180,16 +181,27 @@ class PairsActor(PairlaneActor):
         threading.Thread(target=work, name="pairs-evaluate", daemon=True).start()
         self.after(EVAL_POLL_S, "eval_poll")
 
-    def _compute(self, cfg: pairlogic.PairsConfig) -> tuple:
-        """Worker thread: read the candidates and evaluate. Touches the reader connection only
-        here (one evaluation at a time), nothing else of the actor."""
+    @staticmethod
+    def _compute(run: dict) -> tuple:
+        """Worker thread: read the candidates through a reader connection of this evaluation's
+        own (opened and closed here: an evaluation given up never shares one with the next, nor
+        with the actor's) and evaluate. Touches nothing of the actor."""
+        cfg = run["cfg"]
         t0 = time.perf_counter()
-        conn = self._connection()
-        cands = pairlogic.load_candidates(conn, window_trades=cfg.window_trades) if conn is not None else []
-        newest = None
-        if conn is not None:
-            row = conn.execute("SELECT max(completed_at) FROM backtest_results WHERE status = 'complete'").fetchone()
-            newest = row[0] if row else None
+        conn = run["conn"] = open_reader(run["config"], busy_timeout_ms=1000)
+        try:
+            cands = pairlogic.load_candidates(conn, window_trades=cfg.window_trades) if conn is not None else []
+            newest = None
+            if conn is not None:
+                row = conn.execute("SELECT max(completed_at) FROM backtest_results "
+                                   "WHERE status = 'complete'").fetchone()
+                newest = row[0] if row else None
+        finally:
+            if conn is not None:
+                try:
+                    conn.close()
+                except reader_errors():
+                    pass
         ev = pairlogic.evaluate(cands, cfg)
         return len(cands), newest, ev, time.perf_counter() - t0
 
@@ -225,7 +237,12 @@ class PairsActor(PairlaneActor):
     def _give_up(self, run: dict) -> None:
         """The evaluation outlived EVALUATION_DEADLINE_S: report why, drop its result, go on."""
         self.running = None
-        self.conn = None   # the hung thread may still hold it; the next evaluation opens its own
+        conn = run.get("conn")
+        if conn is not None:   # stop its query, if it is in one (its thread closes the connection)
+            try:
+                conn.interrupt()
+            except Exception:  # noqa: BLE001 - best effort; the thread may have closed it
+                pass
         self.abandoned += 1
         self.errors += 1
         self.metrics.inc("pairlane_pair_evaluations_total", outcome="error")

@@ -55,12 +55,26 @@ sum p^2 / max|p|, and wa L1_a + wb L1_b - 2 sqrt(wa wb) sum_shared sqrt|a b|
 (from |a + b| >= |a| + |b| - 2 min(|a|, |b|); tight when few buckets are
 shared; one more matrix product), and, when a block still leaves many pairs,
 Hoelder's sum|p| >= (sum p^2)^1.5 / (sum p^4)^0.5 (three more products).
+
+Past the first blocks (once the rescue band is settled and the threshold is
+above 0.3), pairs are screened in cache-sized tiles without their cross
+products C: float32 products give the union size (exact: small integers) and E
+(inflated by its rounding bound), and Sharpe is bounded through corr >=
+-corr_max, all in float64 arithmetic with margins, so the screen passes every
+pair the block path would evaluate; the few that pass (about 1 in 3,000 at
+10,000 strategies) get their sums gathered exactly and go the block path's way.
+Matrix products run on the calling thread only (``_one_blas_thread``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import glob
 import math
+import os
 import sqlite3
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
@@ -104,6 +118,10 @@ _BATCH_ELEMS = 1 << 20  # exact-PF batch size target (pairs * series length)
 _FIRST_BLOCK_ELEMS = 1 << 13  # pairs in the first block
 _HOLDER_MIN = 1 << 14  # a block leaving at least this many pairs gets the Hoelder bound
 _DENSE_MIN_SHARE = 64  # a bucket shared by at least this many strategies goes to BLAS
+_TILE_ROWS = 128  # screened tiles (after the first blocks): rows x columns, cache-sized
+_TILE_COLS = 256
+_FLUSH_PAIRS = 256  # screened pairs evaluated exactly as soon as this many have passed
+_SCREEN_CORR_MAX = 0.9  # above this corr_max the screen's Sharpe bound is too loose: blocks only
 
 
 # --------------------------------------------------------------------------- ids
@@ -256,6 +274,38 @@ def bucket_series(
     return keys[starts], np.add.reduceat(p, starts)
 
 
+def _each_ascending(ts: np.ndarray, cid: np.ndarray) -> bool:
+    """Whether the timestamps are ascending within each candidate (cid ascending)."""
+    return bool(((ts[1:] >= ts[:-1]) | (cid[1:] != cid[:-1])).all())
+
+
+def _bucket_all(cands: list[Candidate], window_trades: int, bucket: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``bucket_series`` of every candidate, in one pass over all their trades (same
+    order of additions, so the same sums)."""
+    lens = np.fromiter((c.timestamps.size for c in cands), dtype=np.int64, count=len(cands))
+    total = int(lens.sum())
+    if total == 0:
+        return [(np.empty(0, np.int64), np.empty(0, np.float64)) for _ in cands]
+    ts = np.concatenate([c.timestamps for c in cands])
+    pn = np.concatenate([c.pnls for c in cands])
+    cid = np.repeat(np.arange(len(cands), dtype=np.int64), lens)
+    if _each_ascending(ts, cid):
+        order = np.arange(total)  # loaded and synthetic trades come in timestamp order
+    else:
+        order = np.lexsort((ts, cid))  # by candidate, then timestamp; stable, as bucket_series
+    keep = np.cumsum(lens)[cid] - np.arange(total) <= window_trades  # each one's last trades
+    order, cid = order[keep], cid[keep]
+    t, p = ts[order], pn[order]
+    keys = t // SECONDS_PER_DAY if bucket == "day" else t
+    new = np.ones(keys.size, dtype=bool)
+    new[1:] = (keys[1:] != keys[:-1]) | (cid[1:] != cid[:-1])
+    starts = np.flatnonzero(new)
+    sums = np.add.reduceat(p, starts)
+    bkeys, bcid = keys[starts], cid[starts]
+    bounds = np.searchsorted(bcid, np.arange(len(cands) + 1))
+    return [(bkeys[lo:hi], sums[lo:hi]) for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+
+
 def align(
     keys_a: np.ndarray, vals_a: np.ndarray, keys_b: np.ndarray, vals_b: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -356,11 +406,13 @@ def evaluate(cands: list[Candidate], cfg: PairsConfig) -> Evaluation:
 
     names: list[str] = []
     series: list[tuple[np.ndarray, np.ndarray]] = []
+    enough: list[Candidate] = []
     for c in sorted(top, key=lambda c: c.name):
         if c.trade_count < cfg.min_trades:
             excluded["too_few_trades"] += 1
-            continue
-        keys, vals = bucket_series(c.timestamps, c.pnls, cfg.window_trades, cfg.bucket)
+        else:
+            enough.append(c)
+    for c, (keys, vals) in zip(enough, _bucket_all(enough, cfg.window_trades, cfg.bucket)):
         if vals.size == 0 or vals.min() == vals.max():
             excluded["zero_variance"] += 1
             continue
@@ -372,6 +424,20 @@ def evaluate(cands: list[Candidate], cfg: PairsConfig) -> Evaluation:
 
 
 # -------------------------------------------------------------- pair moments
+
+
+def _dense_ranks(keys: np.ndarray) -> np.ndarray:
+    """The rank of each key among the distinct keys (as ``np.unique``'s inverse): through
+    a presence table when the keys span a small range (day numbers), else by sorting."""
+    if keys.size == 0:
+        return np.empty(0, np.int64)
+    lo, hi = int(keys.min()), int(keys.max())
+    if hi - lo <= 4 * keys.size + 1024:
+        rel = keys - lo
+        present = np.zeros(hi - lo + 1, dtype=bool)
+        present[rel] = True
+        return (np.cumsum(present) - 1)[rel].astype(np.int64)
+    return np.unique(keys, return_inverse=True)[1].reshape(-1).astype(np.int64)
 
 
 class _Matrix:
@@ -391,8 +457,7 @@ class _Matrix:
         allk = np.concatenate([k for k, _ in series])
         x = np.concatenate([v for _, v in series])
         sid = np.repeat(np.arange(n, dtype=np.int64), lens)
-        _, col = np.unique(allk, return_inverse=True)
-        col = col.reshape(-1).astype(np.int64)
+        col = _dense_ranks(allk)
         ncols = int(col.max()) + 1 if col.size else 0
         self.ncols = ncols
 
@@ -432,8 +497,6 @@ class _Matrix:
             self.Dx = np.zeros((n, h))
             self.Dm[sid[sel], dmap[col[sel]]] = 1.0
             self.Dx[sid[sel], dmap[col[sel]]] = x[sel]
-            self.Dx2 = self.Dx * self.Dx
-            self.Dx3 = self.Dx2 * self.Dx
             self.Ds = np.sqrt(np.abs(self.Dx))
 
         light = (es >= 2) & (es < _DENSE_MIN_SHARE)
@@ -465,6 +528,37 @@ class _Matrix:
             self.la = self.lb = np.empty(0, np.int64)
             self.lxa = self.lxb = np.empty(0, np.float64)
 
+        # the light sums once per pair (i < j), keyed i * n + j ascending: the gathered
+        # (exact) and tiled (screening) paths look pairs up here
+        keys = self.la * n + self.lb
+        self.lkeys, inv = np.unique(keys, return_inverse=True)
+        inv = inv.reshape(-1)
+        nk = self.lkeys.size
+        xa, xb = self.lxa, self.lxb
+        self.lsum = {
+            "K": np.bincount(inv, minlength=nk).astype(np.float64),
+            "C": np.bincount(inv, weights=xa * xb, minlength=nk),
+            "E": np.bincount(inv, weights=np.sqrt(np.abs(xa * xb)), minlength=nk),
+            "C31": np.bincount(inv, weights=xa**3 * xb, minlength=nk),
+            "C13": np.bincount(inv, weights=xa * xb**3, minlength=nk),
+            "C22": np.bincount(inv, weights=(xa * xb) ** 2, minlength=nk),
+        }
+        self._scr: dict[str, Any] | None = None
+        self._powers: dict[str, np.ndarray] = {}
+
+    @property
+    def Dx2(self) -> np.ndarray:
+        """x^2 of the dense buckets (the Hoelder bound's products only: made on first use)."""
+        if "2" not in self._powers:
+            self._powers["2"] = self.Dx * self.Dx
+        return self._powers["2"]
+
+    @property
+    def Dx3(self) -> np.ndarray:
+        if "3" not in self._powers:
+            self._powers["3"] = self.Dx2 * self.Dx
+        return self._powers["3"]
+
     def block(self, r0: int, r1: int, c0: int = 0,
               which: tuple[str, ...] = ("K", "C", "E", "C31", "C13", "C22")) -> dict[str, np.ndarray]:
         """The sums named in ``which`` for rows r0..r1-1 against columns c0..n-1
@@ -495,6 +589,82 @@ class _Matrix:
             for key in which:
                 out[key] += np.bincount(flat, weights=weights[key](), minlength=size).reshape(b, c)
         return out
+
+    def pair_sums(self, ia: np.ndarray, ib: np.ndarray, which: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """The sums named in ``which`` (as ``block``) for the pairs (ia[q], ib[q]),
+        ia < ib, 1-D, gathered: for the few pairs the screen leaves."""
+        P = ia.size
+        out = {key: np.zeros(P) for key in which}
+        if self.dense and P:
+            forms = {"K": ("Dm", "Dm"), "C": ("Dx", "Dx"), "E": ("Ds", "Ds"), "C31": ("Dx3", "Dx"),
+                     "C13": ("Dx", "Dx3"), "C22": ("Dx2", "Dx2")}
+            step = max(1, _BATCH_ELEMS // max(1, self.Dx.shape[1]))
+            for q0 in range(0, P, step):
+                ra, rb = ia[q0 : q0 + step], ib[q0 : q0 + step]
+                rows: dict[tuple[str, int], np.ndarray] = {}
+                for key in which:
+                    left, right = forms[key]
+                    if (left, 0) not in rows:
+                        rows[(left, 0)] = getattr(self, left)[ra]
+                    if (right, 1) not in rows:
+                        rows[(right, 1)] = getattr(self, right)[rb]
+                    out[key][q0 : q0 + step] = np.einsum("ij,ij->i", rows[(left, 0)], rows[(right, 1)])
+        if self.lkeys.size and P:
+            key = ia * self.n + ib
+            pos = np.minimum(np.searchsorted(self.lkeys, key), self.lkeys.size - 1)
+            hit = np.flatnonzero(self.lkeys[pos] == key)
+            for k in which:
+                out[k][hit] += self.lsum[k][pos[hit]]
+        return out
+
+    def screen_sums(self, r0: int, r1: int, c0: int, c1: int, e_scale: float) -> tuple[np.ndarray, np.ndarray]:
+        """For the tile rows r0..r1-1 x columns c0..c1-1: the union size m (exact:
+        integer sums in float32) and ``e_scale`` times an upper bound of E (float32
+        products, inflated by their worst rounding error), both 2-D float64."""
+        scr = self._screen_prep()
+        if self.dense:
+            m = (scr["L"][r0:r1] @ scr["R"][c0:c1].T).astype(np.float64)
+            E = (scr["S"][r0:r1] @ scr["S"][c0:c1].T).astype(np.float64)
+            E *= e_scale * scr["inflate"]
+        else:
+            m = self.cnt[r0:r1, None] + self.cnt[None, c0:c1]
+            E = np.zeros((r1 - r0, c1 - c0))
+        if self.lkeys.size:
+            rows = np.arange(r0, r1, dtype=np.int64) * self.n
+            lo = np.searchsorted(self.lkeys, rows + c0)
+            hi = np.searchsorted(self.lkeys, rows + c1)
+            cnt = hi - lo
+            total = int(cnt.sum())
+            if total:
+                idx = np.repeat(lo - np.cumsum(cnt) + cnt, cnt) + np.arange(total)
+                k = self.lkeys[idx]
+                ri, ci = k // self.n - r0, k % self.n - c0
+                m[ri, ci] -= self.lsum["K"][idx]
+                E[ri, ci] += (e_scale * (1.0 + 1e-12)) * self.lsum["E"][idx]
+        return m, E
+
+    def _screen_prep(self) -> dict[str, Any]:
+        if self._scr is None:
+            scr: dict[str, Any] = {}
+            if self.dense:
+                h = self.Dm.shape[1]
+                one = np.ones((self.n, 1))
+                cnt = self.cnt[:, None]
+                # [Dm, n_i, 1] . [-Dm, 1, n_j] = n_i + n_j - K: integers, exact in float32 below 2^24
+                exact32 = float(self.cnt.max()) * 2 + h < 2.0**24
+                scr["L"] = np.ascontiguousarray(np.hstack([self.Dm, cnt, one]), dtype=np.float32 if exact32 else None)
+                scr["R"] = np.ascontiguousarray(np.hstack([-self.Dm, one, cnt]), dtype=np.float32 if exact32 else None)
+                ax = np.abs(self.Dx[self.Dx != 0])
+                if ax.size == 0 or (ax.min() >= 1e-30 and ax.max() <= 1e30):
+                    # h non-negative float32 products of two rounded factors, none under- or
+                    # overflowing in that range: |error| <= (h + 3) u E
+                    scr["S"] = np.ascontiguousarray(self.Ds, dtype=np.float32)
+                    scr["inflate"] = 1.0 + 2.0 * (h + 4) * 2.0**-24
+                else:  # bucket sums beyond float32's comfortable range: float64 products
+                    scr["S"] = self.Ds
+                    scr["inflate"] = 1.0 + 2.0 * (h + 4) * 2.0**-53
+            self._scr = scr
+        return self._scr
 
     def exact_gains_losses(
         self, ia: np.ndarray, ib: np.ndarray, wa: np.ndarray, wb: np.ndarray
@@ -535,21 +705,34 @@ class _Matrix:
         return wa * ga + wb * gb + gi, wa * la + wb * lb + li
 
 
+def _side(mx: _Matrix, idx: Any) -> dict[str, np.ndarray]:
+    """Per-strategy sums of the strategies ``idx`` selects (a slice or index array,
+    shaped for broadcasting by the caller)."""
+    return {"cnt": mx.cnt[idx], "M2": mx.M2[idx], "B": mx.B[idx], "S": mx.S[idx],
+            "Mabs": mx.Mabs[idx], "L1": mx.L1[idx]}
+
+
 def _block_pairs(mx: _Matrix, r0: int, r1: int, c0: int, blk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """For every (i, j) of the block (rows r0..r1-1, columns c0..n-1, 2-D arrays,
-    broadcast from per-strategy sums, no gathers): union size m, zero-filled
-    variances, covariance, Pearson correlation, inverse-vol weights, composite
-    sum D, its sum of squares, Sharpe, and a cheap score upper bound ``ub``
-    (profit factor bounded through sum|p| >= sum p^2 / max|p|)."""
+    broadcast from per-strategy sums, no gathers): see ``_pair_stats``."""
     I, J = slice(r0, r1), slice(c0, mx.n)
-    K = blk["K"]
-    ni, nj = mx.cnt[I, None], mx.cnt[None, J]
+    return _pair_stats(_side(mx, (I, None)), _side(mx, (None, J)), blk["K"], blk["C"], blk["E"])
+
+
+def _pair_stats(a: dict[str, np.ndarray], b: dict[str, np.ndarray], K: np.ndarray, C: np.ndarray,
+                E: np.ndarray) -> dict[str, np.ndarray]:
+    """Union size m, zero-filled variances, covariance, Pearson correlation,
+    inverse-vol weights, composite sum D, its sum of squares, Sharpe, and a cheap
+    score upper bound ``ub`` (profit factor bounded through sum|p| >= sum p^2 /
+    max|p| and the shared-bucket bound on E), from the per-strategy sums of both
+    sides (``_side``, broadcastable) and the shared sums K, C, E."""
+    ni, nj = a["cnt"], b["cnt"]
     m = ni + nj - K  # union size
     # variance of a zero-filled aligned series, from non-negative terms:
     # m*var = M2_i + (S_i^2 / n_i) * (m - n_i) / m, and m - n_i = n_j - K
-    va = (mx.M2[I, None] + mx.B[I, None] * (nj - K) / m) / m
-    vb = (mx.M2[None, J] + mx.B[None, J] * (ni - K) / m) / m
-    cov = (blk["C"] - mx.S[I, None] * mx.S[None, J] / m) / m
+    va = (a["M2"] + a["B"] * (nj - K) / m) / m
+    vb = (b["M2"] + b["B"] * (ni - K) / m) / m
+    cov = (C - a["S"] * b["S"] / m) / m
     den = np.sqrt(va * vb)
     corr = np.divide(cov, den, out=np.zeros_like(cov), where=den > 0)
     np.clip(corr, -1.0, 1.0, out=corr)
@@ -563,7 +746,7 @@ def _block_pairs(mx: _Matrix, r0: int, r1: int, c0: int, blk: dict[str, np.ndarr
         ssum = np.where(both, ssum, 1.0)
         wa = np.where(both, sb / ssum, np.where(sa > 0, 1.0, np.where(sb > 0, 0.0, 0.5)))
         wb = np.where(both, sa / ssum, np.where(sb > 0, 1.0, np.where(sa > 0, 0.0, 0.5)))
-    D = wa * mx.S[I, None] + wb * mx.S[None, J]  # sum of the composite
+    D = wa * a["S"] + wb * b["S"]  # sum of the composite
     mean_p = D / m
     parts = wa * wa * va + wb * wb * vb
     var_p = parts + 2.0 * wa * wb * cov
@@ -571,13 +754,13 @@ def _block_pairs(mx: _Matrix, r0: int, r1: int, c0: int, blk: dict[str, np.ndarr
     sharpe = np.divide(mean_p, np.sqrt(np.maximum(var_p, 0.0)), out=np.zeros_like(mean_p), where=live)
     sum2 = m * (np.maximum(var_p, 0.0) + mean_p * mean_p)
     # |p| <= wa max|x_i| + wb max|x_j| in every bucket, so sum|p| >= sum2 / that
-    pmax = wa * mx.Mabs[I, None] + wb * mx.Mabs[None, J]
+    pmax = wa * a["Mabs"] + wb * b["Mabs"]
     t_lb = np.divide(sum2, pmax, out=np.zeros_like(sum2), where=pmax > 0)
     # |a + b| >= |a| + |b| - 2 min(|a|, |b|) and min(u, v) <= sqrt(uv): sum|p| >=
     # wa L1_i + wb L1_j - 2 sqrt(wa wb) E (E over shared buckets; tight when few are shared),
     # less a margin for rounding and for composite buckets flattened to 0
-    l1 = wa * mx.L1[I, None] + wb * mx.L1[None, J]
-    cross = 2.0 * np.sqrt(wa * wb) * blk["E"]
+    l1 = wa * a["L1"] + wb * b["L1"]
+    cross = 2.0 * np.sqrt(wa * wb) * E
     np.maximum(t_lb, (l1 - cross) - 1e-9 * (l1 + cross), out=t_lb)
     ub = _score_bound(sharpe, D, t_lb)
     return {"m": m, "va": va, "vb": vb, "cov": cov, "corr": corr, "wa": wa, "wb": wb,
@@ -598,17 +781,23 @@ def _score_bound(sharpe: np.ndarray, D: np.ndarray, t_lb: np.ndarray) -> np.ndar
     return ub
 
 
-def _holder_bound(mx: _Matrix, d: dict[str, np.ndarray], blk: dict[str, np.ndarray]) -> None:
+def _holder_bound(mx: _Matrix, d: dict[str, np.ndarray], blk: dict[str, np.ndarray] | None) -> None:
     """Tightens ``ub`` of gathered pairs (keys li, lj, i, j) with Hoelder's
     T >= (sum p^2)^1.5 / (sum p^4)^0.5 (in place)."""
-    i, j, li, lj = d["i"], d["j"], d["li"], d["lj"]
+    i, j = d["i"], d["j"]
+    if blk is None:  # gathered pairs: their sums one by one
+        g = mx.pair_sums(i, j, ("C31", "C13", "C22"))
+        c31, c13, c22 = g["C31"], g["C13"], g["C22"]
+    else:
+        li, lj = d["li"], d["lj"]
+        c31, c13, c22 = blk["C31"][li, lj], blk["C13"][li, lj], blk["C22"][li, lj]
     wa, wb, sum2 = d["wa"], d["wb"], d["sum2"]
     wa2, wb2 = wa * wa, wb * wb
     sum4 = (
         wa2 * wa2 * mx.Q4[i]
-        + 4.0 * wa2 * wa * wb * blk["C31"][li, lj]
-        + 6.0 * wa2 * wb2 * blk["C22"][li, lj]
-        + 4.0 * wa * wb2 * wb * blk["C13"][li, lj]
+        + 4.0 * wa2 * wa * wb * c31
+        + 6.0 * wa2 * wb2 * c22
+        + 4.0 * wa * wb2 * wb * c13
         + wb2 * wb2 * mx.Q4[j]
     )
     holder = sum2 * np.sqrt(np.divide(sum2, sum4, out=np.zeros_like(sum2), where=sum4 > 0))
@@ -679,7 +868,51 @@ class _Top:
         del self.items[self.k :]
 
 
+_blas_lock = threading.Lock()
+_blas_local: Any = False  # openblas_set_num_threads_local, None when unavailable, False before the look-up
+
+
+def _blas_threads_local() -> Any:
+    """numpy's bundled OpenBLAS ``openblas_set_num_threads_local`` (sets the BLAS
+    thread count of the calling thread only, OpenBLAS >= 0.3.27), or None."""
+    global _blas_local
+    with _blas_lock:
+        if _blas_local is False:
+            _blas_local = None
+            libs = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
+            for path in sorted(glob.glob(os.path.join(libs, "*openblas*"))):
+                try:
+                    fn = ctypes.CDLL(path).openblas_set_num_threads_local
+                except (OSError, AttributeError):
+                    continue
+                fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+                _blas_local = fn
+                break
+        return _blas_local
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Any:
+    """Matrix products on the calling thread only while inside. The products are
+    small tiles between element-wise work: with a second BLAS thread spinning
+    beside that work on a busy machine an evaluation ran 2-3x slower (issue 16)."""
+    fn = _blas_threads_local()
+    if fn is None:
+        yield
+        return
+    before = fn(1)
+    try:
+        yield
+    finally:
+        fn(before)
+
+
 def _select_pairs(names: list[str], series: list[tuple[np.ndarray, np.ndarray]], cfg: PairsConfig) -> list[Slot]:
+    with _one_blas_thread():
+        return _select_pairs_in(names, series, cfg)
+
+
+def _select_pairs_in(names: list[str], series: list[tuple[np.ndarray, np.ndarray]], cfg: PairsConfig) -> list[Slot]:
     n = len(names)
     k = cfg.max_pairs
     if n < 2 or k <= 0:
@@ -690,6 +923,9 @@ def _select_pairs(names: list[str], series: list[tuple[np.ndarray, np.ndarray]],
     band: list[dict[str, np.ndarray]] | None = []  # rescue band while it may matter
     r0 = 0
     while r0 < n - 1:
+        if band is None and _screen_applies(cfg, top.theta):
+            _screened_pairs(mx, top, r0, cfg.corr_max)
+            break
         # rows r0..r1-1 against columns r0+1..n-1 (the pairs i < j of these rows): about
         # _BLOCK_ELEMS pairs per block whatever n, so memory stays bounded
         c0 = r0 + 1
@@ -722,6 +958,111 @@ def _select_pairs(names: list[str], series: list[tuple[np.ndarray, np.ndarray]],
     if band:
         top.offer(mx, {key: np.concatenate([b[key] for b in band]) for key in band[0]})
     return [item[2] for item in top.items]
+
+
+def _screen_applies(cfg: PairsConfig, theta: float) -> bool:
+    """The screen needs the rescue band settled (``band is None``, checked by the
+    caller), a threshold above 0.3 (the best score a pair with D <= 0 can reach:
+    Sharpe <= 0, PF <= 1) and corr_max well below 1 (its Sharpe bound)."""
+    return math.isfinite(theta) and theta > PF_WEIGHT + 1e-3 and cfg.corr_max <= _SCREEN_CORR_MAX
+
+
+def _screened_pairs(mx: _Matrix, top: _Top, r0: int, corr_max: float) -> None:
+    """The pairs i < j of rows r0..n-2, in tiles of _TILE_ROWS x _TILE_COLS, each
+    screened without its cross products C (float32 K and E, float64 arithmetic);
+    the few pairs that pass get their exact sums gathered and go the usual way
+    (corr filter, ``ub``, Hoelder when many, ``top.offer``).
+
+    The screen passes every pair whose ``ub`` (``_pair_stats``) can reach the
+    threshold with |corr| <= corr_max. With weights wa ~ sd_b, wb ~ sd_a
+    (scaled by m: sd~ = m sd = sqrt(m M2 + B (m - n)), sum of non-negative terms):
+    Sharpe = (S_a / sd~_a + S_b / sd~_b) / sqrt(2 + 2 corr) <= D / P / sqrt(2 - 2 corr_max)
+    with D = sd~_b S_a + sd~_a S_b and P = sd~_a sd~_b (no C needed), and PF <= (T + D) /
+    (T - D) with T >= max(D, sd~_b L1_a + sd~_a L1_b - 2 sqrt(P) E) as in ``_pair_stats``
+    (a D <= 0 pair scores <= 0.3 < theta). ``ub >= theta`` is then, division-free,
+    T (w - 0.3) <= D (w + 0.3) with w = theta - 0.7 Sharpe bound. Margins: T's bound
+    is taken 2e-6 lower (``_pair_stats`` uses 1e-6), E is inflated by its float32
+    error bound, the Sharpe bound and theta each by 1e-6."""
+    n = mx.n
+    for p0 in range(r0, n - 1, _TILE_ROWS):
+        p1 = min(n - 1, p0 + _TILE_ROWS)
+        found_i: list[np.ndarray] = []
+        found_j: list[np.ndarray] = []
+        found = 0
+        for q0 in range(p0 + 1, n, _TILE_COLS):
+            q1 = min(n, q0 + _TILE_COLS)
+            li, lj = np.nonzero(_screen_tile(mx, p0, p1, q0, q1, top.theta, corr_max))
+            if li.size:
+                found_i.append(li + p0)
+                found_j.append(lj + q0)
+                found += li.size
+            if found >= _FLUSH_PAIRS or (found and q1 == n):
+                # evaluate now: a raised threshold screens the next tiles harder
+                _offer_gathered(mx, top, np.concatenate(found_i), np.concatenate(found_j), corr_max)
+                found_i, found_j, found = [], [], 0
+
+
+def _screen_tile(mx: _Matrix, p0: int, p1: int, q0: int, q1: int, theta: float, corr_max: float) -> np.ndarray:
+    """The screen of ``_screened_pairs`` for rows p0..p1-1 x columns q0..q1-1:
+    True where a pair i < j may still reach ``theta`` with |corr| <= corr_max."""
+    y_coef = SHARPE_WEIGHT * (1.0 + 1e-6) / math.sqrt(2.0 - 2.0 * min(1.0 - 1e-3, corr_max + 1e-6))
+    theta_s = theta - 1e-6 * (1.0 + abs(theta))
+    shrink = (1.0 - 2e-6) * (1.0 - 2e-9)
+    e_scale = 2.0 * (1.0 - 2e-6) * (1.0 + 2e-9)
+    I, J = slice(p0, p1), slice(q0, q1)
+    cnt, M2, B, S, L1 = mx.cnt, mx.M2, mx.B, mx.S, mx.L1
+    m, E = mx.screen_sums(p0, p1, q0, q1, e_scale)
+    t = m - cnt[I, None]
+    t *= B[I, None]
+    sa = m * M2[I, None]
+    sa += t
+    np.sqrt(sa, out=sa)  # sd~_a
+    np.subtract(m, cnt[None, J], out=t)
+    t *= B[None, J]
+    sb = m * M2[None, J]
+    sb += t
+    np.sqrt(sb, out=sb)  # sd~_b
+    D = sb * S[I, None]
+    np.multiply(sa, S[None, J], out=t)
+    D += t
+    T = sb * (L1[I, None] * shrink)
+    np.multiply(sa, L1[None, J] * shrink, out=t)
+    T += t
+    np.multiply(sa, sb, out=sa)  # P
+    np.sqrt(sa, out=sb)
+    sb *= E
+    T -= sb  # lower bound of T, scaled
+    np.maximum(T, D, out=T)
+    np.divide(D, sa, out=sb)
+    sb *= -y_coef
+    sb += theta_s  # w
+    np.subtract(sb, PF_WEIGHT, out=t)
+    t *= T
+    sb += PF_WEIGHT
+    sb *= D
+    ok = ~(t > sb)  # written so that NaN (overflowing sums) passes, as ub NaN -> inf does
+    ok &= ~(D <= 0)
+    if q0 < p1:  # the tile crosses the diagonal: only j > i
+        ok &= np.arange(q0, q1)[None, :] > np.arange(p0, p1)[:, None]
+    return ok
+
+
+def _offer_gathered(mx: _Matrix, top: _Top, i: np.ndarray, j: np.ndarray, corr_max: float) -> None:
+    """The exact path for pairs (i, j) the screen left: their sums gathered, then
+    the corr filter, ``ub`` (and Hoelder when many are left) and ``top.offer``."""
+    step = max(1, _BLOCK_ELEMS // 4)
+    for q0 in range(0, i.size, step):
+        ii, jj = i[q0 : q0 + step], j[q0 : q0 + step]
+        g = mx.pair_sums(ii, jj, ("K", "C", "E"))
+        d = _pair_stats(_side(mx, ii), _side(mx, jj), g["K"], g["C"], g["E"])
+        d.update(i=ii, j=jj)
+        keep = (np.abs(d["corr"]) <= corr_max) & (d["ub"] >= top.theta)
+        cand = {key: v[keep] for key, v in d.items()}
+        if cand["i"].size >= _HOLDER_MIN:
+            _holder_bound(mx, cand, None)
+            cand = {key: v[cand["ub"] >= top.theta] for key, v in cand.items()}
+        if cand["i"].size:
+            top.offer(mx, cand)
 
 
 def _gather(d: dict[str, np.ndarray], sel: np.ndarray, r0: int, c0: int) -> dict[str, np.ndarray]:
@@ -765,12 +1106,24 @@ WHERE l.status = 'complete'
 ORDER BY l.k, t.seq, t.timestamp, t.pnl
 """
 
-_WINDOW_ROWS_SQL = """
-SELECT timestamp, pnl FROM backtest_trade_logs
-WHERE request_id = ?
-ORDER BY timestamp DESC, seq DESC, pnl DESC
-LIMIT ?
+# The last ``window`` trades of every latest complete result in one statement: each
+# result's rows from its window-th latest timestamp on (found on the index led by
+# request_id and timestamp; the earliest one when it has fewer rows), so a result of
+# millions of rows is never read whole. Ties at that timestamp may add rows: the
+# caller keeps the last ``window`` of the order (timestamp, seq, pnl).
+_WINDOW_ALL_SQL = _LATEST_CTE + """
+SELECT l.k, t.timestamp, t.pnl
+FROM latest AS l
+JOIN backtest_trade_logs AS t ON t.request_id = l.request_id
+WHERE l.status = 'complete'
+  AND t.timestamp >= COALESCE(
+      (SELECT b.timestamp FROM backtest_trade_logs AS b WHERE b.request_id = l.request_id
+       ORDER BY b.timestamp DESC LIMIT 1 OFFSET ?),
+      (SELECT min(b.timestamp) FROM backtest_trade_logs AS b WHERE b.request_id = l.request_id))
+ORDER BY l.k, t.timestamp, t.seq, t.pnl
 """
+
+_ROW_DTYPE = np.dtype([("k", np.int64), ("t", np.int64), ("p", np.float64)])
 
 _COUNT_SQL = "SELECT COUNT(*) FROM backtest_trade_logs WHERE request_id = ?"
 
@@ -785,8 +1138,8 @@ def load_candidates(conn: sqlite3.Connection, window_trades: int | None = None) 
     snapshots; works on a ``mode=ro`` connection.
 
     With ``window_trades`` only the last that many trades by timestamp are
-    read per result (one LIMIT query each, served by an index led by
-    request_id) and ``n_trades`` carries the result's ``total_trades``
+    read per result (one statement for all results, each bounded below by
+    its window-th latest timestamp through an index led by request_id) and ``n_trades`` carries the result's ``total_trades``
     (a complete result has exactly that many rows); ``evaluate`` then gives
     the same answer as with all rows as long as ``window_trades`` >= the
     config's. Prefer it in the daemon: one result may hold millions of rows.
@@ -819,12 +1172,22 @@ def _load(conn: sqlite3.Connection, window_trades: int | None) -> list[Candidate
 
     if window_trades is not None:
         limit = int(window_trades)
+        if limit >= 1 and complete:
+            rows = np.fromiter(conn.execute(_WINDOW_ALL_SQL, (limit - 1,)), dtype=_ROW_DTYPE)
+            bounds = np.searchsorted(rows["k"], np.arange(len(complete) + 1))
+            # keep the last `limit` rows of each result (ties at its boundary timestamp)
+            end = np.repeat(bounds[1:], np.diff(bounds))
+            keep = end - np.arange(rows.size) <= limit
+            if not keep.all():
+                rows = rows[keep]
+                bounds = np.searchsorted(rows["k"], np.arange(len(complete) + 1))
+            ts, pn = rows["t"], rows["p"]
+            for idx, (_, c, _) in complete.items():
+                lo, hi = bounds[idx], bounds[idx + 1]
+                if hi > lo:
+                    c.timestamps = ts[lo:hi].copy()
+                    c.pnls = pn[lo:hi].copy()
         for request_id, c, total in complete.values():
-            rows = conn.execute(_WINDOW_ROWS_SQL, (request_id, limit)).fetchall()
-            if rows:
-                rows.reverse()
-                c.timestamps = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-                c.pnls = np.fromiter((r[1] for r in rows), dtype=np.float64, count=len(rows))
             if total is None:
                 total = conn.execute(_COUNT_SQL, (request_id,)).fetchone()[0]
             c.n_trades = int(total)

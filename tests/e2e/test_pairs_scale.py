@@ -103,3 +103,16 @@ def test_pairs_evaluate_answers_at_10000_strategies_without_a_restart(make_daemo
     assert_all_running(d)
     state = inspect(d, "pairs")
     assert state["running"] is False and state["abandoned"] == 0, state
+    # memory bounded by the block size, not by the 50M pairs (issue 16: peak RSS < 1 GiB)
+    peak = peak_rss_mib(state["pid"])
+    print(f"pairs actor peak RSS {peak:.0f} MiB")
+    assert peak < 1024, peak
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident set (VmHWM) in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")

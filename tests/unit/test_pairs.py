@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import math
 import sqlite3
+import threading
+import time
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from pairlane import pairs, synthetic
@@ -311,6 +313,28 @@ def test_window_is_last_trades_by_timestamp_stable():
     assert keys.size == 0 and vals.size == 0
 
 
+@pytest.mark.parametrize("bucket", ["day", "exact"])
+def test_bucketing_all_candidates_at_once_equals_one_by_one(bucket):
+    """evaluate buckets every candidate in one pass: the same keys and bit-identical sums as
+    bucket_series per candidate (equal timestamps, windows cutting runs of them, empty ones)."""
+    rng = np.random.default_rng(8)
+    cands = []
+    for k in range(60):
+        m = int(rng.integers(0, 40)) if k % 9 else 0
+        ts = MIDNIGHT + rng.integers(0, 5, size=m) * (DAY // 3) + rng.integers(0, 2, size=m)
+        cands.append(cand(f"b{k}", ts, rng.normal(size=m) * 10.0 ** rng.integers(-3, 4, size=m)))
+    in_order = [cand(c.name, np.sort(c.timestamps, kind="stable"), c.pnls[np.argsort(c.timestamps, kind="stable")])
+                for c in cands]  # as loaded: the one-pass path skips its sort
+    for window, cands in [(w, cs) for w in (1, 4, 17, 100) for cs in (cands, in_order)]:
+        together = pairs._bucket_all(cands, window, bucket)
+        assert len(together) == len(cands)
+        for c, (keys, vals) in zip(cands, together):
+            want_k, want_v = bucket_series(c.timestamps, c.pnls, window, bucket)
+            assert keys.dtype == np.int64 and vals.dtype == np.float64
+            assert keys.tolist() == want_k.tolist() and vals.tobytes() == want_v.tobytes()
+    assert pairs._bucket_all([], 5, bucket) == []
+
+
 def test_align_union_zero_filled():
     xa, xb = align(np.array([1, 3]), np.array([1.0, 3.0]), np.array([2, 3]), np.array([20.0, 30.0]))
     assert xa.tolist() == [1.0, 0.0, 3.0] and xb.tolist() == [0.0, 20.0, 30.0]
@@ -555,6 +579,142 @@ def test_score_bounds_never_fall_below_the_exact_score(monkeypatch, share, bucke
     assert float(np.median(cheap)) < 50   # and the cheap bound is a real bound, not infinity
 
 
+# ------------------------------------------- screened tiles (issue 16)
+
+
+_SCREENED_PAIRS = pairs._screened_pairs  # the real one (hypothesis reuses a monkeypatched module)
+
+
+def _force_screen(monkeypatch, share, rows=3, cols=5):
+    """Small tiles and a one-row first block, so that a small pool goes through
+    the screened path; returns the list of rows it started at (one per run)."""
+    monkeypatch.setattr(pairs, "_FIRST_BLOCK_ELEMS", 1)
+    monkeypatch.setattr(pairs, "_TILE_ROWS", rows)
+    monkeypatch.setattr(pairs, "_TILE_COLS", cols)
+    monkeypatch.setattr(pairs, "_FLUSH_PAIRS", 3)
+    monkeypatch.setattr(pairs, "_DENSE_MIN_SHARE", share)
+    started = []
+
+    def spy(mx, top, r0, corr_max):
+        started.append(r0)
+        return _SCREENED_PAIRS(mx, top, r0, corr_max)
+
+    monkeypatch.setattr(pairs, "_screened_pairs", spy)
+    return started
+
+
+def _drift_pool(n, trades, seed, span_days, drift):
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        ts = MIDNIGHT + rng.integers(0, span_days * DAY, size=trades)
+        if k % 5 == 0:  # some exact-timestamp sharing
+            ts[: trades // 2] = MIDNIGHT + rng.integers(0, 20, size=trades // 2) * 3600
+        pn = np.round(rng.normal(rng.normal(drift, 0.3), 1.0, size=trades), 2)
+        out.append(cand(f"q{k:03d}", ts, pn, sharpe=float(rng.normal())))
+    return out
+
+
+@pytest.mark.parametrize("share", [2, 10**9])   # dense (float32 BLAS) screen sums, then light (enumerated)
+@pytest.mark.parametrize("bucket", ["day", "exact"])
+def test_screened_evaluation_matches_reference(monkeypatch, share, bucket):
+    """Pairs past the first blocks are screened in tiles without their cross
+    products, then evaluated exactly: the slots equal the plain reference's."""
+    started = _force_screen(monkeypatch, share)
+    hit = 0
+    for seed in range(6):
+        cands = _drift_pool(45, 24, seed=100 + seed, span_days=25, drift=0.4)
+        cfg = PairsConfig(min_trades=10, window_trades=20, per_group=1000, bucket=bucket, max_pairs=1 + seed % 4)
+        before = len(started)
+        ev = check_against_reference(cands, cfg)
+        hit += len(started) > before and started[-1] < 40
+        assert len(ev.slots) == cfg.max_pairs
+    assert hit >= 5, started  # the screen really ran, over most of each pool
+
+
+@st.composite
+def screened_cases(draw):
+    corr_max = draw(st.sampled_from([0.05, 0.12, 0.2, 0.35, 0.6]))
+    cfg = PairsConfig(
+        min_trades=4,
+        window_trades=draw(st.integers(4, 20)),
+        per_group=1000,
+        bucket=draw(st.sampled_from(["day", "exact"])),
+        corr_max=corr_max,
+        rescue_corr_max=corr_max + draw(st.sampled_from([0.0, 0.1])),
+        max_pairs=draw(st.integers(1, 6)),
+    )
+    pool = _drift_pool(draw(st.integers(6, 30)), draw(st.integers(4, 24)), draw(st.integers(0, 2**32 - 1)),
+                       draw(st.integers(2, 40)), draw(st.sampled_from([0.0, 0.2, 0.6, 1.5])))
+    tiles = (draw(st.integers(1, 5)), draw(st.integers(1, 7)))
+    return pool, cfg, tiles, draw(st.sampled_from([2, 3, 10**9]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(screened_cases())
+def test_screened_evaluation_matches_reference_on_random_pools(monkeypatch, case):
+    pool, cfg, tiles, share = case
+    started = _force_screen(monkeypatch, share, *tiles)
+    check_against_reference(pool, cfg, property_test=True)
+    event("screened" if started else "blocks only")  # --hypothesis-show-statistics
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # x^4 overflows at 1e100 (the Hoelder sums only)
+@pytest.mark.parametrize("scale", [1.0, 1e-150, 1e-40, 1e40, 1e100])
+def test_screened_and_unscreened_evaluations_agree(monkeypatch, scale):
+    """The same slots with the screen and without it (corr_max above _SCREEN_CORR_MAX turns it
+    off), also when some strategies' bucket sums are beyond float32's range (the screen's E then
+    takes float64 products: float32 ones underflowed to 0 and dropped the best pair)."""
+    cands = _drift_pool(45, 24, seed=404, span_days=25, drift=0.5)
+    for c in cands[::4]:
+        c.pnls = c.pnls * scale
+    cfg = PairsConfig(min_trades=10, window_trades=20, per_group=1000, max_pairs=4)
+    started = _force_screen(monkeypatch, 2)
+    screened = evaluate(cands, cfg).as_dict()
+    assert started and started[0] < 40
+    monkeypatch.setattr(pairs, "_SCREEN_CORR_MAX", -1.0)
+    plain = evaluate(cands, cfg).as_dict()
+    assert len(started) == 1  # the second run never screened
+    slots, want = screened.pop("slots"), plain.pop("slots")
+    assert len(want) == cfg.max_pairs and screened == plain
+    assert [(s["pair_id"], s["strategy_a"], s["strategy_b"]) for s in slots] == \
+        [(s["pair_id"], s["strategy_a"], s["strategy_b"]) for s in want]
+    for a, b in zip(slots, want):  # the values, to rounding
+        for key in ("weight_a", "weight_b", "corr", "sharpe", "profit_factor", "score"):
+            assert close(a[key], b[key], 1e-9), (key, a, b)
+
+
+@pytest.mark.parametrize("share", [2, 10**9])
+@pytest.mark.parametrize("bucket", ["day", "exact"])
+@pytest.mark.parametrize("corr_max", [0.1, 0.3, 0.8])
+def test_screen_keeps_every_pair_that_can_reach_the_threshold(monkeypatch, share, bucket, corr_max):
+    """The screen (float32 products, Sharpe bounded through corr >= -corr_max) is a
+    relaxation of the exact path's test |corr| <= corr_max and ub >= theta: a pair
+    it dropped that passes that test would be lost from the selection unseen."""
+    monkeypatch.setattr(pairs, "_DENSE_MIN_SHARE", share)
+    for seed, drift in ((31, 0.3), (32, 1.0), (33, 0.0)):
+        cands = _drift_pool(60, 30, seed=seed, span_days=30, drift=drift)
+        series = [bucket_series(c.timestamps, c.pnls, 30, bucket) for c in cands]
+        mx = pairs._Matrix(series)
+        n = len(series)
+        d = pairs._block_pairs(mx, 0, n - 1, 1, mx.block(0, n - 1, 1, ("K", "C", "E")))
+        valid = np.arange(1, n)[None, :] > np.arange(0, n - 1)[:, None]
+        eligible = valid & (np.abs(d["corr"]) <= corr_max)
+        ubs = np.sort(d["ub"][eligible & np.isfinite(d["ub"])])
+        pruned = 0
+        for q in (0.5, 0.9, 0.99, 1.0):
+            theta = float(ubs[min(ubs.size - 1, int(q * ubs.size))])
+            if theta <= 0.301:
+                continue
+            screen = pairs._screen_tile(mx, 0, n - 1, 1, n, theta, corr_max)
+            need = eligible & (d["ub"] >= theta)
+            assert need.any()
+            assert not (need & ~screen).any(), np.argwhere(need & ~screen)
+            assert not (screen & ~valid).any()
+            pruned += int((valid & ~screen).sum())
+        assert pruned > 0  # and it is a screen, not a pass-through
+
+
 @pytest.mark.parametrize("bucket", ["day", "exact"])
 def test_bench_evaluates_every_synthetic_strategy(bucket):
     seconds = pairs.bench(40, bucket=bucket)
@@ -686,6 +846,39 @@ def test_load_candidates_windowed_equals_full():
     assert full.as_dict() == win.as_dict()
 
 
+def test_load_candidates_windowed_rows_are_each_results_last_trades():
+    """The one-statement windowed load returns, per latest complete result, exactly the rows
+    a per-result ``ORDER BY timestamp DESC, seq DESC, pnl DESC LIMIT window`` returns, in
+    ascending order: ties at the window's boundary timestamp, results shorter than the
+    window, equal (timestamp, seq) rows ordered by pnl."""
+    rng = np.random.default_rng(77)
+    results, trades = [], []
+    for k in range(25):
+        rid = f"w-{k:02d}"
+        m = int(rng.integers(0, 30))
+        results.append((rid, f"s{k}", "complete" if k % 6 else "abandoned", m, 0.1, None, None, "A", float(k)))
+        ts = MIDNIGHT + rng.integers(0, 6, size=m) * 3600  # few distinct timestamps: many ties
+        for q in range(m):
+            trades.append((rid, f"s{k}", int(rng.integers(0, 3)), int(ts[q]), float(rng.integers(-4, 5))))
+    conn = make_db(results, [trades[q] for q in rng.permutation(len(trades))])
+    ref_sql = ("SELECT timestamp, pnl FROM backtest_trade_logs WHERE request_id = ? "
+               "ORDER BY timestamp DESC, seq DESC, pnl DESC LIMIT ?")
+    checked = 0
+    for window in (1, 3, 7, 100):
+        got = {c.name: c for c in load_candidates(conn, window_trades=window)}
+        for rid, name, status, m, *_ in results:
+            c = got[name]
+            assert c.status == status
+            if status != "complete":
+                assert c.timestamps.size == 0
+                continue
+            want = conn.execute(ref_sql, (rid, window)).fetchall()[::-1]
+            assert c.timestamps.tolist() == [t for t, _ in want] and c.pnls.tolist() == [p for _, p in want]
+            assert c.trade_count == m
+            checked += len(want) > 0 and m > window
+    assert checked > 20  # the windows really cut results (often inside a run of equal timestamps)
+
+
 def test_load_candidates_read_only_connection(tmp_path):
     path = tmp_path / "store.db"
     src = make_db(
@@ -705,3 +898,95 @@ def test_load_candidates_read_only_connection(tmp_path):
     load_candidates(conn)
     assert conn.in_transaction
     conn.execute("ROLLBACK")
+
+
+# ------------------------------------------- the pairs actor's evaluation thread
+
+
+class _ActorHarness:
+    """A PairsActor outside Thespian: timers, logs, alerts and slot writes recorded, not sent."""
+
+    def __init__(self, path):
+        from actors.pairs import PairsActor
+        from pairlane.metrics import MetricBatch
+
+        a = PairsActor.__new__(PairsActor)
+        a.config = {"store": {"path": str(path)}, "pairs": {"interval_s": 3600.0}}
+        a.cfg = PairsConfig(min_trades=1, per_group=1000)
+        a.conn = None
+        a.last = None
+        a.evaluations = a.errors = a.abandoned = 0
+        a.running = None
+        a.waiting = []
+        a._stopping = False
+        a.metrics = MetricBatch()
+        self.logs, self.written = [], []
+        a.after = lambda delay, payload: None
+        a.log = lambda level, event, **fields: self.logs.append((level, event, fields))
+        a.flush_metrics = lambda: None
+        a.alert = lambda *args: None
+        a.write_slots = lambda result, respond=None: self.written.append(result)
+        self.actor = a
+
+    def poll_until(self, cond, what, timeout=20.0):
+        """Drive the actor's eval_poll timer until cond() holds (what the 20 ms timer does)."""
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline, what
+            self.actor._poll()
+            time.sleep(0.005)
+
+
+def test_evaluation_past_its_deadline_is_given_up_reported_and_the_next_one_runs(monkeypatch, tmp_path):
+    """An evaluation outliving EVALUATION_DEADLINE_S (made small here) is given up: its waiter gets
+    an error saying why, it is logged and counted, the actor goes on (no restart), and the next
+    evaluation runs on a reader connection of its own while the abandoned thread still runs; the
+    abandoned result, arriving late, is dropped."""
+    from actors import pairs as pairs_actor
+
+    path = tmp_path / "store.db"
+    src = make_db([("r1", "s1", "complete", 4, 1.0, None, None, "A", 1.0),
+                   ("r2", "s2", "complete", 4, 1.0, None, None, "A", 2.0)],
+                  [(r, s, 0, MIDNIGHT + k * DAY, float(v)) for r, s, vals in
+                   (("r1", "s1", (1, -2, 3, 1)), ("r2", "s2", (2, 1, -1, 4))) for k, v in enumerate(vals)])
+    src.execute("VACUUM INTO ?", (str(path),))
+    src.close()
+    monkeypatch.setattr(pairs_actor, "EVALUATION_DEADLINE_S", 0.3)
+    release, hung = threading.Event(), threading.Event()
+    real = pairs.evaluate
+
+    def evaluate_first_hangs(cands, cfg):
+        if not hung.is_set():
+            hung.set()
+            release.wait(30)  # never longer than the test
+        return real(cands, cfg)
+
+    monkeypatch.setattr(pairs, "evaluate", evaluate_first_hangs)
+    h = _ActorHarness(path)
+    a = h.actor
+    replies = []
+    try:
+        a.start_evaluation([(replies.append, False)])
+        first = a.running
+        h.poll_until(lambda: replies, "the hung evaluation's waiter was never answered")
+        assert hung.is_set() and not first["done"].is_set()  # it was given up while still running
+        assert replies[0]["ok"] is False and "abandoned" in replies[0]["error"], replies
+        assert "deadline" in replies[0]["error"]
+        assert a.running is None and a.abandoned == 1 and a.errors == 1 and a.evaluations == 0
+        assert [e for lvl, e, _ in h.logs if lvl == "ERROR"] == ["pair_evaluation_abandoned"], h.logs
+
+        a.start_evaluation([(replies.append, False)])  # the next one: runs beside the hung thread
+        second = a.running
+        h.poll_until(lambda: len(replies) == 2, "the next evaluation was never answered")
+        assert replies[1]["ok"] is True and replies[1]["strategies"] == 2, replies[1]
+        assert a.evaluations == 1 and len(h.written) == 1
+        assert second["conn"] is not None and second["conn"] is not first["conn"]
+        assert a.conn is None  # the actor's own connection was never lent to an evaluation
+        for run in (first, second):
+            with pytest.raises(sqlite3.ProgrammingError):
+                run["conn"].execute("SELECT 1")  # each evaluation closed its own
+    finally:
+        release.set()
+    h.poll_until(lambda: first["done"].is_set(), "the abandoned thread never ended")
+    a._poll()
+    assert len(replies) == 2 and a.evaluations == 1 and len(h.written) == 1  # its late result: dropped
