@@ -118,7 +118,8 @@ class Assembler(PairlaneActor):
         elif isinstance(eff, lc.Release):
             self.released.append((eff.request_id, eff.seq))
         elif isinstance(eff, lc.Write):
-            self._to_writer(WriteChunk(eff.meta, eff.seq, eff.raw, eff.nrows, reply_to=self.myAddress))
+            self._to_writer(WriteChunk(eff.meta, eff.seq, eff.raw, eff.nrows, reply_to=self.myAddress,
+                                       record=eff.record))
         elif isinstance(eff, lc.WriteLive):
             self._to_writer(WriteLive(eff.batch_id, eff.raw, eff.nrows, reply_to=self.myAddress))
         elif isinstance(eff, lc.Record):

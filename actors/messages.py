@@ -91,6 +91,7 @@ class WriteChunk:
     meta: the results-row fields (store.meta_from_message). raw: the frame bytes.
     reply_to: the actor to tell ChunkDurable/ChunkRejected (None on DLQ retries).
     item_id: the DLQ item being retried, if any.
+    record: do what BeginRequest does first, in the chunk's transaction (a one-message result).
     """
 
     meta: dict
@@ -99,6 +100,7 @@ class WriteChunk:
     nrows: int
     reply_to: Any = None
     item_id: str | None = None
+    record: bool = False
 
 
 @dataclass(frozen=True)

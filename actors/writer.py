@@ -19,7 +19,7 @@ from pairlane.vocab import ResultStatus, WriteOutcome
 from .base import PairlaneActor
 from .messages import (BeginRequest, ChunkDurable, ChunkRejected, LegacyResult, LegacyWritten,
                        LiveDone, Lookup, LookupReply, ReplaceSlots, RetryDone, SetStatus, SlotsWritten,
-                       SpoolBatch, SweepStale, WriteChunk, WriteLive)
+                       SpoolBatch, SweepDone, SweepStale, WriteChunk, WriteLive)
 
 MAX_DEFERRED = 10000
 
@@ -72,6 +72,9 @@ class Writer(PairlaneActor):
                     self.metrics.inc("pairlane_results_total", outcome=ResultStatus.ABANDONED)
             except StoreError:
                 pass
+            # the assembler reads locally again only once it knows the sweep is behind it (without this
+            # answer, every lookup after the first sweep queued at the writer behind bulk chunks)
+            self.send_ordered(sender, SweepDone())
         elif isinstance(msg, ReplaceSlots):
             try:
                 self.store.replace_pair_slots(list(msg.slots), msg.evaluated_at)
@@ -82,10 +85,18 @@ class Writer(PairlaneActor):
     # ----- writes -------------------------------------------------------------------------------
     def _write_chunk(self, w: WriteChunk, sender) -> None:
         t0 = time.perf_counter()
+        record = w.record and getattr(self.store, "RECORDS_WITH_CHUNK", False)
+        if w.record and not record:   # this store records in a transaction of its own, first
+            self._status_change(("begin", w.meta))
         try:
             trades = codec.decode_chunk_payload(w.raw)
-            status = self.store.write_chunk(w.meta, w.seq, trades, w.nrows)
+            if record:
+                status = self.store.write_chunk(w.meta, w.seq, trades, w.nrows, record=True)
+            else:
+                status = self.store.write_chunk(w.meta, w.seq, trades, w.nrows)
         except StoreError as exc:
+            if record:   # as if the BeginRequest had come first: recorded now, or deferred and retried
+                self._status_change(("begin", w.meta))
             return self._failed(w, sender, exc)
         self.metrics.observe("pairlane_sqlite_write_seconds", time.perf_counter() - t0)
         wrote = status not in (WriteOutcome.DUPLICATE, WriteOutcome.DISCARDED)

@@ -201,11 +201,13 @@ class Release:
 
 @dataclass(frozen=True)
 class Write:
-    """Forward a chunk to the writer."""
+    """Forward a chunk to the writer. record: make the request visible first, as Record does, in
+    the chunk's own transaction (a one-message result: one commit and one message, not two)."""
     meta: dict
     seq: int
     raw: bytes | None
     nrows: int
+    record: bool = False
 
 
 @dataclass(frozen=True)
@@ -364,6 +366,7 @@ class Lifecycle:
                 "lookups_pending": len(self.lookups), "live_batches_pending": len(self.live),
                 "dlq_inventory_chunks": sum(len(v) for v in self.inventory.values()),
                 "big_chunks_at_writer": self.bulk_at_writer, "big_chunks_waiting": len(self.bulk_waiting),
+                "sweep_pending": self.sweep_pending,
                 "recent_results": len(self.recent), "leases": len(self.leases), **dict(self.stats)}
 
     # ----- effect helpers -------------------------------------------------------------------------
@@ -389,12 +392,14 @@ class Lifecycle:
 
     def _to_writer(self, eff) -> None:
         """A status change for the writer; lookups of that request must go through the writer now."""
-        rid = eff.meta["request_id"] if isinstance(eff, Record) else eff.request_id
+        self._mark_status_sent(eff.meta["request_id"] if isinstance(eff, Record) else eff.request_id)
+        self._emit(eff)
+
+    def _mark_status_sent(self, rid: str) -> None:
         self.status_sent[rid] = None
         self.status_sent.move_to_end(rid)
         while len(self.status_sent) > RECENT_DONE:
             self.status_sent.popitem(last=False)
-        self._emit(eff)
 
     def _receiving(self) -> int:
         return sum(1 for r in self.reqs.values() if r.status == ResultStatus.RECEIVING)
@@ -448,6 +453,10 @@ class Lifecycle:
             # the lookup must come after the lease: the store then shows what a previous owner made durable
             self.claiming.add(rid)
             return self._emit(Claim(rid))
+        self._lookup(rid, local_ok)
+
+    def _lookup(self, rid: str, local_ok: bool) -> None:
+        self.stats["lookups_local" if local_ok else "lookups_via_writer"] += 1
         self._emit(Lookup(rid, local_ok))
 
     def _claimed(self, ev: Claimed) -> None:
@@ -464,7 +473,7 @@ class Lifecycle:
             local_ok = (rid not in self.status_sent and not self.sweep_pending
                         and self.clock() - self.started >= LOCAL_LOOKUP_GRACE_S)
             if local_ok or self.writer_up:
-                return self._emit(Lookup(rid, local_ok))
+                return self._lookup(rid, local_ok)
         _, queued = self.lookups.pop(rid, (None, []))
         if ev.ok:
             text, retry = "pairlane's writer is restarting", 1.0
@@ -545,10 +554,17 @@ class Lifecycle:
                 req.durable.setdefault(seq, (rows, "dlq"))
         self.reqs[rid] = req
         self.stats["begun"] += 1
+        if req.kind == "result":
+            # a small one-message result is recorded in its chunk's transaction (the writer takes our
+            # messages in order, so nothing can see it between the two); a big one waits for the bulk
+            # window, so it is recorded at once, as a chunked request is
+            record = (not visible and ev.nrows <= BULK_ROWS and ev.bad is None and self.writer_up
+                      and 0 not in req.durable)
+            if not visible and not record:
+                self._to_writer(Record(meta))
+            return self._chunk(Chunk(rid, ev.identity, 0, ev.raw, ev.nrows, ev.bad), record)
         if not visible:
             self._to_writer(Record(meta))  # visible as `receiving` at once (or starts over)
-        if req.kind == "result":
-            return self._chunk(Chunk(rid, ev.identity, 0, ev.raw, ev.nrows, ev.bad))
         self._reply(ev.identity, credit_reply(rid, req.window))
         self._settle(req)
 
@@ -568,7 +584,7 @@ class Lifecycle:
                              "or with another strategy_name or totals)", rid)
         self._begin(ev, row, looked_up)
 
-    def _chunk(self, ev: Chunk) -> None:
+    def _chunk(self, ev: Chunk, record: bool = False) -> None:
         rid, seq = ev.request_id, ev.seq
         req = self.reqs.get(rid)
         if req is None:
@@ -597,7 +613,9 @@ class Lifecycle:
             self._release(rid, seq)
             return self._err(ev.identity, "unavailable", "pairlane's writer is restarting", rid, 1.0)
         req.inflight[seq] = (ev.nrows, self.clock())
-        work = Write(req.meta, seq, ev.raw, ev.nrows)
+        if record:
+            self._mark_status_sent(rid)
+        work = Write(req.meta, seq, ev.raw, ev.nrows, record)
         if ev.nrows > BULK_ROWS:
             # the writer handles our messages in order, one per turn of its loop: a small result's
             # chunk must never queue behind more than BULK_WINDOW big ones
