@@ -76,6 +76,14 @@ class Inbound:
 
 
 @dataclass(frozen=True)
+class InboundBatch:
+    """Gateway -> assembler: the Inbounds of one drain of the producer socket, in arrival order
+    (one Thespian message instead of one per frame: each costs a transport round trip)."""
+
+    items: tuple
+
+
+@dataclass(frozen=True)
 class Outbound:
     """Assembler -> gateway: replies to send (identity, reply map), and the (request_id, seq)
     of chunks the gateway no longer counts as in flight."""
@@ -193,6 +201,25 @@ class SweepStale:
 @dataclass(frozen=True)
 class SweepDone:
     """Writer -> assembler: the SweepStale it sent is applied (or failed and changed nothing)."""
+
+
+@dataclass(frozen=True)
+class WriterBatch:
+    """Assembler -> writer: writer messages (WriteChunk, WriteLive, BeginRequest, SetStatus, Lookup,
+    SweepStale) handled in this order, each exactly as if sent alone (a chunk is still one
+    transaction, committed before its ChunkDurable), answered by one WriterBatchDone. Bounded by
+    the assembler (a few chunks; big ones one at a time)."""
+
+    items: tuple
+
+
+@dataclass(frozen=True)
+class WriterBatchDone:
+    """Writer -> assembler: every answer the WriterBatch's items produced for the assembler
+    (ChunkDurable, ChunkRejected, LiveDone, LookupReply, SweepDone), in order; sent when the whole
+    batch is handled, so the assembler knows it left the writer."""
+
+    replies: tuple
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,16 @@ from pairlane.vocab import ResultStatus, WriteOutcome
 from .base import PairlaneActor
 from .messages import (BeginRequest, ChunkDurable, ChunkRejected, LegacyResult, LegacyWritten,
                        LiveDone, Lookup, LookupReply, ReplaceSlots, RetryDone, SetStatus, SlotsWritten,
-                       SpoolBatch, SweepDone, SweepStale, WriteChunk, WriteLive)
+                       SpoolBatch, SweepDone, SweepStale, WriteChunk, WriteLive, WriterBatch,
+                       WriterBatchDone)
 
 MAX_DEFERRED = 10000
 
 
 class Writer(PairlaneActor):
     def on_start(self) -> None:
+        self._batch_to = None          # the WriterBatch's sender while one is handled
+        self._batch_replies: list = []
         self.store = open_store(self.config)
         self.deferred: list = []       # status changes that failed: retried every tick
         self.spooled = 0
@@ -47,8 +50,22 @@ class Writer(PairlaneActor):
                 "db_bytes": st.file_sizes(), "path": st.path, "max_bytes": st.max_bytes,
                 "backend": backend(self.config)}
 
+    def send_ordered(self, addr, msg) -> None:
+        if self._batch_to is not None and addr == self._batch_to:
+            self._batch_replies.append(msg)   # answered together once the batch is handled
+        else:
+            super().send_ordered(addr, msg)
+
     def on_message(self, msg, sender) -> None:
-        if isinstance(msg, WriteChunk):
+        if isinstance(msg, WriterBatch):
+            self._batch_to, self._batch_replies = sender, []
+            try:
+                for item in msg.items:
+                    self.on_message(item, sender)
+            finally:
+                replies, self._batch_to, self._batch_replies = tuple(self._batch_replies), None, []
+            self.send_ordered(sender, WriterBatchDone(replies))
+        elif isinstance(msg, WriteChunk):
             self._write_chunk(msg, sender)
         elif isinstance(msg, WriteLive):
             self._write_live(msg, sender)
