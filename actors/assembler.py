@@ -92,7 +92,7 @@ class Assembler(PairlaneActor):
         if isinstance(msg, Inbound):
             self._feed(self._event(msg))
         elif isinstance(msg, ChunkDurable):
-            self._feed(lc.Durable(msg.request_id, msg.seq, msg.location, msg.status, msg.nrows))
+            self._feed(lc.Durable(msg.request_id, msg.seq, msg.location, msg.status, msg.nrows, msg.answered))
         elif isinstance(msg, ChunkRejected):
             self._feed(lc.Rejected(msg.request_id, msg.seq, msg.code, msg.message, msg.retry_after_s))
         elif isinstance(msg, LookupReply):
@@ -152,8 +152,10 @@ class Assembler(PairlaneActor):
         elif isinstance(eff, lc.Release):
             self.released.append((eff.request_id, eff.seq))
         elif isinstance(eff, lc.Write):
+            # a producer speaking through another actor (legacy) is answered by us, never by the writer
+            answer = eff.answer if eff.answer is not None and eff.answer[0] not in self.reply_targets else None
             self._to_writer(WriteChunk(eff.meta, eff.seq, eff.raw, eff.nrows, reply_to=self.myAddress,
-                                       record=eff.record))
+                                       record=eff.record, answer=answer))
         elif isinstance(eff, lc.WriteLive):
             self._to_writer(WriteLive(eff.batch_id, eff.raw, eff.nrows, reply_to=self.myAddress))
         elif isinstance(eff, lc.Record):

@@ -100,6 +100,9 @@ class WriteChunk:
     reply_to: the actor to tell ChunkDurable/ChunkRejected (None on DLQ retries).
     item_id: the DLQ item being retried, if any.
     record: do what BeginRequest does first, in the chunk's transaction (a one-message result).
+    answer: (identity, reply) of a one-message result: when the commit completes the result, the
+    writer sends it to the gateway itself (saving the trip through the assembler) and says so in
+    ChunkDurable.answered; never for anything else, never before the commit.
     """
 
     meta: dict
@@ -109,6 +112,7 @@ class WriteChunk:
     reply_to: Any = None
     item_id: str | None = None
     record: bool = False
+    answer: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -125,13 +129,15 @@ class WriteLive:
 @dataclass(frozen=True)
 class ChunkDurable:
     """Writer or dlq -> assembler: the chunk is durable. location: db | dlq. status: the result's
-    status after a db commit (receiving, complete, failed, duplicate, discarded) or 'spooled'."""
+    status after a db commit (receiving, complete, failed, duplicate, discarded) or 'spooled'.
+    answered: the producer identity the writer already sent WriteChunk.answer to, else None."""
 
     request_id: str
     seq: int
     location: str
     status: str
     nrows: int
+    answered: bytes | None = None
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pairlane.vocab import ResultStatus, WriteOutcome
 
 from .base import PairlaneActor
 from .messages import (BeginRequest, ChunkDurable, ChunkRejected, LegacyResult, LegacyWritten,
-                       LiveDone, Lookup, LookupReply, ReplaceSlots, RetryDone, SetStatus, SlotsWritten,
+                       LiveDone, Lookup, LookupReply, Outbound, ReplaceSlots, RetryDone, SetStatus, SlotsWritten,
                        SpoolBatch, SweepDone, SweepStale, WriteChunk, WriteLive, WriterBatch,
                        WriterBatchDone)
 
@@ -126,8 +126,16 @@ class Writer(PairlaneActor):
             self.send_ordered(sender, RetryDone(w.item_id, True, reason))
             if status == WriteOutcome.COMPLETE:
                 self.log("INFO", "result_complete_from_dlq", request_id=w.meta["request_id"])
+        answered = None
+        if w.answer is not None and w.reply_to is not None and status == WriteOutcome.COMPLETE \
+                and self.peer("gateway") is not None:
+            # a one-message result is complete and durable: its producer hears it now, one hop sooner
+            identity, reply = w.answer
+            self.tell("gateway", Outbound(((identity, reply),), ((w.meta["request_id"], w.seq),)))
+            answered = identity
         if w.reply_to is not None:
-            self.send_ordered(w.reply_to, ChunkDurable(w.meta["request_id"], w.seq, "db", status, w.nrows))
+            self.send_ordered(w.reply_to, ChunkDurable(w.meta["request_id"], w.seq, "db", status, w.nrows,
+                                                       answered))
 
     def _write_live(self, w: WriteLive, sender) -> None:
         t0 = time.perf_counter()

@@ -119,6 +119,7 @@ class Durable:
     location: str
     outcome: str
     nrows: int
+    answered: bytes | None = None   # the producer identity the writer already told `stored` (Write.answer)
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,8 @@ class Write:
     raw: bytes | None
     nrows: int
     record: bool = False
+    answer: tuple | None = None    # (identity, reply): a one-message result's `stored` reply, for the
+                                   # writer to send itself right after the commit that completes it
 
 
 @dataclass(frozen=True)
@@ -291,6 +294,7 @@ class Req:
     inflight: dict = field(default_factory=dict)       # seq -> (rows, sent_at)
     status: ResultStatus = ResultStatus.RECEIVING      # RECEIVING | COMPLETE | FAILED
     end_waiting: bytes | None = None
+    answered: bytes | None = None                      # identity the writer told `stored` itself
 
     @property
     def rid(self) -> str:
@@ -615,7 +619,10 @@ class Lifecycle:
         req.inflight[seq] = (ev.nrows, self.clock())
         if record:
             self._mark_status_sent(rid)
-        work = Write(req.meta, seq, ev.raw, ev.nrows, record)
+        answer = None
+        if req.kind == "result":   # the only reply a commit that completes it can lead to (see _settle)
+            answer = (ev.identity, stored_reply(rid, req.meta["total_trades"], "db"))
+        work = Write(req.meta, seq, ev.raw, ev.nrows, record, answer)
         if ev.nrows > BULK_ROWS:
             # the writer handles our messages in order, one per turn of its loop: a small result's
             # chunk must never queue behind more than BULK_WINDOW big ones
@@ -710,6 +717,8 @@ class Lifecycle:
         if ev.outcome == WriteOutcome.DISCARDED:
             return
         req.durable[ev.seq] = (ev.nrows, ev.location)
+        if ev.answered is not None:
+            req.answered = ev.answered
         if ev.outcome == WriteOutcome.FAILED:
             req.status = ResultStatus.FAILED
         if req.kind == "chunked":
@@ -745,7 +754,8 @@ class Lifecycle:
             self.stats["failed"] += 1
         if req.kind == "result" and all_durable:
             if req.status == ResultStatus.COMPLETE:
-                self._reply(req.identity, stored_reply(req.rid, req.meta["total_trades"], req.location()))
+                if req.answered != req.identity:   # else the writer told this producer already
+                    self._reply(req.identity, stored_reply(req.rid, req.meta["total_trades"], req.location()))
             else:
                 self._err(req.identity, "incomplete", "the result's rows do not add up to total_trades", req.rid)
                 self.reqs.pop(req.rid, None)

@@ -657,6 +657,22 @@ def test_producer_that_stops_mid_transfer_is_abandoned(small):
     assert_all_running(small)
 
 
+def test_one_message_results_are_answered_exactly_once(shared, dealer):
+    """The writer answers a one-message result itself once it is durable; the assembler must not
+    answer it again (and a resend while it is written still gets one answer)."""
+    for i in range(5):
+        rid = f"once-{i}"
+        msg = {"type": "result", "request_id": rid, "strategy_name": "S", "total_trades": 2, "trades": rows2()}
+        assert dealer.rt(msg) == {"type": "stored", "request_id": rid, "trades": 2, "trades_ref": rid,
+                                  "location": "db"}
+        assert rows_for(shared, rid) == 2 and result_row(shared, rid)["status"] == "complete"
+    assert dealer.drain(1.0) == []
+    dealer.send(msg)
+    dealer.send(msg)   # stored already: each gets `stored`, from the assembler's memory
+    assert [r["type"] for r in dealer.drain(2.0)] == ["stored", "stored"]
+    assert rows_for(shared, rid) == 2
+
+
 def test_lookups_read_locally_between_sweeps(small):
     """assembly_timeout_s = 2 sweeps every second; the writer confirms each sweep, so a result's
     lookup is read by the assembler itself, not queued at the writer (it used to stay pending)."""

@@ -549,6 +549,34 @@ def test_small_result_is_recorded_in_its_chunk_write_big_one_at_once():
     assert kinds[-2:] == ["Record", "Write"] and not w.writes()[-1].record  # visible while it waits
 
 
+def test_result_answered_by_the_writer_is_not_answered_twice():
+    w = World()
+    w.send(result("R"))
+    stored = {"type": "stored", "request_id": "R", "trades": 10, "trades_ref": "R", "location": "db"}
+    write = w.pending.pop()
+    assert write.answer == (b"p", stored)
+    outcome = w.commit(write)
+    assert w.send(lc.Durable("R", 0, "db", outcome, 10, answered=b"p")) == []   # the writer told b"p"
+    assert w.lc.reqs["R"].status == ResultStatus.COMPLETE and only(w.send(result("R"))) == stored
+
+
+def test_result_resent_from_another_socket_while_written_gets_its_answer():
+    w = World()
+    w.send(result("R"))
+    assert w.send(lc.Result("R", b"q", meta("R", 1, 10), None, "zmq", b"raw", 10)) == []
+    write = w.pending.pop()
+    outcome = w.commit(write)
+    replies = w.send(lc.Durable("R", 0, "db", outcome, 10, answered=write.answer[0]))
+    assert only(replies)["type"] == "stored"     # b"q" is not who the writer told
+
+
+def test_chunked_writes_carry_no_answer():
+    w = World()
+    w.begin("R", chunks=2, trades=20)
+    w.chunk("R", 0)
+    assert [x.answer for x in w.writes()] == [None]
+
+
 def test_small_result_after_an_abandoned_one_starts_over_in_its_write():
     w = World()
     w.db["R"] = {"meta": meta("R", 1, 10), "status": ResultStatus.ABANDONED, "chunks": {}}
