@@ -26,9 +26,11 @@ MAX_DEFERRED = 10000
 
 
 class Writer(PairlaneActor):
+    _batch_to = None              # the WriterBatch's sender while one is handled
+    _batch_replies: list = []     # what send_ordered held back for it meanwhile
+
     def on_start(self) -> None:
-        self._batch_to = None          # the WriterBatch's sender while one is handled
-        self._batch_replies: list = []
+        self._batch_replies = []
         self.store = open_store(self.config)
         self.deferred: list = []       # status changes that failed: retried every tick
         self.spooled = 0
