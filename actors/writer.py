@@ -28,9 +28,11 @@ MAX_DEFERRED = 10000
 class Writer(PairlaneActor):
     _batch_to = None              # the WriterBatch's sender while one is handled
     _batch_replies: list = []     # what send_ordered held back for it meanwhile
+    _batch_answers: list = []     # producer answers for the gateway, sent right after WriterBatchDone
 
     def on_start(self) -> None:
         self._batch_replies = []
+        self._batch_answers = []
         self.store = open_store(self.config)
         self.deferred: list = []       # status changes that failed: retried every tick
         self.spooled = 0
@@ -60,13 +62,18 @@ class Writer(PairlaneActor):
 
     def on_message(self, msg, sender) -> None:
         if isinstance(msg, WriterBatch):
-            self._batch_to, self._batch_replies = sender, []
+            self._batch_to, self._batch_replies, self._batch_answers = sender, [], []
             try:
                 for item in msg.items:
                     self.on_message(item, sender)
             finally:
                 replies, self._batch_to, self._batch_replies = tuple(self._batch_replies), None, []
+                answers, self._batch_answers = self._batch_answers, []
+            # the assembler's answer first: the producer's next message makes the assembler send to us,
+            # and Thespian loses a round (tens of ms) when two actors send to each other at once
             self.send_ordered(sender, WriterBatchDone(replies))
+            if answers:
+                self.tell("gateway", Outbound(tuple(a for a, _ in answers), tuple(k for _, k in answers)))
         elif isinstance(msg, WriteChunk):
             self._write_chunk(msg, sender)
         elif isinstance(msg, WriteLive):
@@ -133,7 +140,11 @@ class Writer(PairlaneActor):
                 and self.peer("gateway") is not None:
             # a one-message result is complete and durable: its producer hears it now, one hop sooner
             identity, reply = w.answer
-            self.tell("gateway", Outbound(((identity, reply),), ((w.meta["request_id"], w.seq),)))
+            answer = ((identity, reply), (w.meta["request_id"], w.seq))
+            if self._batch_to is not None:
+                self._batch_answers.append(answer)
+            else:
+                self.tell("gateway", Outbound((answer[0],), (answer[1],)))
             answered = identity
         if w.reply_to is not None:
             self.send_ordered(w.reply_to, ChunkDurable(w.meta["request_id"], w.seq, "db", status, w.nrows,
