@@ -21,11 +21,25 @@ from pairlane.store import StoreError, meta_from_message
 from pairlane.stores import backend, open_store
 
 from .base import PairlaneActor
-from .messages import (BeginRequest, ChunkDurable, ChunkRejected, Inbound, Inventory,
+from .messages import (BeginRequest, ChunkDurable, ChunkRejected, Inbound, InboundBatch, Inventory,
                        InventoryRequest, LiveDone, Lookup, LookupReply, Outbound, SetStatus, SweepDone, SweepStale,
-                       WriteChunk, WriteLive)
+                       WriteChunk, WriteLive, WriterBatch, WriterBatchDone)
 
 MAX_REPLY_TARGETS = 1000
+WRITER_WINDOW = 2               # WriterBatches at the writer at once: one handled, the next one waiting
+BATCH_MAX_ITEMS = 32            # writer messages in one WriterBatch
+
+
+def batch_length(outbox: list, max_items: int, max_bytes: int) -> int:
+    """How many of outbox's first messages go in the next WriterBatch: at most max_items, and no more
+    chunk bytes (`raw`) than max_bytes, except that the first message always goes."""
+    n, size = 0, 0
+    for msg in outbox:
+        size += len(getattr(msg, "raw", b"") or b"")
+        if n and (n >= max_items or size > max_bytes):
+            break
+        n += 1
+    return n
 
 
 class Assembler(PairlaneActor):
@@ -44,6 +58,11 @@ class Assembler(PairlaneActor):
         self.released: list = []
         self.side_replies: list = []                        # (actor, identity, reply) not via the gateway
         self.reply_targets: dict = {}                       # identity -> actor, for non-ZMQ producers
+        # writer messages go out in order, in WriterBatches, at most WRITER_WINDOW of them unanswered:
+        # what comes meanwhile waits here and goes in the next batch (fewer transport round trips)
+        self.outbox: list = []
+        self.batches_out = 0
+        self.batch_max_bytes = g["max_message_bytes"]   # one chunk's worth (a single bigger one goes alone)
         self.reader = open_store(self.config, busy_timeout_ms=100, readonly=True)
         self._feed(lc.Peers(self.writer is not None, self.dlq is not None, dlq_changed=True))
 
@@ -53,14 +72,33 @@ class Assembler(PairlaneActor):
             self.leases.close()   # every lease this daemon held is free for the others now
 
     def inspect(self) -> dict:
-        return self.life.inspect()
+        return dict(self.life.inspect(), writer_batches_out=self.batches_out, writer_outbox=len(self.outbox))
 
     # ----- events in ---------------------------------------------------------------------------------
     def on_message(self, msg, sender) -> None:
+        if isinstance(msg, WriterBatchDone):
+            if sender == self.writer:   # not a batch the previous writer took with it
+                self.batches_out = max(0, self.batches_out - 1)
+            for reply in msg.replies:
+                self._event_in(reply)
+        elif isinstance(msg, InboundBatch):
+            for inb in msg.items:
+                self._feed(self._event(inb))
+        else:
+            self._event_in(msg)
+        self._flush()
+
+    def _event_in(self, msg) -> None:
         if isinstance(msg, Inbound):
             self._feed(self._event(msg))
         elif isinstance(msg, ChunkDurable):
-            self._feed(lc.Durable(msg.request_id, msg.seq, msg.location, msg.status, msg.nrows))
+            before = len(self.released)
+            self._feed(lc.Durable(msg.request_id, msg.seq, msg.location, msg.status, msg.nrows, msg.answered))
+            if msg.answered is not None:
+                # the writer's answer released this chunk at the gateway: no message of ours crosses the
+                # producer's next one there (Thespian loses a round when two actors send at once)
+                key = (msg.request_id, msg.seq)
+                self.released[before:] = [k for k in self.released[before:] if k != key]
         elif isinstance(msg, ChunkRejected):
             self._feed(lc.Rejected(msg.request_id, msg.seq, msg.code, msg.message, msg.retry_after_s))
         elif isinstance(msg, LookupReply):
@@ -72,7 +110,6 @@ class Assembler(PairlaneActor):
                                    msg.retry_after_s))
         elif isinstance(msg, Inventory):
             self._feed(lc.Inventory(msg.items))
-        self._flush()
 
     def _event(self, inb: Inbound):
         m = inb.msg
@@ -94,6 +131,9 @@ class Assembler(PairlaneActor):
         writer, dlq = self.peer("writer"), self.peer("dlq")
         lost = writer != self.writer or (dlq != self.dlq and self.dlq is not None)
         dlq_changed = dlq != self.dlq
+        if writer != self.writer:   # what waited for (or went to) the old writer is lost with it
+            self.outbox.clear()
+            self.batches_out = 0
         self.writer, self.dlq = writer, dlq
         if lost or dlq_changed:
             self._feed(lc.Peers(writer is not None, dlq is not None, lost, dlq_changed))
@@ -120,7 +160,10 @@ class Assembler(PairlaneActor):
         elif isinstance(eff, lc.Release):
             self.released.append((eff.request_id, eff.seq))
         elif isinstance(eff, lc.Write):
-            self._to_writer(WriteChunk(eff.meta, eff.seq, eff.raw, eff.nrows, reply_to=self.myAddress))
+            # a producer speaking through another actor (legacy) is answered by us, never by the writer
+            answer = eff.answer if eff.answer is not None and eff.answer[0] not in self.reply_targets else None
+            self._to_writer(WriteChunk(eff.meta, eff.seq, eff.raw, eff.nrows, reply_to=self.myAddress,
+                                       record=eff.record, answer=answer))
         elif isinstance(eff, lc.WriteLive):
             self._to_writer(WriteLive(eff.batch_id, eff.raw, eff.nrows, reply_to=self.myAddress))
         elif isinstance(eff, lc.Record):
@@ -159,7 +202,14 @@ class Assembler(PairlaneActor):
 
     def _to_writer(self, msg) -> None:
         if self.writer is not None:
-            self.send_ordered(self.writer, msg)
+            self.outbox.append(msg)
+
+    def _send_batches(self) -> None:
+        while self.outbox and self.batches_out < WRITER_WINDOW and self.writer is not None:
+            n = batch_length(self.outbox, BATCH_MAX_ITEMS, self.batch_max_bytes)
+            items, self.outbox = tuple(self.outbox[:n]), self.outbox[n:]
+            self.send_ordered(self.writer, WriterBatch(items))
+            self.batches_out += 1
 
     def _lookup(self, eff: lc.Lookup) -> None:
         """Read locally when the lifecycle allows it (and the database answers), else ask the writer,
@@ -168,7 +218,7 @@ class Assembler(PairlaneActor):
         if row is not False:
             self._feed(lc.LookupAnswer(eff.request_id, row))
         elif self.writer is not None:
-            self.send_ordered(self.writer, Lookup(eff.request_id))
+            self._to_writer(Lookup(eff.request_id))
         else:
             self._feed(lc.LookupAnswer(eff.request_id, None, failed=True))
 
@@ -183,6 +233,7 @@ class Assembler(PairlaneActor):
             return False
 
     def _flush(self) -> None:
+        self._send_batches()
         if (self.replies or self.released) and self.peer("gateway") is not None:
             self.tell("gateway", Outbound(tuple(self.replies), tuple(self.released)))
         self.replies = []

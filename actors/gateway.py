@@ -17,7 +17,7 @@ import zmq
 from pairlane import codec
 
 from .base import PairlaneActor
-from .messages import Inbound, Outbound
+from .messages import Inbound, InboundBatch, Outbound
 from .zap import curve_server
 
 DRAIN_BATCH = 64
@@ -41,6 +41,10 @@ class Gateway(PairlaneActor):
         self.inflight_bytes = 0
         self.assembler = self.peer("assembler")
         self.stats = {"messages": 0, "bytes": 0, "errors": 0, "forwarded": 0, "replies": 0}
+        # Inbounds of this drain, sent to the assembler as one message at its end (or once they hold
+        # max_message_bytes: an inter-actor message never carries more than one chunk's worth)
+        self.forward: list = []
+        self.forward_bytes = 0
         self.after(0.05, "poll")
 
     def watch_fds(self) -> list:
@@ -91,6 +95,15 @@ class Gateway(PairlaneActor):
             if n >= DRAIN_BATCH:  # let heartbeats and replies through, then go on
                 self.after(0, "drain")
                 break
+        self._forward()
+
+    def _forward(self) -> None:
+        if len(self.forward) == 1:
+            self.send_ordered(self.assembler, self.forward[0])
+        elif self.forward:
+            self.send_ordered(self.assembler, InboundBatch(tuple(self.forward)))
+        self.forward = []
+        self.forward_bytes = 0
 
     def _error(self, identity: bytes, err: codec.ProtocolError) -> None:
         self.stats["errors"] += 1
@@ -156,7 +169,10 @@ class Gateway(PairlaneActor):
                 self.per_request[rid] = self.per_request.get(rid, 0) + 1
                 self.inflight_bytes += len(raw)
         self.stats["forwarded"] += 1
-        self.send_ordered(self.assembler, Inbound(identity, m, raw, nrows, bad, time.time()))
+        if raw is not None and self.forward_bytes + len(raw) > self.limits.max_message_bytes:
+            self._forward()
+        self.forward.append(Inbound(identity, m, raw, nrows, bad, time.time()))
+        self.forward_bytes += len(raw) if raw is not None else 0
 
     # ----- replies from the assembler -------------------------------------------------------------
     def on_message(self, msg, sender) -> None:

@@ -76,6 +76,14 @@ class Inbound:
 
 
 @dataclass(frozen=True)
+class InboundBatch:
+    """Gateway -> assembler: the Inbounds of one drain of the producer socket, in arrival order
+    (one Thespian message instead of one per frame: each costs a transport round trip)."""
+
+    items: tuple
+
+
+@dataclass(frozen=True)
 class Outbound:
     """Assembler -> gateway: replies to send (identity, reply map), and the (request_id, seq)
     of chunks the gateway no longer counts as in flight."""
@@ -91,6 +99,10 @@ class WriteChunk:
     meta: the results-row fields (store.meta_from_message). raw: the frame bytes.
     reply_to: the actor to tell ChunkDurable/ChunkRejected (None on DLQ retries).
     item_id: the DLQ item being retried, if any.
+    record: do what BeginRequest does first, in the chunk's transaction (a one-message result).
+    answer: (identity, reply) of a one-message result: when the commit completes the result, the
+    writer sends it to the gateway itself (saving the trip through the assembler) and says so in
+    ChunkDurable.answered; never for anything else, never before the commit.
     """
 
     meta: dict
@@ -99,6 +111,8 @@ class WriteChunk:
     nrows: int
     reply_to: Any = None
     item_id: str | None = None
+    record: bool = False
+    answer: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -115,13 +129,15 @@ class WriteLive:
 @dataclass(frozen=True)
 class ChunkDurable:
     """Writer or dlq -> assembler: the chunk is durable. location: db | dlq. status: the result's
-    status after a db commit (receiving, complete, failed, duplicate, discarded) or 'spooled'."""
+    status after a db commit (receiving, complete, failed, duplicate, discarded) or 'spooled'.
+    answered: the producer identity the writer already sent WriteChunk.answer to, else None."""
 
     request_id: str
     seq: int
     location: str
     status: str
     nrows: int
+    answered: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -191,6 +207,25 @@ class SweepStale:
 @dataclass(frozen=True)
 class SweepDone:
     """Writer -> assembler: the SweepStale it sent is applied (or failed and changed nothing)."""
+
+
+@dataclass(frozen=True)
+class WriterBatch:
+    """Assembler -> writer: writer messages (WriteChunk, WriteLive, BeginRequest, SetStatus, Lookup,
+    SweepStale) handled in this order, each exactly as if sent alone (a chunk is still one
+    transaction, committed before its ChunkDurable), answered by one WriterBatchDone. Bounded by
+    the assembler (a few chunks; big ones one at a time)."""
+
+    items: tuple
+
+
+@dataclass(frozen=True)
+class WriterBatchDone:
+    """Writer -> assembler: every answer the WriterBatch's items produced for the assembler
+    (ChunkDurable, ChunkRejected, LiveDone, LookupReply, SweepDone), in order; sent when the whole
+    batch is handled, so the assembler knows it left the writer."""
+
+    replies: tuple
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,21 @@ from pairlane.vocab import ResultStatus, WriteOutcome
 
 from .base import PairlaneActor
 from .messages import (BeginRequest, ChunkDurable, ChunkRejected, LegacyResult, LegacyWritten,
-                       LiveDone, Lookup, LookupReply, ReplaceSlots, RetryDone, SetStatus, SlotsWritten,
-                       SpoolBatch, SweepStale, WriteChunk, WriteLive)
+                       LiveDone, Lookup, LookupReply, Outbound, ReplaceSlots, RetryDone, SetStatus, SlotsWritten,
+                       SpoolBatch, SweepDone, SweepStale, WriteChunk, WriteLive, WriterBatch,
+                       WriterBatchDone)
 
 MAX_DEFERRED = 10000
 
 
 class Writer(PairlaneActor):
+    _batch_to = None              # the WriterBatch's sender while one is handled
+    _batch_replies: list = []     # what send_ordered held back for it meanwhile
+    _batch_answers: list = []     # producer answers for the gateway, sent right after WriterBatchDone
+
     def on_start(self) -> None:
+        self._batch_replies = []
+        self._batch_answers = []
         self.store = open_store(self.config)
         self.deferred: list = []       # status changes that failed: retried every tick
         self.spooled = 0
@@ -47,8 +54,27 @@ class Writer(PairlaneActor):
                 "db_bytes": st.file_sizes(), "path": st.path, "max_bytes": st.max_bytes,
                 "backend": backend(self.config)}
 
+    def send_ordered(self, addr, msg) -> None:
+        if self._batch_to is not None and addr == self._batch_to:
+            self._batch_replies.append(msg)   # answered together once the batch is handled
+        else:
+            super().send_ordered(addr, msg)
+
     def on_message(self, msg, sender) -> None:
-        if isinstance(msg, WriteChunk):
+        if isinstance(msg, WriterBatch):
+            self._batch_to, self._batch_replies, self._batch_answers = sender, [], []
+            try:
+                for item in msg.items:
+                    self.on_message(item, sender)
+            finally:
+                replies, self._batch_to, self._batch_replies = tuple(self._batch_replies), None, []
+                answers, self._batch_answers = self._batch_answers, []
+            # the assembler's answer first: the producer's next message makes the assembler send to us,
+            # and Thespian loses a round (tens of ms) when two actors send to each other at once
+            self.send_ordered(sender, WriterBatchDone(replies))
+            if answers:
+                self.tell("gateway", Outbound(tuple(a for a, _ in answers), tuple(k for _, k in answers)))
+        elif isinstance(msg, WriteChunk):
             self._write_chunk(msg, sender)
         elif isinstance(msg, WriteLive):
             self._write_live(msg, sender)
@@ -72,6 +98,9 @@ class Writer(PairlaneActor):
                     self.metrics.inc("pairlane_results_total", outcome=ResultStatus.ABANDONED)
             except StoreError:
                 pass
+            # the assembler reads locally again only once it knows the sweep is behind it (without this
+            # answer, every lookup after the first sweep queued at the writer behind bulk chunks)
+            self.send_ordered(sender, SweepDone())
         elif isinstance(msg, ReplaceSlots):
             try:
                 self.store.replace_pair_slots(list(msg.slots), msg.evaluated_at)
@@ -82,10 +111,18 @@ class Writer(PairlaneActor):
     # ----- writes -------------------------------------------------------------------------------
     def _write_chunk(self, w: WriteChunk, sender) -> None:
         t0 = time.perf_counter()
+        record = w.record and getattr(self.store, "RECORDS_WITH_CHUNK", False)
+        if w.record and not record:   # this store records in a transaction of its own, first
+            self._status_change(("begin", w.meta))
         try:
             trades = codec.decode_chunk_payload(w.raw)
-            status = self.store.write_chunk(w.meta, w.seq, trades, w.nrows)
+            if record:
+                status = self.store.write_chunk(w.meta, w.seq, trades, w.nrows, record=True)
+            else:
+                status = self.store.write_chunk(w.meta, w.seq, trades, w.nrows)
         except StoreError as exc:
+            if record:   # as if the BeginRequest had come first: recorded now, or deferred and retried
+                self._status_change(("begin", w.meta))
             return self._failed(w, sender, exc)
         self.metrics.observe("pairlane_sqlite_write_seconds", time.perf_counter() - t0)
         wrote = status not in (WriteOutcome.DUPLICATE, WriteOutcome.DISCARDED)
@@ -98,8 +135,20 @@ class Writer(PairlaneActor):
             self.send_ordered(sender, RetryDone(w.item_id, True, reason))
             if status == WriteOutcome.COMPLETE:
                 self.log("INFO", "result_complete_from_dlq", request_id=w.meta["request_id"])
+        answered = None
+        if w.answer is not None and w.reply_to is not None and status == WriteOutcome.COMPLETE \
+                and self.peer("gateway") is not None:
+            # a one-message result is complete and durable: its producer hears it now, one hop sooner
+            identity, reply = w.answer
+            answer = ((identity, reply), (w.meta["request_id"], w.seq))
+            if self._batch_to is not None:
+                self._batch_answers.append(answer)
+            else:
+                self.tell("gateway", Outbound((answer[0],), (answer[1],)))
+            answered = identity
         if w.reply_to is not None:
-            self.send_ordered(w.reply_to, ChunkDurable(w.meta["request_id"], w.seq, "db", status, w.nrows))
+            self.send_ordered(w.reply_to, ChunkDurable(w.meta["request_id"], w.seq, "db", status, w.nrows,
+                                                       answered))
 
     def _write_live(self, w: WriteLive, sender) -> None:
         t0 = time.perf_counter()

@@ -119,6 +119,7 @@ class Durable:
     location: str
     outcome: str
     nrows: int
+    answered: bytes | None = None   # the producer identity the writer already told `stored` (Write.answer)
 
 
 @dataclass(frozen=True)
@@ -208,11 +209,15 @@ class Release:
 
 @dataclass(frozen=True)
 class Write:
-    """Forward a chunk to the writer."""
+    """Forward a chunk to the writer. record: make the request visible first, as Record does, in
+    the chunk's own transaction (a one-message result: one commit and one message, not two)."""
     meta: dict
     seq: int
     raw: bytes | None
     nrows: int
+    record: bool = False
+    answer: tuple | None = None    # (identity, reply): a one-message result's `stored` reply, for the
+                                   # writer to send itself right after the commit that completes it
 
 
 @dataclass(frozen=True)
@@ -296,6 +301,7 @@ class Req:
     inflight: dict = field(default_factory=dict)       # seq -> (rows, sent_at)
     status: ResultStatus = ResultStatus.RECEIVING      # RECEIVING | COMPLETE | FAILED
     end_waiting: bytes | None = None
+    answered: bytes | None = None                      # identity the writer told `stored` itself
 
     @property
     def rid(self) -> str:
@@ -372,6 +378,7 @@ class Lifecycle:
                 "lookups_pending": len(self.lookups), "live_batches_pending": len(self.live),
                 "dlq_inventory_chunks": sum(len(v) for v in self.inventory.values()),
                 "big_chunks_at_writer": self.bulk_at_writer, "big_chunks_waiting": len(self.bulk_waiting),
+                "sweep_pending": self.sweep_pending,
                 "recent_results": len(self.recent), "leases": len(self.leases),
                 "leases_reclaiming": len(self.reclaiming), **dict(self.stats)}
 
@@ -398,12 +405,14 @@ class Lifecycle:
 
     def _to_writer(self, eff) -> None:
         """A status change for the writer; lookups of that request must go through the writer now."""
-        rid = eff.meta["request_id"] if isinstance(eff, Record) else eff.request_id
+        self._mark_status_sent(eff.meta["request_id"] if isinstance(eff, Record) else eff.request_id)
+        self._emit(eff)
+
+    def _mark_status_sent(self, rid: str) -> None:
         self.status_sent[rid] = None
         self.status_sent.move_to_end(rid)
         while len(self.status_sent) > RECENT_DONE:
             self.status_sent.popitem(last=False)
-        self._emit(eff)
 
     def _receiving(self) -> int:
         return sum(1 for r in self.reqs.values() if r.status == ResultStatus.RECEIVING)
@@ -457,6 +466,10 @@ class Lifecycle:
             # the lookup must come after the lease: the store then shows what a previous owner made durable
             self.claiming.add(rid)
             return self._emit(Claim(rid))
+        self._lookup(rid, local_ok)
+
+    def _lookup(self, rid: str, local_ok: bool) -> None:
+        self.stats["lookups_local" if local_ok else "lookups_via_writer"] += 1
         self._emit(Lookup(rid, local_ok))
 
     def _claimed(self, ev: Claimed) -> None:
@@ -475,7 +488,7 @@ class Lifecycle:
             local_ok = (rid not in self.status_sent and not self.sweep_pending
                         and self.clock() - self.started >= LOCAL_LOOKUP_GRACE_S)
             if local_ok or self.writer_up:
-                return self._emit(Lookup(rid, local_ok))
+                return self._lookup(rid, local_ok)
         _, queued = self.lookups.pop(rid, (None, []))
         if ev.ok:
             text, retry = "pairlane's writer is restarting", 1.0
@@ -600,10 +613,17 @@ class Lifecycle:
                 req.durable.setdefault(seq, (rows, "dlq"))
         self.reqs[rid] = req
         self.stats["begun"] += 1
+        if req.kind == "result":
+            # a small one-message result is recorded in its chunk's transaction (the writer takes our
+            # messages in order, so nothing can see it between the two); a big one waits for the bulk
+            # window, so it is recorded at once, as a chunked request is
+            record = (not visible and ev.nrows <= BULK_ROWS and ev.bad is None and self.writer_up
+                      and 0 not in req.durable)
+            if not visible and not record:
+                self._to_writer(Record(meta))
+            return self._chunk(Chunk(rid, ev.identity, 0, ev.raw, ev.nrows, ev.bad), record)
         if not visible:
             self._to_writer(Record(meta))  # visible as `receiving` at once (or starts over)
-        if req.kind == "result":
-            return self._chunk(Chunk(rid, ev.identity, 0, ev.raw, ev.nrows, ev.bad))
         self._reply(ev.identity, credit_reply(rid, req.window))
         self._settle(req)
 
@@ -623,7 +643,7 @@ class Lifecycle:
                              "or with another strategy_name or totals)", rid)
         self._begin(ev, row, looked_up)
 
-    def _chunk(self, ev: Chunk) -> None:
+    def _chunk(self, ev: Chunk, record: bool = False) -> None:
         rid, seq = ev.request_id, ev.seq
         req = self.reqs.get(rid)
         if req is None:
@@ -652,7 +672,12 @@ class Lifecycle:
             self._release(rid, seq)
             return self._err(ev.identity, "unavailable", "pairlane's writer is restarting", rid, 1.0)
         req.inflight[seq] = (ev.nrows, self.clock())
-        work = Write(req.meta, seq, ev.raw, ev.nrows)
+        if record:
+            self._mark_status_sent(rid)
+        answer = None
+        if req.kind == "result":   # the only reply a commit that completes it can lead to (see _settle)
+            answer = (ev.identity, stored_reply(rid, req.meta["total_trades"], "db"))
+        work = Write(req.meta, seq, ev.raw, ev.nrows, record, answer)
         if ev.nrows > BULK_ROWS:
             # the writer handles our messages in order, one per turn of its loop: a small result's
             # chunk must never queue behind more than BULK_WINDOW big ones
@@ -747,6 +772,8 @@ class Lifecycle:
         if ev.outcome == WriteOutcome.DISCARDED:
             return
         req.durable[ev.seq] = (ev.nrows, ev.location)
+        if ev.answered is not None:
+            req.answered = ev.answered
         if ev.outcome == WriteOutcome.FAILED:
             req.status = ResultStatus.FAILED
         if req.kind == "chunked":
@@ -782,7 +809,8 @@ class Lifecycle:
             self.stats["failed"] += 1
         if req.kind == "result" and all_durable:
             if req.status == ResultStatus.COMPLETE:
-                self._reply(req.identity, stored_reply(req.rid, req.meta["total_trades"], req.location()))
+                if req.answered != req.identity:   # else the writer told this producer already
+                    self._reply(req.identity, stored_reply(req.rid, req.meta["total_trades"], req.location()))
             else:
                 self._err(req.identity, "incomplete", "the result's rows do not add up to total_trades", req.rid)
                 self.reqs.pop(req.rid, None)

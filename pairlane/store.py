@@ -201,6 +201,8 @@ def meta_from_message(m: dict, source: str = "zmq") -> dict:
 
 
 class Store(StatusRules):
+    RECORDS_WITH_CHUNK = True   # write_chunk(record=True) records the request in the chunk's transaction
+
     def __init__(self, path: str, *, max_bytes: int = 0, busy_timeout_ms: int = 200,
                  synchronous: str = "FULL"):
         self.path = path
@@ -300,29 +302,32 @@ class Store(StatusRules):
 
     def begin(self, meta: dict) -> None:
         """Record a new (or restarted) request as `receiving`. A failed or abandoned one starts over."""
-        def tx(conn):
-            now = time.time()
-            row = conn.execute("SELECT status FROM backtest_results WHERE request_id = ?",
-                               (meta["request_id"],)).fetchone()
-            if row is not None and ResultStatus(row[0]).final_without_rows:
-                self._drop_rows(conn, meta["request_id"])
-                conn.execute("DELETE FROM backtest_results WHERE request_id = ?", (meta["request_id"],))
-            self._insert_result(conn, meta, now)
-        self._tx(tx)
+        self._tx(self._begin_in_tx, meta)
+
+    def _begin_in_tx(self, conn, meta: dict) -> None:
+        row = conn.execute("SELECT status FROM backtest_results WHERE request_id = ?",
+                           (meta["request_id"],)).fetchone()
+        if row is not None and ResultStatus(row[0]).final_without_rows:
+            self._drop_rows(conn, meta["request_id"])
+            conn.execute("DELETE FROM backtest_results WHERE request_id = ?", (meta["request_id"],))
+        self._insert_result(conn, meta, time.time())
 
     @staticmethod
     def _drop_rows(conn, request_id: str) -> None:
         conn.execute("DELETE FROM backtest_trade_logs WHERE request_id = ?", (request_id,))
         conn.execute("DELETE FROM backtest_chunks WHERE request_id = ?", (request_id,))
 
-    def write_chunk(self, meta: dict, seq: int, trades: dict, nrows: int) -> WriteOutcome:
+    def write_chunk(self, meta: dict, seq: int, trades: dict, nrows: int, record: bool = False) -> WriteOutcome:
         """Commit one chunk. Returns the result's status after the commit: receiving | complete |
         failed, or `duplicate` (seq already committed), or `discarded` (result abandoned/failed, or
         the chunk belongs to an earlier request under this request_id with other totals, e.g. a dlq
-        item of an aborted request retried after the id was begun again)."""
+        item of an aborted request retried after the id was begun again). record: do what `begin`
+        does first, in the same transaction (a one-message result: one commit, not two)."""
         rid = meta["request_id"]
 
         def tx(conn):
+            if record:
+                self._begin_in_tx(conn, meta)
             now = time.time()
             self._insert_result(conn, meta, now)
             status, *row_totals = conn.execute(

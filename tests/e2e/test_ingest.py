@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from pairlane.client import Producer, SendError, encode_chunk, plan_chunks, synthetic_columns
 from tests.e2e.util import (BACKENDS, ERROR_CODES, RETRYABLE, Dealer, assert_all_running, check_error, db,
                             duplicate_groups, index_leading_columns, inspect, pack, result_row, rows_for,
-                            running_daemon, store_overrides, wait_status, with_overrides)
+                            running_daemon, store_overrides, wait_status, wait_until, with_overrides)
 
 MAX_MSG = 1 << 20   # gateway.max_message_bytes (default)
 
@@ -655,6 +655,41 @@ def test_producer_that_stops_mid_transfer_is_abandoned(small):
     assert rows_for(small, rid) == 8 and duplicate_groups(small, rid) == 0
     assert result_row(small, rid)["status"] == "complete"
     assert_all_running(small)
+
+
+def test_one_message_results_are_answered_exactly_once(shared, dealer):
+    """The writer answers a one-message result itself once it is durable; the assembler must not
+    answer it again (and a resend while it is written still gets one answer)."""
+    for i in range(5):
+        rid = f"once-{i}"
+        msg = {"type": "result", "request_id": rid, "strategy_name": "S", "total_trades": 2, "trades": rows2()}
+        assert dealer.rt(msg) == {"type": "stored", "request_id": rid, "trades": 2, "trades_ref": rid,
+                                  "location": "db"}
+        assert rows_for(shared, rid) == 2 and result_row(shared, rid)["status"] == "complete"
+    assert dealer.drain(1.0) == []
+    dealer.send(msg)
+    dealer.send(msg)   # stored already: each gets `stored`, from the assembler's memory
+    assert [r["type"] for r in dealer.drain(2.0)] == ["stored", "stored"]
+    assert rows_for(shared, rid) == 2
+
+
+def test_lookups_read_locally_between_sweeps(small):
+    """assembly_timeout_s = 2 sweeps every second; the writer confirms each sweep, so a result's
+    lookup is read by the assembler itself, not queued at the writer (it used to stay pending)."""
+    from pairlane.lifecycle import LOCAL_LOOKUP_GRACE_S
+    wait_until(lambda: inspect(small, "assembler")["uptime_s"] > LOCAL_LOOKUP_GRACE_S + 2.5, timeout=30,
+               what="the assembler's start grace and two sweeps")
+    before = inspect(small, "assembler")
+    with Dealer(small.gateway_endpoint) as dl:
+        for i in range(6):
+            rid = f"lk-{before['uptime_s']}-{i}"
+            reply = dl.rt({"type": "result", "request_id": rid, "strategy_name": "S", "total_trades": 2,
+                           "trades": rows2()})
+            assert reply["type"] == "stored", reply
+            assert result_row(small, rid)["status"] == "complete" and rows_for(small, rid) == 2
+    after = inspect(small, "assembler")
+    local = after.get("lookups_local", 0) - before.get("lookups_local", 0)
+    assert local >= 5, (before, after)   # one may meet a sweep in flight
 
 
 # ----- crashes mid-transfer -----------------------------------------------------------------------------

@@ -73,8 +73,16 @@ class World:
     def _insert(self, m):
         self.db.setdefault(m["request_id"], {"meta": m, "status": ResultStatus.RECEIVING, "chunks": {}})
 
+    def record(self, m) -> None:
+        r = self.db.get(m["request_id"])
+        if r is not None and r["status"].final_without_rows:
+            del self.db[m["request_id"]]
+        self._insert(m)
+
     def commit(self, w: lc.Write) -> WriteOutcome:
         rid = w.meta["request_id"]
+        if w.record:
+            self.record(w.meta)
         self._insert(w.meta)
         r = self.db[rid]
         if r["status"].final_without_rows:
@@ -103,10 +111,7 @@ class World:
             elif isinstance(e, lc.Write):
                 self.pending.append(e)
             elif isinstance(e, lc.Record):
-                r = self.db.get(e.meta["request_id"])
-                if r is not None and r["status"].final_without_rows:
-                    del self.db[e.meta["request_id"]]
-                self._insert(e.meta)
+                self.record(e.meta)
             elif isinstance(e, lc.SetStatus):
                 r = self.db.get(e.request_id)
                 if r is None:
@@ -532,6 +537,70 @@ def test_result_resent_while_written_is_answered_once():
     w.send(result("R"))
     assert w.send(result("R")) == [] and len(w.pending) == 1
     assert only(w.durable())["type"] == "stored"
+
+
+def test_small_result_is_recorded_in_its_chunk_write_big_one_at_once():
+    w = World()
+    w.send(result("R"))
+    assert not any(isinstance(e, lc.Record) for e in w.effects)       # one message to the writer
+    assert [(x.seq, x.record) for x in w.writes()] == [(0, True)]
+    w.durable()
+    assert w.db["R"]["status"] == ResultStatus.COMPLETE
+    big = lc.BULK_ROWS + 1
+    w.send(result("B", trades=big, nrows=big))
+    kinds = [type(e).__name__ for e in w.effects if isinstance(e, (lc.Record, lc.Write))]
+    assert kinds[-2:] == ["Record", "Write"] and not w.writes()[-1].record  # visible while it waits
+
+
+def test_result_answered_by_the_writer_is_not_answered_twice():
+    w = World()
+    w.send(result("R"))
+    stored = {"type": "stored", "request_id": "R", "trades": 10, "trades_ref": "R", "location": "db"}
+    write = w.pending.pop()
+    assert write.answer == (b"p", stored)
+    outcome = w.commit(write)
+    assert w.send(lc.Durable("R", 0, "db", outcome, 10, answered=b"p")) == []   # the writer told b"p"
+    assert w.lc.reqs["R"].status == ResultStatus.COMPLETE and only(w.send(result("R"))) == stored
+
+
+def test_result_resent_from_another_socket_while_written_gets_its_answer():
+    w = World()
+    w.send(result("R"))
+    assert w.send(lc.Result("R", b"q", meta("R", 1, 10), None, "zmq", b"raw", 10)) == []
+    write = w.pending.pop()
+    outcome = w.commit(write)
+    replies = w.send(lc.Durable("R", 0, "db", outcome, 10, answered=write.answer[0]))
+    assert only(replies)["type"] == "stored"     # b"q" is not who the writer told
+
+
+def test_chunked_writes_carry_no_answer():
+    w = World()
+    w.begin("R", chunks=2, trades=20)
+    w.chunk("R", 0)
+    assert [x.answer for x in w.writes()] == [None]
+
+
+def test_small_result_after_an_abandoned_one_starts_over_in_its_write():
+    w = World()
+    w.db["R"] = {"meta": meta("R", 1, 10), "status": ResultStatus.ABANDONED, "chunks": {}}
+    w.send(result("R"))
+    assert [x.record for x in w.writes()] == [True]
+    assert only(w.durable())["type"] == "stored" and w.db["R"]["status"] == ResultStatus.COMPLETE
+    w.lc.reqs.clear()
+    w.lc.recent.clear()
+    w.send(result("R"))       # a later lookup of it goes through the writer, which recorded it
+    assert [e.local_ok for e in w.effects if isinstance(e, lc.Lookup)] == [True, False]
+
+
+def test_lookups_are_local_again_once_the_writer_confirms_the_sweep():
+    w = World(timeout=10.0)
+    w.clock.t += lc.LOCAL_LOOKUP_GRACE_S + 6
+    w.tick()
+    assert any(isinstance(e, lc.Sweep) for e in w.effects)
+    w.send(result("A"))
+    w.send(lc.SweepDone())
+    w.send(result("B"))
+    assert [e.local_ok for e in w.effects if isinstance(e, lc.Lookup)] == [False, True]
 
 
 @pytest.mark.parametrize("case,expected", [
