@@ -799,6 +799,7 @@ class Producer:
         self.acked: set = set()  # seqs credited
         self.stored = None       # trades of its `stored`
         self.done = None         # (chunks, trades) of the request stored
+        self.since_end: set = set()  # seqs sent since its last `end`
 
     def reset(self):
         self.totals, self.balance, self.sent, self.acked = None, 0, set(), set()
@@ -813,8 +814,13 @@ def test_invariants_for_a_producer_that_completes_its_requests(actions, auto_loo
     ever: dict = {rid: set() for rid in RIDS}      # every seq ever sent for rid
     stored: dict = {}                              # rid -> trades of its first `stored`
 
+    def end(rid):
+        prod[rid].since_end = set()
+        return w.end(rid)
+
     def send_chunk(rid, p, seq):
         chunks, trades = p.totals
+        p.since_end.add(seq)
         if seq not in p.sent:
             p.balance -= 1
             p.sent.add(seq)
@@ -837,7 +843,7 @@ def test_invariants_for_a_producer_that_completes_its_requests(actions, auto_loo
                 w.begin(rid, chunks, trades)
             elif x % 3 == 1:
                 event("end again after stored")
-                w.end(rid)
+                end(rid)
             else:                # a duplicate needs no credit: it is answered at once
                 ever[rid].add(y % chunks)
                 w.chunk(rid, y % chunks, trades // chunks)
@@ -851,10 +857,10 @@ def test_invariants_for_a_producer_that_completes_its_requests(actions, auto_loo
                 if fresh and p.balance > 0:
                     send_chunk(rid, p, fresh[y % len(fresh)])
                 else:
-                    if rid in w.lc.reqs and w.lc.reqs[rid].inflight and not w.end(rid):
+                    if rid in w.lc.reqs and w.lc.reqs[rid].inflight and not end(rid):
                         event("end waits for chunks in flight")
                     else:
-                        w.end(rid)
+                        end(rid)
         elif kind == "dup":
             if p.totals is None or p.balance <= 0 or not ever[rid]:
                 continue
@@ -866,7 +872,7 @@ def test_invariants_for_a_producer_that_completes_its_requests(actions, auto_loo
             elif p.asked is not None:
                 w.begin(rid, *p.asked)
         elif kind == "end":
-            w.end(rid)
+            end(rid)
         elif kind == "abort":
             if y % 2:
                 w.abort(rid)
@@ -935,6 +941,8 @@ def test_invariants_for_a_producer_that_completes_its_requests(actions, auto_loo
                 q.reset()        # begin again
             elif r.get("code") == "incomplete":
                 for s in r.get("missing", ()):       # neither durable nor in flight: send again
+                    if s in q.since_end:  # sent after the `end` this answers: its own credit comes
+                        continue
                     q.acked.discard(s)
                     if s in q.sent:
                         q.sent.discard(s)
