@@ -398,7 +398,9 @@ def main(argv: list[str]) -> int:
                            fault_every_s=ns.fault_every_s, producers=ns.producers, max_trades=ns.max_trades,
                            result_pause_s=ns.result_pause_s, pairs_every_s=ns.pairs_every_s)
     finally:
-        d.close_and_remove(tmp, keep=summary is None or not summary["ok"])
+        # a run whose data checks failed keeps the daemon's files (and says where); a creeping series
+        # alone does not: the samples tell that story
+        d.close_and_remove(tmp, keep=summary is None or not summary["checks_ok"])
     if ns.csv:
         Path(ns.csv).write_text(soak.samples_csv(summary["samples"]))
     if ns.json:
