@@ -316,12 +316,16 @@ def main(argv: list[str]) -> int:
     if "--soak" in argv:  # the long run of ordinary traffic (entry/soak.py)
         from . import soak
         return soak.main([a for a in argv if a != "--soak"])
+    if "--fuzz" in argv:  # hostile input at volume (entry/fuzz.py)
+        from . import fuzz as fuzzrun
+        return fuzzrun.main([a for a in argv if a != "--fuzz"])
     ap = argparse.ArgumentParser(
         prog="run.py chaos", description="A bounded randomized fault run: producers send results while "
         "actors are killed and hung, the database is locked, garbage arrives and (with its own daemon) the "
         "whole daemon is SIGKILLed and restarted. Then every `stored` reply is checked against SQLite.",
         epilog="examples:\n  python run.py chaos --duration 120 --seed 7\n"
                "  python run.py chaos --soak --duration 3600 --csv samples.csv   (see chaos --soak --help)\n"
+               "  python run.py chaos --fuzz --frames 10000 --garbage-bytes 2G   (see chaos --fuzz --help)\n"
                "  python run.py chaos --config my.toml --duration 60   (a running daemon with "
                "admin.allow_fault_injection = true; no daemon kills)\n"
                "exit code 0 when lost = 0, duplicates = 0 and nothing partial is visible",
