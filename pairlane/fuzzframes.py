@@ -50,7 +50,7 @@ def valid_message(rng: random.Random, rid: str, kind: str | None = None) -> dict
     n = rng.randint(0, 20)
     if kind in ("begin", "result"):
         m = {"type": kind, "v": 1, "request_id": rid, "strategy_name": f"fz-{rng.randint(0, 9)}",
-             "total_trades": n if kind == "result" else 2 * n, "total_chunks": 1 if kind == "result" else 2}
+             "total_trades": n if kind == "result" else 2 * max(1, n), "total_chunks": 1 if kind == "result" else 2}
         if rng.random() < 0.5:
             m["metrics"] = {"sharpe": 0.5, "profit_factor": 1.2, "win_rate": 0.5, "max_dd": 0.1, "trades": n}
         if rng.random() < 0.5:
