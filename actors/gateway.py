@@ -142,7 +142,9 @@ class Gateway(PairlaneActor):
                 "unavailable", "pairlane is restarting its assembler; retry shortly", m["request_id"], 1.0))
         if raw is not None and bad is None:
             rid = m["request_id"]
-            key = (rid, m.get("seq", 0) if t != "live_trades" else -1)
+            # the key the lifecycle releases: a chunk's (validated) seq, 0 for a result, -1 for a live
+            # batch; never a result's own "seq" key (unknown keys are ignored: it may be anything)
+            key = (rid, m["seq"] if t == "chunk" else 0 if t == "result" else -1)
             if key not in self.pending:
                 if self.per_request.get(rid, 0) >= 2 * self.credit:
                     return self._error(identity, codec.ProtocolError(
