@@ -85,7 +85,7 @@ class Sender(threading.Thread):
 class Lockstep(Sender):
     """One DEALER sending fuzz frames one at a time and waiting for each reply."""
 
-    def __init__(self, endpoint: str, seed: int, frames: int, max_message_bytes: int, wait_s: float = 5.0):
+    def __init__(self, endpoint: str, seed: int, frames: int, max_message_bytes: int, wait_s: float = 15.0):
         super().__init__(daemon=True, name=f"fuzz-{seed}")
         self.endpoint, self.seed, self.frames = endpoint, seed, frames
         self.max_message_bytes, self.wait_s = max_message_bytes, wait_s

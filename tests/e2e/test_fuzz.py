@@ -37,7 +37,7 @@ def test_a_result_with_a_stray_seq_key_is_stored_and_released(make_daemon):
 def test_fuzz_at_volume_keeps_every_promise(make_daemon):
     d = make_daemon({"gateway": {"assembly_timeout_s": 30.0}})
     s = run_fuzz(d, frames=2000, garbage_bytes=256 << 20, seed=3, max_trades=20_000)
-    assert s["failures"] == [] and s["ok"], s
+    assert s["failures"] == [] and s["ok"], (s["failures"], s)
     # the figures behind the verdict, asserted directly
     assert s["frames_sent"] == 2000 and s["frames_unanswered"] == 0 and s["must_fail_not_error"] == 0
     errors = sum(n for codes in s["replies_by_mutation"].values() for c, n in codes.items() if c.startswith("error:"))
