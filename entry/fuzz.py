@@ -265,6 +265,14 @@ def run_fuzz(d: Daemon, frames: int, garbage_bytes: int, seed: int = 0, lanes: i
     while rss1 > 1.10 * rss0 and time.monotonic() < deadline:
         time.sleep(1.0)
         rss1 = daemon_rss_mib(d)
+    # nothing the fuzz sent may stay counted in flight at the gateway once the traffic has stopped
+    deadline = time.monotonic() + 30.0
+    while True:
+        gw = d.admin("inspect", {"actor": "gateway"}, timeout=10.0) or {}
+        in_flight = (gw.get("state") or {}).get("bytes_in_flight")
+        if in_flight == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     restarts1, running = restarts(d)
     m1 = metrics(d)
     invalid = _metric_sum(m1, "pairlane_ingest_messages_total", "type=invalid") - \
@@ -292,7 +300,7 @@ def run_fuzz(d: Daemon, frames: int, garbage_bytes: int, seed: int = 0, lanes: i
         "legacy_outcomes_counted": legacy_counted,
         "legacy_outcomes": {k: v - m0.get("pairlane_legacy_results_total", {}).get(k, 0.0)
                             for k, v in m1.get("pairlane_legacy_results_total", {}).items()},
-        "spool_files_after": spool["spool_files"],
+        "spool_files_after": spool["spool_files"], "gateway_bytes_in_flight_after": in_flight,
         "restarts_before": restarts0, "restarts_after": restarts1, "all_running": running,
         "rss_before_mib": round(rss0, 1), "rss_after_mib": round(rss1, 1), "rss_peak_after_mib": round(rss_peak, 1),
         "real_sent": len(traffic.sent), "real_stored": len(traffic.stored), "real_errors": len(traffic.errors),
@@ -310,6 +318,7 @@ def run_fuzz(d: Daemon, frames: int, garbage_bytes: int, seed: int = 0, lanes: i
         (gg.errors == gg.replies, f"gateway garbage: {gg.replies - gg.errors} replies that are not errors"),
         (legacy_counted == lg.sent, f"legacy: {lg.sent} sent, {legacy_counted} outcomes counted"),
         (restarts1 == restarts0 and running, f"actor restarts {restarts0} -> {restarts1}, all running {running}"),
+        (in_flight == 0, f"gateway still counts {in_flight} bytes in flight after the traffic stopped"),
         (rss1 <= 1.10 * rss0, f"daemon RSS {rss0:.1f} -> {rss1:.1f} MiB (over +10%)"),
         (len(traffic.stored) >= 1, "real producers stored nothing"),
         (not res["lost"] and not res["duplicate_rows"] and not res["wrong_row_counts"]
@@ -330,7 +339,8 @@ def render(s: dict) -> str:
              f"  legacy: {s['legacy_frames']:,} messages, {s['legacy_bytes'] / 2**20:,.0f} MiB, "
              f"{s['legacy_outcomes_counted']:,.0f} outcomes counted {s['legacy_outcomes']}",
              f"  restarts {s['restarts_before']} -> {s['restarts_after']}; daemon RSS {s['rss_before_mib']} -> "
-             f"{s['rss_after_mib']} MiB; spool files after {s['spool_files_after']}",
+             f"{s['rss_after_mib']} MiB; spool files after {s['spool_files_after']}; gateway bytes in flight after "
+             f"{s.get('gateway_bytes_in_flight_after')}",
              f"  real producers: {s['real_stored']} stored of {s['real_sent']} sent, lost {s['lost']}, "
              f"duplicates {s['duplicates']}, wrong rows {s['wrong_row_counts']}, partial {s['partial_visible']}",
              "  replies by mutation:"]

@@ -289,9 +289,10 @@ def run_soak(d: Daemon, duration: float, sample_s: float, seed: int = 0, faults:
                 next_sample += sample_s
             if faults and now >= next_fault:
                 fault = rng.choice(fault_kinds)
-                if fault in ("kill_actor", "hang"):
-                    chaos.kill_actor(d, rng.choice(chaos.ACTORS)) if fault == "kill_actor" else \
-                        chaos.hang_actor(d, rng.choice(chaos.ACTORS))
+                if fault == "kill_actor":
+                    chaos.kill_actor(d, rng.choice(chaos.ACTORS))
+                elif fault == "hang":
+                    chaos.hang_actor(d, rng.choice(chaos.ACTORS))
                 elif fault == "kill_supervisor":
                     chaos.kill_actor(d, rng.choice(chaos.SUPERVISORS))
                 elif fault == "lock_db":
