@@ -325,8 +325,11 @@ def run_soak(d: Daemon, duration: float, sample_s: float, seed: int = 0, faults:
     clean = chaos._clean({"lost": checks["lost"], "duplicates": checks["duplicates"],
                           "partial_visible": checks["partial_visible"],
                           "wrong_row_counts": checks["wrong_row_counts"], "max_writers_seen": max_writers}) \
-        and checks["legacy_lost"] == 0 and checks["legacy_wrong_rows"] == 0 and checks["live_ok"] \
+        and (faults or checks["legacy_lost"] == 0) and checks["legacy_wrong_rows"] == 0 and checks["live_ok"] \
         and (faults or restarts == 0)
+    # (with faults, a legacy message still queued in the socket of a legacy process that is killed is
+    # gone: PUSH/PULL has no acknowledgement and the contract promises only what was taken off the
+    # socket; such losses are reported, not failed)
     return {"duration_s": round(end_s, 1), "sample_s": sample_s, "samples": samples, "rows": rows,
             "final_spool": final_spool, "checks": checks, "checks_ok": clean,
             "verdict_ok": soak.passed(rows), "ok": clean and soak.passed(rows)}
