@@ -255,9 +255,12 @@ def wait_spool_empty(d: Daemon, timeout: float) -> dict[str, float]:
 def run_soak(d: Daemon, duration: float, sample_s: float, seed: int = 0, faults: bool = False,
              fault_every_s: float = 60.0, producers: int = 1, min_trades: int = 10, max_trades: int = 100_000,
              result_pause_s: float = 3.0, pairs_every_s: float = 60.0, out=sys.stderr,
-             thresholds: soak.Thresholds = soak.Thresholds()) -> dict:
+             thresholds: soak.Thresholds = soak.Thresholds(), csv_path: str | None = None) -> dict:
     """Drive the mix for `duration` seconds, sampling every `sample_s`; returns the summary
-    (samples, verdict rows, checks, ok)."""
+    (samples, verdict rows, checks, ok). With csv_path each round of samples is appended there as
+    it is taken, so a run that dies early still leaves its samples."""
+    if csv_path:
+        Path(csv_path).write_text(soak.samples_csv([]))
     rng = random.Random(seed)
     traffic = chaos.Traffic(d.gateway_endpoint, producers=producers, min_trades=min_trades, max_trades=max_trades,
                             seed=seed, prefix="soak", pause_s=result_pause_s, log_uniform=True).start()
@@ -277,6 +280,9 @@ def run_soak(d: Daemon, duration: float, sample_s: float, seed: int = 0, faults:
             if now >= next_sample:
                 batch = take_sample(d, now - t0)
                 samples += batch
+                if csv_path:
+                    with open(csv_path, "a") as fh:
+                        fh.write(soak.samples_csv(batch, header=False))
                 max_writers = max(max_writers, chaos.writers_alive(d.db_path))
                 by = {(s.process, s.metric): s.value for s in batch}
                 rss = sum(v for (p, m), v in by.items() if m == "rss_mib")
@@ -400,13 +406,11 @@ def main(argv: list[str]) -> int:
         d.start()
         summary = run_soak(d, ns.duration, ns.sample_s, seed=ns.seed, faults=ns.faults,
                            fault_every_s=ns.fault_every_s, producers=ns.producers, max_trades=ns.max_trades,
-                           result_pause_s=ns.result_pause_s, pairs_every_s=ns.pairs_every_s)
+                           result_pause_s=ns.result_pause_s, pairs_every_s=ns.pairs_every_s, csv_path=ns.csv)
     finally:
         # a run whose data checks failed keeps the daemon's files (and says where); a creeping series
         # alone does not: the samples tell that story
         d.close_and_remove(tmp, keep=summary is None or not summary["checks_ok"])
-    if ns.csv:
-        Path(ns.csv).write_text(soak.samples_csv(summary["samples"]))
     if ns.json:
         print(json.dumps(as_json(summary), indent=2))
     else:

@@ -209,11 +209,13 @@ def markdown_table(rows: list[SeriesVerdict], metrics: tuple[str, ...] = PROCESS
     return "\n".join(out)
 
 
-def samples_csv(samples: list[Sample]) -> str:
-    """The samples in long form (t_s, process, pid, metric, value), one per line, for plotting."""
+def samples_csv(samples: list[Sample], header: bool = True) -> str:
+    """The samples in long form (t_s, process, pid, metric, value), one per line, for plotting;
+    without the header line when appending a round to a file already started."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["t_s", "process", "pid", "metric", "value"])
+    if header:
+        w.writerow(["t_s", "process", "pid", "metric", "value"])
     for s in sorted(samples, key=lambda s: (s.t_s, s.process, s.metric)):
         w.writerow([f"{s.t_s:.1f}", s.process, s.pid, s.metric, f"{s.value:g}" if s.metric != "rss_mib"
                     else f"{s.value:.3f}"])

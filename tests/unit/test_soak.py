@@ -113,3 +113,10 @@ def test_table_and_csv_carry_every_series():
     assert len(parsed) == 8
     assert {r["metric"] for r in parsed} == {"rss_mib", "fds"}
     assert float(parsed[-1]["t_s"]) == 180.0
+
+
+def test_csv_rounds_append_without_repeating_the_header():
+    a = series("writer", "fds", [30, 31])
+    text = soak.samples_csv(a[:1]) + soak.samples_csv(a[1:], header=False)
+    assert text == soak.samples_csv(a)
+    assert soak.samples_csv([]).strip() == "t_s,process,pid,metric,value"
