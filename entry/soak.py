@@ -364,6 +364,7 @@ def as_json(summary: dict) -> dict:
     out["sample_rounds"] = len({s.t_s for s in summary["samples"]})
     out["table"] = soak.table(summary["rows"])
     out["markdown"] = soak.markdown_table(summary["rows"])
+    out["compact"] = soak.compact_markdown(summary["rows"])
     return out
 
 

@@ -209,6 +209,38 @@ def markdown_table(rows: list[SeriesVerdict], metrics: tuple[str, ...] = PROCESS
     return "\n".join(out)
 
 
+def compact_markdown(rows: list[SeriesVerdict]) -> str:
+    """One Markdown row per process (RSS first -> last, slope, verdict; fds and threads first ->
+    last and verdict), then one per daemon-wide series: the README's form of the table."""
+    by: dict[str, dict[str, SeriesVerdict]] = {}
+    for r in rows:
+        by.setdefault(r.process, {})[r.metric] = r
+
+    def span(r: SeriesVerdict | None, digits: int) -> str:
+        return "-" if r is None else f"{_fmt(r.first, digits)} -> {_fmt(r.last, digits)}"
+
+    out = ["| process | RSS MiB (2nd half) | RSS slope MiB/h | fds | threads | verdict |",
+           "|---|---:|---:|---:|---:|---|"]
+    for proc in sorted(p for p in by if p != GLOBAL):
+        m = by[proc]
+        rss = m.get("rss_mib")
+        slope = "-" if rss is None or rss.slope_per_hour is None else f"{rss.slope_per_hour:+.2f}"
+        bad = [f"{k} {m[k].reason}" for k in PROCESS_METRICS if k in m and m[k].verdict == FAIL]
+        verdict = "FAIL: " + "; ".join(bad) if bad else (
+            "ok" if all(m[k].verdict == OK for k in PROCESS_METRICS if k in m) else "too short to judge")
+        if any(m[k].restarted for k in m):
+            verdict += " (restarted)"
+        out.append(f"| {proc} | {span(rss, 2)} | {slope} | {span(m.get('fds'), 0)} | "
+                   f"{span(m.get('threads'), 0)} | {verdict} |")
+    for metric in GLOBAL_METRICS:
+        r = by.get(GLOBAL, {}).get(metric)
+        if r is not None:
+            slope = "-" if r.slope_per_hour is None else f"{r.slope_per_hour:+,.0f}/h"
+            out.append(f"| ({metric}) | {span(r, 0)} | {slope} | | | {r.verdict}"
+                       f"{' (' + r.reason + ')' if r.reason else ''} |")
+    return "\n".join(out)
+
+
 def samples_csv(samples: list[Sample], header: bool = True) -> str:
     """The samples in long form (t_s, process, pid, metric, value), one per line, for plotting;
     without the header line when appending a round to a file already started."""

@@ -120,3 +120,18 @@ def test_csv_rounds_append_without_repeating_the_header():
     text = soak.samples_csv(a[:1]) + soak.samples_csv(a[1:], header=False)
     assert text == soak.samples_csv(a)
     assert soak.samples_csv([]).strip() == "t_s,process,pid,metric,value"
+
+
+def test_compact_table_has_one_row_per_process_and_names_what_failed():
+    s = (series("writer", "rss_mib", [40.0 + i for i in range(10)]) + series("writer", "fds", [30] * 10)
+         + series("writer", "threads", [1] * 10) + series("gateway", "rss_mib", [42.0] * 10)
+         + series("gateway", "fds", [40] * 10) + series("gateway", "threads", [3] * 10)
+         + series(soak.GLOBAL, "spool_files", [0] * 10))
+    md = soak.compact_markdown(soak.judge(s, end_s=540, final={"spool_files": 0}))
+    lines = md.splitlines()
+    assert len(lines) == 2 + 2 + 1
+    (w,) = [ln for ln in lines if ln.startswith("| writer")]
+    (g,) = [ln for ln in lines if ln.startswith("| gateway")]
+    assert "FAIL: rss_mib" in w and "| 45 -> 49 | +60.00 |" in w  # +1 MiB a minute, second half
+    assert g.endswith("| ok |") and "| 42 -> 42 | +0.00 |" in g
+    assert any(ln.startswith("| (spool_files)") and "ok" in ln for ln in lines)
