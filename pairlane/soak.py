@@ -79,6 +79,7 @@ class SeriesVerdict:
     verdict: str
     reason: str = ""
     restarted: bool = False
+    floor_slope_per_hour: float | None = None   # rss_mib: the slope its verdict is on (see floor_points)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -97,6 +98,26 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float | None:
         return None
     sxy = sum((t - mt) * (v - mv) for t, v in points)
     return sxy / sxx * 3600.0
+
+
+FLOOR_WINDOWS = 6
+
+
+def floor_points(points: list[tuple[float, float]], windows: int = FLOOR_WINDOWS) -> list[tuple[float, float]]:
+    """The RSS floor: the time span cut into `windows` equal parts (fewer when there are fewer
+    than two points a part), and in each the lowest point. A leak raises the floor; a sample
+    that catches a transient buffer (a 1 MiB chunk being decoded) does not."""
+    if len(points) < 4:
+        return list(points)
+    k = max(2, min(windows, len(points) // 2))
+    t0, t1 = points[0][0], points[-1][0]
+    width = (t1 - t0) / k or 1.0
+    lows: dict[int, tuple[float, float]] = {}
+    for t, v in points:
+        i = min(k - 1, int((t - t0) / width))
+        if i not in lows or v < lows[i][1]:
+            lows[i] = (t, v)
+    return [lows[i] for i in sorted(lows)]
 
 
 def flat_growth(values: list[float]) -> float | None:
@@ -131,7 +152,8 @@ def judge(samples: list[Sample], end_s: float, final: dict[str, float] | None = 
           thresholds: Thresholds = Thresholds()) -> list[SeriesVerdict]:
     """A verdict per series over the second half of a run that ended at end_s.
 
-    rss_mib: slope below thresholds.rss_mib_per_hour; fds, threads: flat (growth within the
+    rss_mib: the slope of its floor (floor_points) below thresholds.rss_mib_per_hour, the
+    least-squares slope of every point reported beside it; fds, threads: flat (growth within the
     tolerance); spool_files and spool_bytes: the `final` value (sampled after traffic stopped
     and the spool drained) must be 0; db_bytes and anything else: reported, never judged.
     A series with fewer than two points in the window is INFO (too short to judge).
@@ -153,9 +175,12 @@ def judge(samples: list[Sample], end_s: float, final: dict[str, float] | None = 
         elif metric in ("rss_mib", "fds", "threads") and slope is None:
             row.reason = "too few samples in the second half"
         elif metric == "rss_mib":
-            ok = slope < thresholds.rss_mib_per_hour
+            floor = slope_per_hour(floor_points([(s.t_s, s.value) for s in pts]))
+            row.floor_slope_per_hour = floor if floor is not None else slope
+            ok = row.floor_slope_per_hour < thresholds.rss_mib_per_hour
             row.verdict = OK if ok else FAIL
-            row.reason = f"slope {'<' if ok else '>='} {thresholds.rss_mib_per_hour:g} MiB/h"
+            row.reason = (f"floor slope {row.floor_slope_per_hour:+.2f} {'<' if ok else '>='} "
+                          f"{thresholds.rss_mib_per_hour:g} MiB/h")
         elif metric in ("fds", "threads"):
             tol = thresholds.fds_tol if metric == "fds" else thresholds.threads_tol
             ok = growth <= tol
@@ -180,15 +205,16 @@ def _fmt(v: float | None, digits: int = 1) -> str:
 
 def table(rows: list[SeriesVerdict], metrics: tuple[str, ...] = PROCESS_METRICS + GLOBAL_METRICS) -> str:
     """The plot-free text table: one line per series, grouped by metric."""
-    head = ("process", "metric", "pts", "first", "last", "min", "max", "slope/h", "verdict")
+    head = ("process", "metric", "pts", "first", "last", "min", "max", "slope/h", "floor/h", "verdict")
     lines = [head]
     order = {m: i for i, m in enumerate(metrics)}
     for r in sorted(rows, key=lambda r: (order.get(r.metric, len(order)), r.process)):
         digits = 2 if r.metric == "rss_mib" else 0
         slope = "-" if r.slope_per_hour is None else f"{r.slope_per_hour:+,.{2 if r.metric == 'rss_mib' else 1}f}"
         verdict = r.verdict + (f" ({r.reason})" if r.reason else "") + (" [restarted]" if r.restarted else "")
+        floor = "-" if r.floor_slope_per_hour is None else f"{r.floor_slope_per_hour:+,.2f}"
         lines.append((r.process, r.metric, str(r.points), _fmt(r.first, digits), _fmt(r.last, digits),
-                      _fmt(r.min, digits), _fmt(r.max, digits), slope, verdict))
+                      _fmt(r.min, digits), _fmt(r.max, digits), slope, floor, verdict))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head) - 1)]
     out = []
     for line in lines:
@@ -219,12 +245,14 @@ def compact_markdown(rows: list[SeriesVerdict]) -> str:
     def span(r: SeriesVerdict | None, digits: int) -> str:
         return "-" if r is None else f"{_fmt(r.first, digits)} -> {_fmt(r.last, digits)}"
 
-    out = ["| process | RSS MiB (2nd half) | RSS slope MiB/h | fds | threads | verdict |",
+    out = ["| process | RSS MiB (2nd half) | RSS slope MiB/h: floor (all points) | fds | threads | verdict |",
            "|---|---:|---:|---:|---:|---|"]
     for proc in sorted(p for p in by if p != GLOBAL):
         m = by[proc]
         rss = m.get("rss_mib")
-        slope = "-" if rss is None or rss.slope_per_hour is None else f"{rss.slope_per_hour:+.2f}"
+        slope = "-" if rss is None or rss.slope_per_hour is None else (
+            f"{rss.floor_slope_per_hour:+.2f} ({rss.slope_per_hour:+.2f})" if rss.floor_slope_per_hour is not None
+            else f"({rss.slope_per_hour:+.2f})")
         bad = [f"{k} {m[k].reason}" for k in PROCESS_METRICS if k in m and m[k].verdict == FAIL]
         verdict = "FAIL: " + "; ".join(bad) if bad else (
             "ok" if all(m[k].verdict == OK for k in PROCESS_METRICS if k in m) else "too short to judge")
