@@ -277,7 +277,8 @@ def samples_csv(samples: list[Sample], header: bool = True) -> str:
     if header:
         w.writerow(["t_s", "process", "pid", "metric", "value"])
     for s in sorted(samples, key=lambda s: (s.t_s, s.process, s.metric)):
-        w.writerow([f"{s.t_s:.1f}", s.process, s.pid, s.metric, f"{s.value:g}" if s.metric != "rss_mib"
-                    else f"{s.value:.3f}"])
+        value = f"{s.value:.3f}" if s.metric == "rss_mib" else (
+            f"{s.value:.0f}" if float(s.value).is_integer() else repr(s.value))  # bytes: every digit
+        w.writerow([f"{s.t_s:.1f}", s.process, s.pid, s.metric, value])
     return buf.getvalue()
 

@@ -154,3 +154,8 @@ def test_floor_points_take_the_lowest_point_of_each_window():
     pts = [(float(t), v) for t, v in enumerate([5, 1, 7, 2, 9, 3, 8, 4, 6, 0, 5, 5])]
     assert soak.floor_points(pts, windows=3) == [(1.0, 1), (5.0, 3), (9.0, 0)]
     assert soak.floor_points(pts[:3]) == pts[:3]
+
+
+def test_csv_keeps_every_digit_of_byte_counts():
+    text = soak.samples_csv([Sample(0.0, soak.GLOBAL, 0, "db_bytes", 2351483600.0)])
+    assert text.splitlines()[1].endswith(",2351483600")
