@@ -15,12 +15,18 @@ import time
 import zmq
 
 from pairlane import codec
+from pairlane.lifecycle import INFLIGHT_TIMEOUT_S
 
 from .base import PairlaneActor
 from .messages import Inbound, InboundBatch, Outbound
 from .zap import curve_server
 
 DRAIN_BATCH = 64
+# a frame forwarded this long ago and never released is presumed lost between the actors (Thespian can
+# drop a message under load; the assembler gives up on the gap): stop counting it against the caps. Later
+# than the assembler's own safety net (INFLIGHT_TIMEOUT_S), which normally releases first.
+LOST_AFTER_S = INFLIGHT_TIMEOUT_S + 30.0
+SWEEP_EVERY_S = 5.0
 
 
 class Gateway(PairlaneActor):
@@ -38,7 +44,10 @@ class Gateway(PairlaneActor):
             self.zap.watch(self.sock)
         self.pending: dict[tuple, int] = {}       # (request_id, seq) -> bytes forwarded, not yet resolved
         self.per_request: dict[str, int] = {}     # request_id -> chunks forwarded, not yet resolved
+        self.pending_since: dict[tuple, float] = {}  # (request_id, seq) -> monotonic time forwarded
         self.inflight_bytes = 0
+        self.presumed_lost = 0
+        self._next_sweep = time.monotonic() + SWEEP_EVERY_S
         self.assembler = self.peer("assembler")
         self.stats = {"messages": 0, "bytes": 0, "errors": 0, "forwarded": 0, "replies": 0}
         # Inbounds of this drain, sent to the assembler as one message at its end (or once they hold
@@ -60,11 +69,12 @@ class Gateway(PairlaneActor):
             # a restarted assembler forgot what was in flight: so do we
             self.assembler = addr
             self.pending.clear()
+            self.pending_since.clear()
             self.per_request.clear()
             self.inflight_bytes = 0
 
     def inspect(self) -> dict:
-        return dict(self.stats, requests_in_flight=len(self.per_request),
+        return dict(self.stats, requests_in_flight=len(self.per_request), presumed_lost=self.presumed_lost,
                     chunks_in_flight=len(self.pending), bytes_in_flight=self.inflight_bytes,
                     endpoint=self.config["gateway"]["endpoint"],
                     auth=self.zap.inspect() if self.zap else None)
@@ -76,6 +86,10 @@ class Gateway(PairlaneActor):
     def on_timer(self, payload) -> None:
         if payload == "poll":
             self._drain()
+            now = time.monotonic()
+            if now >= self._next_sweep:
+                self._next_sweep = now + SWEEP_EVERY_S
+                self.sweep_lost(now)
             if not self._stopping:
                 self.after(0.05, "poll")
         elif payload == "drain":
@@ -155,7 +169,9 @@ class Gateway(PairlaneActor):
                 "unavailable", "pairlane is restarting its assembler; retry shortly", m["request_id"], 1.0))
         if raw is not None and bad is None:
             rid = m["request_id"]
-            key = (rid, m.get("seq", 0) if t != "live_trades" else -1)
+            # the key the lifecycle releases: a chunk's (validated) seq, 0 for a result, -1 for a live
+            # batch; never a result's own "seq" key (unknown keys are ignored: it may be anything)
+            key = (rid, m["seq"] if t == "chunk" else 0 if t == "result" else -1)
             if key not in self.pending:
                 if self.per_request.get(rid, 0) >= 2 * self.credit:
                     return self._error(identity, codec.ProtocolError(
@@ -166,6 +182,7 @@ class Gateway(PairlaneActor):
                         "busy", f"{self.inflight_bytes} bytes in flight, at the cap of "
                         f"{self.max_inflight_bytes} (gateway.max_inflight_bytes)", rid, 0.5))
                 self.pending[key] = len(raw)
+                self.pending_since[key] = time.monotonic()
                 self.per_request[rid] = self.per_request.get(rid, 0) + 1
                 self.inflight_bytes += len(raw)
         self.stats["forwarded"] += 1
@@ -174,12 +191,34 @@ class Gateway(PairlaneActor):
         self.forward.append(Inbound(identity, m, raw, nrows, bad, time.time()))
         self.forward_bytes += len(raw) if raw is not None else 0
 
+    def sweep_lost(self, now: float) -> list[tuple]:
+        """Stop counting frames forwarded more than LOST_AFTER_S ago and never released (their
+        message or its answer was lost between the actors: nothing else would ever release them,
+        and enough of them would make the gateway answer busy to everyone); returns their keys."""
+        lost = [k for k, t in self.pending_since.items() if now - t > LOST_AFTER_S]
+        for key in lost:
+            self.pending_since.pop(key, None)
+            nbytes = self.pending.pop(key, None)
+            if nbytes is None:
+                continue
+            self.inflight_bytes -= nbytes
+            left = self.per_request.get(key[0], 1) - 1
+            if left > 0:
+                self.per_request[key[0]] = left
+            else:
+                self.per_request.pop(key[0], None)
+            self.presumed_lost += 1
+            self.log("WARNING", "inflight_presumed_lost", request_id=key[0], seq=key[1], bytes=nbytes,
+                     after_s=LOST_AFTER_S)
+        return lost
+
     # ----- replies from the assembler -------------------------------------------------------------
     def on_message(self, msg, sender) -> None:
         if isinstance(msg, Outbound):
             for key in msg.resolved:
                 key = tuple(key)
                 nbytes = self.pending.pop(key, None)
+                self.pending_since.pop(key, None)
                 if nbytes is not None:
                     self.inflight_bytes -= nbytes
                     left = self.per_request.get(key[0], 1) - 1

@@ -12,6 +12,7 @@ partial result visible. Never trusts log lines: only the database.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import signal
@@ -48,6 +49,8 @@ class Traffic:
     timeout_s: float = 4.0
     retries: int = 60
     prefix: str = "chaos"
+    pause_s: float = 0.0        # rest between two results of one producer (a steady rate for soaks)
+    log_uniform: bool = False   # sizes log-uniform over min..max (mostly small, some large) instead of uniform
     sent: dict = field(default_factory=dict)      # request_id -> trades (every result attempted)
     stored: dict = field(default_factory=dict)    # request_id -> (trades, reply)
     errors: dict = field(default_factory=dict)    # request_id -> error text (no promise was made)
@@ -69,7 +72,11 @@ class Traffic:
         k = 0
         with Producer(self.endpoint, timeout_s=self.timeout_s, retries=self.retries) as p:
             while not self._stop.is_set():
-                n = rng.randint(self.min_trades, self.max_trades)
+                if self.log_uniform:
+                    n = int(round(math.exp(rng.uniform(math.log(max(1, self.min_trades)),
+                                                       math.log(max(1, self.max_trades))))))
+                else:
+                    n = rng.randint(self.min_trades, self.max_trades)
                 rid = f"{self.prefix}-{self.seed}-{i}-{k}"
                 k += 1
                 cols = synthetic_columns(n, seed=rng.randrange(1 << 30), strategy=rid)
@@ -82,6 +89,8 @@ class Traffic:
                 except SendError as exc:
                     with self.lock:
                         self.errors[rid] = str(exc)
+                if self.pause_s > 0:
+                    self._stop.wait(self.pause_s)
 
     def stop(self, timeout: float = 120.0) -> None:
         """No new results; wait for those in progress to finish (or give up)."""
@@ -304,11 +313,19 @@ def run_chaos(d: Daemon, duration: float, seed: int, own_daemon: bool, out=sys.s
 
 
 def main(argv: list[str]) -> int:
+    if "--soak" in argv:  # the long run of ordinary traffic (entry/soak.py)
+        from . import soak
+        return soak.main([a for a in argv if a != "--soak"])
+    if "--fuzz" in argv:  # hostile input at volume (entry/fuzz.py)
+        from . import fuzz as fuzzrun
+        return fuzzrun.main([a for a in argv if a != "--fuzz"])
     ap = argparse.ArgumentParser(
         prog="run.py chaos", description="A bounded randomized fault run: producers send results while "
         "actors are killed and hung, the database is locked, garbage arrives and (with its own daemon) the "
         "whole daemon is SIGKILLed and restarted. Then every `stored` reply is checked against SQLite.",
         epilog="examples:\n  python run.py chaos --duration 120 --seed 7\n"
+               "  python run.py chaos --soak --duration 3600 --csv samples.csv   (see chaos --soak --help)\n"
+               "  python run.py chaos --fuzz --frames 10000 --garbage-bytes 2G   (see chaos --fuzz --help)\n"
                "  python run.py chaos --config my.toml --duration 60   (a running daemon with "
                "admin.allow_fault_injection = true; no daemon kills)\n"
                "exit code 0 when lost = 0, duplicates = 0 and nothing partial is visible",
