@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(argv: list[str]) -> int:
-    from entry.cli import run
+    from pairlane.entry.cli import run
     return run(argv)
 
 

@@ -24,9 +24,9 @@ import zmq
 from pairlane.admin_commands import COMMANDS, CommandError, StoreRead, lookup
 from pairlane.store import StoreError
 from pairlane.stores import backend, open_view
-from supervision.messages import (InjectFault, InspectReply, InspectRequest, RestartChild,
+from pairlane.supervision.messages import (InjectFault, InspectReply, InspectRequest, RestartChild,
                                   StatusReply, StatusRequest, StopDaemon)
-from supervision.requests import Requests
+from pairlane.supervision.requests import Requests
 
 from .base import PairlaneActor
 from .messages import AdminCommand, AdminReply

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import zmq
 
-from supervision.worker import Worker
+from pairlane.supervision.worker import Worker
 
 from pairlane.metrics import MetricBatch
 from pairlane.vocab import AlertName, AlertState

@@ -24,7 +24,7 @@ import zmq
 from pairlane.metrics import Metrics, read_process, serve
 from pairlane.stores import backend, open_reader, reader_errors
 from pairlane.vocab import AlertName, AlertState
-from supervision.messages import Escalated, StatusReply, StatusRequest
+from pairlane.supervision.messages import Escalated, StatusReply, StatusRequest
 
 from .admin import serve_admin
 from .base import PairlaneActor

@@ -37,7 +37,7 @@ from pairlane import pairs as pairlogic
 from pairlane.store import SLOT_COLUMNS, StoreError
 from pairlane.stores import backend, open_reader, reader_errors
 from pairlane.vocab import AlertName, AlertState
-from supervision.requests import Requests
+from pairlane.supervision.requests import Requests
 
 from .admin import serve_admin
 from .base import PairlaneActor

@@ -13,12 +13,12 @@ Never starts anything itself.
 """
 from __future__ import annotations
 
-from supervision.spec import ChildSpec, Restart, Strategy
+from pairlane.supervision.spec import ChildSpec, Restart, Strategy
 
 
 def build_tree(cfg: dict) -> ChildSpec:
-    from supervision.root import RootSupervisor
-    from supervision.supervisor import Supervisor
+    from pairlane.supervision.root import RootSupervisor
+    from pairlane.supervision.supervisor import Supervisor
 
     from .admin import Admin
     from .assembler import Assembler

@@ -1,4 +1,4 @@
-"""`python -m bench.multi`: issue 14's targets, measured on this machine in one run.
+"""`python -m pairlane.bench.multi`: issue 14's targets, measured on this machine in one run.
 
 Owns: three measurements with throwaway daemons on free ports in a temp dir, each reported as
 medians and ratios (these machines are shared and noisy; never a single absolute time as a verdict):
@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def progress(msg: str, quiet: bool) -> None:
     if not quiet:
-        print(f"bench.multi: {msg}", file=sys.stderr, flush=True)
+        print(f"pairlane.bench.multi: {msg}", file=sys.stderr, flush=True)
 
 
 def send(endpoint, rid: str, cols: dict, **kw) -> float:
@@ -83,7 +83,7 @@ def keygen(tmp: Path) -> dict:
 
 def bench_curve(tmp: Path, trades: int, repeat: int, store: str, quiet: bool) -> dict:
     from pairlane.synthetic import result_columns
-    from entry.harness import Daemon
+    from pairlane.entry.harness import Daemon
     keys = keygen(tmp)
     base: dict = {"pairs": {"interval_s": 3600.0}}
     if store:
@@ -128,7 +128,7 @@ def bench_curve(tmp: Path, trades: int, repeat: int, store: str, quiet: bool) ->
 def bench_failover(tmp: Path, store: str, trades: int, repeat: int, timeout_s: float, quiet: bool) -> dict:
     from pairlane.client import Producer
     from pairlane.synthetic import result_columns
-    from entry.harness import Daemon
+    from pairlane.entry.harness import Daemon
     over = {"store": {"url": store}, "pairs": {"interval_s": 3600.0}}
     b = Daemon(tmp / "B", dict(over, daemon={"name": "bench-B"}), name="B")
     times: list[float] = []
@@ -184,7 +184,7 @@ def bench_failover(tmp: Path, store: str, trades: int, repeat: int, timeout_s: f
 # ----- two daemons + two producers against one daemon ---------------------------------------------------
 def bench_aggregate(tmp: Path, store: str, trades: int, repeat: int, quiet: bool) -> dict:
     from pairlane.synthetic import result_columns
-    from entry.harness import Daemon
+    from pairlane.entry.harness import Daemon
     over = {"store": {"url": store}, "pairs": {"interval_s": 3600.0}}
     ds = [Daemon(tmp / f"agg{i}", dict(over, daemon={"name": f"bench-agg{i}"}), name=f"agg{i}") for i in range(2)]
     run = f"{os.getpid()}-{time.time_ns()}"
@@ -229,7 +229,7 @@ def bench_aggregate(tmp: Path, store: str, trades: int, repeat: int, quiet: bool
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.multi", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pairlane.bench.multi", description=__doc__.split("\n\n")[0])
     ap.add_argument("what", nargs="*", help="curve, failover, aggregate (default: all three)")
     ap.add_argument("--store", default="", metavar="URL", help="postgresql:// URL (failover and aggregate need it)")
     ap.add_argument("--trades", type=int, default=100_000, help="trades per result (curve, aggregate)")

@@ -255,13 +255,13 @@ class Peer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bench.peer --endpoint EP --db PATH`: serve until SIGTERM/SIGINT; prints `ready`
+    """`python -m pairlane.bench.peer --endpoint EP --db PATH`: serve until SIGTERM/SIGINT; prints `ready`
     once bound (the bench runs it as a process of its own, as a user would)."""
     import argparse
     import signal
     import sys
 
-    ap = argparse.ArgumentParser(prog="python -m bench.peer", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pairlane.bench.peer", description=__doc__.split("\n\n")[0])
     ap.add_argument("--endpoint", required=True)
     ap.add_argument("--db", required=True)
     ap.add_argument("--credit", type=int, default=8)

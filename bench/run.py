@@ -124,13 +124,13 @@ def free_tcp_endpoint() -> str:
 
 
 class PeerProcess:
-    """bench/peer.py in a process of its own (`python -m bench.peer`), on a free port."""
+    """bench/peer.py in a process of its own (`python -m pairlane.bench.peer`), on a free port."""
 
     def __init__(self, tmp: str, max_bytes: int, credit: int) -> None:
         self.endpoint = free_tcp_endpoint()
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.peer", "--endpoint", self.endpoint,
+        self.proc = subprocess.Popen([sys.executable, "-m", "pairlane.bench.peer", "--endpoint", self.endpoint,
                                       "--db", os.path.join(tmp, "peer.db"), "--credit", str(credit),
                                       "--max-message-bytes", str(max_bytes)],
                                      stdout=subprocess.PIPE, text=True, env=env, cwd=root)
@@ -279,7 +279,7 @@ def main(argv: list[str]) -> int:
     from pairlane import pairs
     from pairlane.synthetic import legacy_message
     from pairlane.synthetic import result_columns as synthetic_columns
-    from entry.harness import Daemon
+    from pairlane.entry.harness import Daemon
 
     out: dict = {"repeat": ns.repeat}
     tmp = tempfile.mkdtemp(prefix="pairlane-bench-")
@@ -315,7 +315,7 @@ def main(argv: list[str]) -> int:
                          "ratios": [round(o / f, 3) for o, f in zip(ours, flo)],
                          "ratio_vs_decode": statistics.median(o / f for o, f in zip(ours, dec))}
         if ns.curve:   # issue 14: CURVE costs at most 15% of ingest
-            from bench.multi import bench_curve
+            from pairlane.bench.multi import bench_curve
             progress("CURVE against plain ingest", ns.quiet)
             out["curve"] = bench_curve(Path(tmp) / "curve", n, max(ns.repeat, 3), ns.store, ns.quiet)
         # --- pairlane against the peer, same run -----------------------------------------------------------

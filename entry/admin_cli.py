@@ -22,7 +22,7 @@ import zmq
 
 from pairlane.admin_commands import COMMANDS, EXIT_ERROR, EXIT_UNREACHABLE
 
-from entry.cli import program
+from pairlane.entry.cli import program
 
 
 def request(endpoint: str, cmd: str, args: dict | None = None, token: str = "",

@@ -24,12 +24,12 @@ import os
 import sys
 
 SUBCOMMANDS = {
-    "admin": "entry.admin_cli",
-    "send": "entry.send",
-    "bench": "bench.run",
-    "chaos": "entry.chaos",
-    "migrate": "entry.migrate",
-    "keygen": "entry.keygen",
+    "admin": "pairlane.entry.admin_cli",
+    "send": "pairlane.entry.send",
+    "bench": "pairlane.bench.run",
+    "chaos": "pairlane.entry.chaos",
+    "migrate": "pairlane.entry.migrate",
+    "keygen": "pairlane.entry.keygen",
 }
 CONFIG_ENV = "PAIRLANE_CONFIG"
 TAKES_CONFIG = {"admin", "send", "chaos"}  # and the daemon; `bench` starts its own daemons
@@ -95,7 +95,7 @@ def main(argv: list[str]) -> int:
     if rest and rest[0] in ("-h", "--help"):
         print("\n\n".join(__doc__.strip().split("\n\n")[1:3]))
         print()
-    from entry.daemon import main as daemon_main
+    from pairlane.entry.daemon import main as daemon_main
     return daemon_main(with_config)
 
 

@@ -19,17 +19,17 @@ import socket
 import sys
 import time
 
-from supervision import procs
-from supervision.intensity import RestartIntensity
-from supervision.log import configure as configure_log
-from supervision.log import log, reopen, set_level
-from supervision.messages import Reload, StartTree, StopDaemon, TreeStarted, TreeStopped
-from supervision.spec import TreeSettings
+from pairlane.supervision import procs
+from pairlane.supervision.intensity import RestartIntensity
+from pairlane.supervision.log import configure as configure_log
+from pairlane.supervision.log import log, reopen, set_level
+from pairlane.supervision.messages import Reload, StartTree, StopDaemon, TreeStarted, TreeStopped
+from pairlane.supervision.spec import TreeSettings
 
 from pairlane import config as cfgmod
 from pairlane.lock import InstanceLock, LockBusy
 
-from entry.cli import program
+from pairlane.entry.cli import program
 
 EXIT_CONFIG = 2
 LEFTOVER_GRACE_S = 2.0  # actor processes still alive this long after the actor system's shutdown are killed
@@ -126,9 +126,9 @@ class Daemon:
             raise cfgmod.ConfigError(f"config key 'store.url': {redact(url)}: {exc}")
 
     def start(self) -> None:
-        from actors.tree import build_tree
-        from supervision.root import RootSupervisor
-        from supervision.system import start_system
+        from pairlane.actors.tree import build_tree
+        from pairlane.supervision.root import RootSupervisor
+        from pairlane.supervision.system import start_system
 
         run_dir = run_dir_for(self.cfg)
         os.makedirs(run_dir, exist_ok=True)

@@ -33,7 +33,7 @@ from pathlib import Path
 import msgpack
 import zmq
 
-from actors.gateway import LOST_AFTER_S
+from pairlane.actors.gateway import LOST_AFTER_S
 from pairlane import fuzzframes
 from pairlane.synthetic import legacy_message
 

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from supervision.procs import alive, group_pids
+from pairlane.supervision.procs import alive, group_pids
 
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ import sys
 
 import zmq.auth
 
-from entry.cli import program
+from pairlane.entry.cli import program
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 

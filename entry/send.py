@@ -27,7 +27,7 @@ from pairlane.client import log as client_log
 from pairlane.synthetic import daily_result_columns, strategy_names
 from pairlane.synthetic import result_columns as synthetic_columns
 
-from entry.cli import program
+from pairlane.entry.cli import program
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5590"
 DEFAULT_MAX_MESSAGE_BYTES = 1048576
@@ -285,7 +285,7 @@ def _run(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             meta[key] = getattr(args, key)
     n = len(cols["pnl"])
-    from entry.admin_cli import reachable
+    from pairlane.entry.admin_cli import reachable
     downs = []
     for i, endpoint in enumerate(endpoints):   # start at the first that accepts connections
         down = reachable(endpoint, min(UNREACHABLE_PROBE_S, args.timeout) / len(endpoints))

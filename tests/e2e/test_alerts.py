@@ -7,7 +7,7 @@ import msgpack
 import pytest
 import zmq
 
-from entry import chaos
+from pairlane.entry import chaos
 from pairlane.client import Producer, synthetic_columns
 from tests.e2e.test_pairs_metrics import wait_metric
 

@@ -20,7 +20,7 @@ import zmq.auth
 from pairlane import synthetic
 from pairlane.client import Producer, SendError
 from pairlane.zap import client_curve_options
-from entry.admin_cli import request
+from pairlane.entry.admin_cli import request
 from tests.e2e.test_pairs_metrics import scrape, val, wait_metric
 from tests.e2e.util import db, inspect, rows_for, wait_status, wait_until
 from tests.harness import REPO, free_port

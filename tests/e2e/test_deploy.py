@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from entry.harness import free_port
+from pairlane.entry.harness import free_port
 from pairlane.metrics import METRIC_SPECS
 from tests.e2e.test_pairs_metrics import PAIRS_CFG
 from tests.e2e.util import wait_until

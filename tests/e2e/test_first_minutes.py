@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from entry import send
+from pairlane.entry import send
 from pairlane.pairs import SECONDS_PER_DAY
 from pairlane.synthetic import daily_result_columns, strategy_names
 from tests.e2e.util import BACKENDS

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from entry.fuzz import run_fuzz
+from pairlane.entry.fuzz import run_fuzz
 from tests.e2e.util import Dealer, inspect, rows_for, wait_until
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from entry.harness import REPO
+from pairlane.entry.harness import REPO
 from pairlane.client import synthetic_columns
 from pairlane.store import Store, meta_from_message
 

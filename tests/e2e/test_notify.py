@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from entry.daemon import sd_notify
+from pairlane.entry.daemon import sd_notify
 
 
 def notify_socket(path) -> socket.socket:

@@ -246,7 +246,7 @@ def d_start(d) -> float:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_raised_alert_is_published_again_while_nothing_reasserts_it(make_daemon):
-    from actors.metrics import REPUBLISH_S
+    from pairlane.actors.metrics import REPUBLISH_S
     d = make_daemon({"pairs": PAIRS_CFG})
     wait_alert_active(d, "pair_safe_stop", 1.0, 15)
     sub = late_subscriber(d)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from entry.harness import REPO, Daemon, base_config, write_toml
+from pairlane.entry.harness import REPO, Daemon, base_config, write_toml
 from pairlane.client import Producer
 from pairlane.synthetic import result_columns as synthetic_columns
 
@@ -85,6 +85,9 @@ def test_non_editable_install_runs_the_pairlane_command_from_another_directory(t
     assert json.loads(down.stdout)["error"] == "unreachable"
     site = next((venv / "lib").glob("python*/site-packages"))
     assert not (site / "run.py").exists(), "a generic top-level `run` module was installed"
+    generic = [n for n in ("actors", "supervision", "entry", "bench", "config", "tests") if (site / n).exists()]
+    assert generic == [], f"generic top-level names installed into site-packages: {generic}"
+    assert (site / "pairlane" / "actors" / "writer.py").is_file()   # the layers live inside pairlane
 
 
 # ----- the command line -----------------------------------------------------------------------

@@ -16,8 +16,8 @@ import sys
 
 import pytest
 
-from entry.chaos import ACTORS
-from entry.harness import REPO
+from pairlane.entry.chaos import ACTORS
+from pairlane.entry.harness import REPO
 
 pytestmark = pytest.mark.slow
 

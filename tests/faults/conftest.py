@@ -1,6 +1,6 @@
 import pytest
 
-from entry.harness import Daemon
+from pairlane.entry.harness import Daemon
 
 FAST = {"supervision": {"heartbeat_timeout_s": 1.5, "long_work_heartbeat_timeout_s": 3.0},
         "dlq": {"retry_min_s": 0.2, "retry_max_s": 1.0},

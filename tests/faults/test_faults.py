@@ -13,8 +13,8 @@ import msgpack
 import pytest
 import zmq
 
-from entry import chaos
-from entry.chaos import Traffic, check, wait_all_running
+from pairlane.entry import chaos
+from pairlane.entry.chaos import Traffic, check, wait_all_running
 from pairlane.client import Producer, encode_chunk, plan_chunks, synthetic_columns
 
 from .conftest import FAST

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from entry import chaos
+from pairlane.entry import chaos
 from pairlane import synthetic
 from tests.e2e.util import db, duplicate_groups, inspect, wait_until
 
@@ -149,7 +149,7 @@ def test_full_spool_stops_reading_the_socket_and_drops_nothing(make_daemon):
     does not read its socket while the spool is full; swimmy's 10 later pushes wait in ZMQ and are
     all stored once there is room."""
     from pairlane.spool import Spool
-    from actors.legacy import SPOOL_MAX_ITEMS
+    from pairlane.actors.legacy import SPOOL_MAX_ITEMS
 
     d = make_daemon(FAST, start=False)
     spool = Spool(str(Path(d.cfg["dlq"]["path"]) / "legacy"))

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from entry.chaos_multi import check_pg, clean, run_multi_chaos
+from pairlane.entry.chaos_multi import check_pg, clean, run_multi_chaos
 from tests.e2e.util import inspect, wait_until
 from tests.pg import PgServer
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from entry import chaos
+from pairlane.entry import chaos
 from pairlane.client import Producer, synthetic_columns
 from tests.e2e.util import duplicate_groups, inspect, result_row, rows_for, wait_until
 from tests.pg import PgServer

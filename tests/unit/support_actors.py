@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from supervision import procs
-from supervision.root import RootSupervisor
-from supervision.worker import Worker
+from pairlane.supervision import procs
+from pairlane.supervision.root import RootSupervisor
+from pairlane.supervision.worker import Worker
 
 
 @dataclass(frozen=True)

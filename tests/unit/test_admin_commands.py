@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from actors.admin import Admin
-from actors.dlq import DLQ
-from actors.metrics import MetricsActor
-from actors.pairs import PairsActor
+from pairlane.actors.admin import Admin
+from pairlane.actors.dlq import DLQ
+from pairlane.actors.metrics import MetricsActor
+from pairlane.actors.pairs import PairsActor
 from pairlane import admin_commands as ac
 from pairlane.store import Store, StoreError, StoreView, meta_from_message
 

@@ -22,7 +22,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from entry import send as cli_send
+from pairlane.entry import send as cli_send
 from pairlane.client import (Producer, SendError, encode_chunk, load_file, plan_chunks, prepare_columns,
                              synthetic_columns)
 from pairlane.codec import FLOAT_COLS, INT_COLS, STR_COLS

@@ -7,7 +7,7 @@ entries that are still young, and the release of an already expired one, behave 
 """
 from __future__ import annotations
 
-from actors import gateway as gw
+from pairlane.actors import gateway as gw
 
 
 def gateway_with(pending: dict[tuple, tuple[int, float]]) -> gw.Gateway:

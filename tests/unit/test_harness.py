@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import socket
 
-from entry import harness
+from pairlane.entry import harness
 
 
 def test_free_ports_are_unique_bindable_and_outside_the_ephemeral_range():

@@ -23,15 +23,25 @@ FORBIDDEN = {
 }
 
 
+def layer_of(module: str) -> str:
+    """The layer a dotted module name belongs to. The layers are installed inside the `pairlane`
+    package (`pairlane.actors.writer`), so the layer is the second part there; `pairlane.config`
+    is the pure core, layer `pairlane`."""
+    parts = module.split(".")
+    if parts[0] == "pairlane" and len(parts) > 1 and parts[1] in FORBIDDEN:
+        return parts[1]
+    return parts[0]
+
+
 def imported_tops(source: str, package: str) -> list[tuple[int, str]]:
-    """(line, top-level module) for every import in `source`, a module of `package`; relative imports
+    """(line, layer) for every import in `source`, a module of `package`; relative imports
     resolve to `package` itself (no module here goes above its own package)."""
     out = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            out += [(node.lineno, a.name.split(".")[0]) for a in node.names]
+            out += [(node.lineno, layer_of(a.name)) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            out.append((node.lineno, package if node.level else (node.module or "").split(".")[0]))
+            out.append((node.lineno, package if node.level else layer_of(node.module or "")))
     return out
 
 
@@ -50,8 +60,8 @@ def violations(source: str, package: str) -> list[str]:
 
 def sources():
     for package in FORBIDDEN:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            yield package, path
+        for path in sorted((ROOT / package).rglob("*.py")):   # rglob does not follow the symlinks
+            yield package, path                              # pairlane/actors -> ../actors etc.
 
 
 def test_every_layer_has_modules():
@@ -67,7 +77,7 @@ def test_import_arrows_go_one_way(package, path):
 
 def test_run_py_only_dispatches_to_the_entry_layer():
     tops = {top for _, top in imported_tops((ROOT / "run.py").read_text(), "run")}
-    assert not tops & {"actors", "supervision", "pairlane"}, tops
+    assert "entry" in tops and not tops & {"actors", "supervision", "pairlane"}, tops
 
 
 @pytest.mark.parametrize("package,source,expected", [
@@ -78,6 +88,10 @@ def test_run_py_only_dispatches_to_the_entry_layer():
     ("supervision", "import os\nlevel = os.environ['PAIRLANE_LOG_LEVEL']\n", "PAIRLANE_LOG_LEVEL"),
     ("supervision", "x = cfg['daemon']['log_level']\n", "daemon's config table"),
     ("actors", "from entry.harness import Daemon\n", "actors imports entry"),
+    ("pairlane", "from pairlane.actors.tree import build_tree\n", "pairlane imports actors"),
+    ("pairlane", "import pairlane.supervision.procs\n", "pairlane imports supervision"),
+    ("supervision", "from pairlane.config import load\n", "supervision imports pairlane"),
+    ("actors", "from pairlane.entry.harness import Daemon\n", "actors imports entry"),
 ])
 def test_the_checker_catches_a_forbidden_arrow(package, source, expected):
     found = violations(source, package)
@@ -86,4 +100,26 @@ def test_the_checker_catches_a_forbidden_arrow(package, source, expected):
 
 def test_the_checker_lets_allowed_arrows_pass():
     assert violations("from supervision.worker import Worker\nfrom pairlane import codec\n", "actors") == []
+    assert violations("from pairlane.supervision.worker import Worker\nfrom pairlane.codec import pack\n",
+                      "actors") == []
+
+
+def test_every_layer_is_installed_inside_the_pairlane_package():
+    """No generic top-level module names in site-packages: the source tree's pairlane/<layer> is a
+    symlink to the repository's <layer>/, and every import names the layer through `pairlane.`."""
+    for layer in ("actors", "supervision", "entry", "bench"):
+        link = ROOT / "pairlane" / layer
+        assert link.is_symlink() and link.resolve() == (ROOT / layer).resolve(), link
+    bare = [f"{path.relative_to(ROOT)}:{line}" for package, path in sources()
+            for line, top in _bare_layer_imports(path.read_text())]
+    assert bare == [], bare
+
+
+def _bare_layer_imports(source: str) -> list[tuple[int, str]]:
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and not node.level and node.module else []
+        out += [(node.lineno, n) for n in names if n.split(".")[0] in ("actors", "supervision", "entry", "bench")]
+    return out
     assert violations("from . import procs\n", "supervision") == []

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.legacy import guess_request_id, strip_oos
+from pairlane.actors.legacy import guess_request_id, strip_oos
 from pairlane import config as cfgmod
 from pairlane.config import ConfigError
 

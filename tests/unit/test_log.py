@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from supervision import log as slog
+from pairlane.supervision import log as slog
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from actors.metrics import MetricsActor
+from pairlane.actors.metrics import MetricsActor
 
 
 def counter():

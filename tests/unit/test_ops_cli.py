@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from entry.cli import hoist_config
-from entry.daemon import config_changes, reloadable
+from pairlane.entry.cli import hoist_config
+from pairlane.entry.daemon import config_changes, reloadable
 from pairlane import config as cfgmod
 
 
@@ -61,7 +61,7 @@ def test_sighup_applies_only_the_keys_that_can_change_safely():
 def test_the_dispatcher_hands_the_config_on_but_never_the_environment_to_chaos(monkeypatch):
     from types import SimpleNamespace
 
-    import entry.cli as cli
+    import pairlane.entry.cli as cli
     seen: dict = {}
     monkeypatch.setattr(cli.importlib, "import_module",
                         lambda name: SimpleNamespace(main=lambda argv: seen.setdefault(name, argv) and 0))
@@ -70,15 +70,15 @@ def test_the_dispatcher_hands_the_config_on_but_never_the_environment_to_chaos(m
     cli.main(["send", "--synthetic", "5"])
     cli.main(["chaos", "--duration", "5"])
     cli.main(["bench", "--json"])
-    assert seen == {"entry.admin_cli": ["--config", "a.toml", "status"],
-                    "entry.send": ["--config", "env.toml", "--synthetic", "5"],
-                    "entry.chaos": ["--duration", "5"],
-                    "bench.run": ["--json"]}
+    assert seen == {"pairlane.entry.admin_cli": ["--config", "a.toml", "status"],
+                    "pairlane.entry.send": ["--config", "env.toml", "--synthetic", "5"],
+                    "pairlane.entry.chaos": ["--duration", "5"],
+                    "pairlane.bench.run": ["--json"]}
 
 
 def test_version_comes_from_the_package_metadata(capsys):
     from importlib.metadata import version
 
-    import entry.cli as cli
+    import pairlane.entry.cli as cli
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"pairlane {version('pairlane')}"

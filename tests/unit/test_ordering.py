@@ -14,9 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from thespian.actors import WakeupMessage
 
-from supervision import worker as worker_mod
-from supervision.ordering import Numberer, Resequencer, Sequenced
-from supervision.worker import Worker
+from pairlane.supervision import worker as worker_mod
+from pairlane.supervision.ordering import Numberer, Resequencer, Sequenced
+from pairlane.supervision.worker import Worker
 
 
 def deliver_all(rs: Resequencer, arrivals: list[tuple[str, int]]) -> list:

@@ -907,7 +907,7 @@ class _ActorHarness:
     """A PairsActor outside Thespian: timers, logs, alerts and slot writes recorded, not sent."""
 
     def __init__(self, path):
-        from actors.pairs import PairsActor
+        from pairlane.actors.pairs import PairsActor
         from pairlane.metrics import MetricBatch
 
         a = PairsActor.__new__(PairsActor)
@@ -942,7 +942,7 @@ def test_evaluation_past_its_deadline_is_given_up_reported_and_the_next_one_runs
     an error saying why, it is logged and counted, the actor goes on (no restart), and the next
     evaluation runs on a reader connection of its own while the abandoned thread still runs; the
     abandoned result, arriving late, is dropped."""
-    from actors import pairs as pairs_actor
+    from pairlane.actors import pairs as pairs_actor
 
     path = tmp_path / "store.db"
     src = make_db([("r1", "s1", "complete", 4, 1.0, None, None, "A", 1.0),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zmq
 
-from bench.peer import Peer
+from pairlane.bench.peer import Peer
 from pairlane import synthetic
 from pairlane.chunks import encode_chunk
 from pairlane.client import Producer

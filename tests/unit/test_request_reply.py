@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from supervision.requests import DEADLINE_TIMER, Correlator, Requests
+from pairlane.supervision.requests import DEADLINE_TIMER, Correlator, Requests
 
 
 class Clock:

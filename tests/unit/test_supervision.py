@@ -20,15 +20,15 @@ from types import SimpleNamespace
 import pytest
 
 from pairlane import config as cfgmod
-from supervision import procs
-from supervision.messages import (InspectReply, InspectRequest, RestartChild, StartTree, StatusReply,
+from pairlane.supervision import procs
+from pairlane.supervision.messages import (InspectReply, InspectRequest, RestartChild, StartTree, StatusReply,
                                   StatusRequest, StopDaemon, TreeStarted, TreeStopped)
-from supervision.intensity import RestartIntensity
-from supervision.spec import ChildSpec, Restart, Strategy, TreeSettings
-from supervision.states import (RUNNING_STATES, STOPPED_STATES, TRANSITIONS, IllegalTransition, State,
+from pairlane.supervision.intensity import RestartIntensity
+from pairlane.supervision.spec import ChildSpec, Restart, Strategy, TreeSettings
+from pairlane.supervision.states import (RUNNING_STATES, STOPPED_STATES, TRANSITIONS, IllegalTransition, State,
                                 allowed, transition)
-from supervision.supervisor import Supervisor
-from supervision.system import start_system
+from pairlane.supervision.supervisor import Supervisor
+from pairlane.supervision.system import start_system
 from tests.harness import free_port, group_pids
 from tests.unit.support_actors import (Crash, CrashLoop, Exit, Forward, Forwarded, ForwardingRoot,
                                        Hang, Steady, StubbornStop, read_crashes, read_starts)
@@ -668,7 +668,7 @@ def test_intensity_reads_only_the_injected_clock():
 
 
 def test_the_daemon_main_process_counts_root_deaths_with_the_same_intensity():
-    from entry.daemon import Daemon
+    from pairlane.entry.daemon import Daemon
     clock = Clock()
     d = Daemon(cfgmod.load(None), None)
     d.settings = TreeSettings(max_restarts=2, window_s=10.0, backoff_min_s=0.0)

@@ -1,8 +1,8 @@
 """How the assembler cuts its writer outbox into WriterBatches (actors.assembler.batch_length)."""
 from __future__ import annotations
 
-from actors.assembler import batch_length
-from actors.messages import Lookup, SetStatus, WriteChunk
+from pairlane.actors.assembler import batch_length
+from pairlane.actors.messages import Lookup, SetStatus, WriteChunk
 
 
 def chunk(nbytes: int) -> WriteChunk:
