@@ -56,6 +56,28 @@ def write_pidfile(run_dir: str, name: str) -> None:
     os.replace(tmp, os.path.join(run_dir, f"{name}.pid"))
 
 
+def touch_pidfile(run_dir: str, name: str) -> None:
+    """The child's loop ran just now: its pidfile's mtime says when (a side channel that needs no
+    message, see `loop_age`)."""
+    try:
+        os.utime(os.path.join(run_dir, f"{name}.pid"))
+    except OSError:
+        pass
+
+
+def loop_age(run_dir: str, name: str, pid: int) -> float | None:
+    """Seconds since the child `pid` last touched its pidfile; None when the file is not that pid's."""
+    path = os.path.join(run_dir, f"{name}.pid")
+    try:
+        mtime = os.stat(path).st_mtime
+        entry = read_pidfile(run_dir, name)
+    except OSError:
+        return None
+    if entry is None or entry[0] != pid:
+        return None
+    return max(0.0, time.time() - mtime)
+
+
 def read_pidfile(run_dir: str, name: str) -> tuple[int, int] | None:
     try:
         with open(os.path.join(run_dir, f"{name}.pid")) as fh:

@@ -34,6 +34,10 @@ from .worker import CRASH_EXIT_CODE, Worker
 
 _op_ids = itertools.count(1)
 
+# A child whose loop still runs (it touched its pidfile within its deadline) but whose heartbeats
+# have not arrived is given up to this many deadlines before the watchdog kills it anyway.
+TRANSIT_GRACE = 3.0
+
 
 @dataclass(frozen=True)
 class _LostExit:
@@ -56,6 +60,7 @@ class Child:
     expect_exit: bool = False      # we asked it to stop (or killed it on purpose)
     exited_normally: bool = False  # it said ExitingNormally before going
     hung: bool = False             # killed by the watchdog
+    late_logged: bool = False      # heartbeat_late logged for the current silence
 
 
 @dataclass
@@ -233,6 +238,7 @@ class Supervisor(Worker):
             child = self._by_address(sender)
             if child is not None:
                 child.last_hb = time.monotonic()
+                child.late_logged = False
         elif isinstance(msg, ExitingNormally):
             child = self._by_address(sender)
             if child is not None:
@@ -405,8 +411,20 @@ class Supervisor(Worker):
                         pid=child.pid)
                     self.on_child_exited(_LostExit(child.address))
                     continue
+                silent, limit = now - child.last_hb, self._hb_timeout(child)
+                age = procs.loop_age(self.run_dir, child.spec.name, child.pid) if child.pid else None
+                if age is not None and age < limit and silent < TRANSIT_GRACE * limit:
+                    # its loop still runs (it touched its pidfile), only its heartbeats are late:
+                    # messages delayed between processes on a loaded machine, not a hang. Killing
+                    # it would be a false restart; a transport stuck for good is still killed at
+                    # TRANSIT_GRACE times the deadline.
+                    if not child.late_logged:
+                        child.late_logged = True
+                        log("WARNING", "heartbeat_late", actor=self.name, child=child.spec.name,
+                            child_pid=child.pid, silent_s=f"{silent:.2f}", loop_age_s=f"{age:.2f}")
+                    continue
                 log("ERROR", "watchdog_kill", actor=self.name, child=child.spec.name, child_pid=child.pid,
-                    silent_s=f"{now - child.last_hb:.2f}")
+                    silent_s=f"{silent:.2f}", loop_age_s="unknown" if age is None else f"{age:.2f}")
                 child.hung = True
                 self._kill(child)
 

@@ -249,6 +249,7 @@ class Worker(Actor):
         self._check_orphan()
         if self.supervisor is not None and not self._stopping:
             self.send(self.supervisor, Heartbeat(self.name, os.getpid()))
+            procs.touch_pidfile(self.run_dir, self.name)
         self.on_tick()
         self.after(self.settings.heartbeat_s, _TICK)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pairlane.supervision import procs
+from pairlane.supervision.messages import Heartbeat
 from pairlane.supervision.root import RootSupervisor
 from pairlane.supervision.worker import Worker
 
@@ -103,6 +104,16 @@ class Steady(Worker):
     def on_stop(self) -> None:
         with open(os.path.join(self.run_dir, "stop_order"), "a") as fh:
             fh.write(self.name + "\n")
+
+
+class Muted(Steady):
+    """Its loop runs (it touches its pidfile every heartbeat) but none of its heartbeats ever leave:
+    what a supervisor sees when messages between processes are delayed, not when a child hangs."""
+
+    def send(self, addr, msg) -> None:
+        if isinstance(msg, Heartbeat):
+            return
+        super().send(addr, msg)
 
 
 class CrashLoop(Steady):

@@ -30,7 +30,7 @@ from pairlane.supervision.states import (RUNNING_STATES, STOPPED_STATES, TRANSIT
 from pairlane.supervision.supervisor import Supervisor
 from pairlane.supervision.system import start_system
 from tests.harness import free_port, group_pids
-from tests.unit.support_actors import (Crash, CrashLoop, Exit, Forward, Forwarded, ForwardingRoot,
+from tests.unit.support_actors import (Crash, CrashLoop, Exit, Forward, Forwarded, ForwardingRoot, Muted,
                                        Hang, Steady, StubbornStop, read_crashes, read_starts)
 
 pytestmark = pytest.mark.timeout(60)
@@ -466,6 +466,21 @@ def test_hung_child_is_killed_by_the_watchdog_and_restarted(make_tree):
     assert rows["h"]["last_exit"] == "hung (watchdog kill)" and rows["h"]["pid"] != before["h"]
     assert 0.4 < took < 3.0, took
     assert gone(before["h"], 0.1)
+    assert rows["ok"]["pid"] == before["ok"]
+
+
+def test_a_child_whose_loop_runs_but_whose_heartbeats_are_late_is_not_killed_at_its_deadline(make_tree):
+    """Heartbeats delayed between processes (a loaded machine) are not a hang: the child's loop
+    touches its pidfile, so the watchdog waits up to TRANSIT_GRACE deadlines before it kills; a
+    transport stuck for good is still killed then."""
+    t = make_tree(root_spec(ChildSpec("m", Muted, Restart.PERMANENT, shutdown_s=2.0, heartbeat_timeout_s=0.5),
+                            steady("ok")))
+    before = t.pids()
+    t0 = time.monotonic()
+    rows = t.wait_running("m", 1, timeout=8.0)
+    took = time.monotonic() - t0
+    assert rows["m"]["last_exit"] == "hung (watchdog kill)" and rows["m"]["pid"] != before["m"]
+    assert took > 1.2, took   # over twice its 0.5 s deadline, where a hung child goes
     assert rows["ok"]["pid"] == before["ok"]
 
 
