@@ -1,6 +1,6 @@
 """`run.py chaos --soak` end to end: a short soak through a real daemon it starts itself.
 
-The run is short (about 75 s, a sample every 5 s), so its slopes say little about leaks;
+The run is short (about 45 s, a sample every 3 s), so its slopes say little about leaks;
 what this proves is the machinery on real samples: every actor process found by its title
 and sampled, each series judged over the second half, the spool sampled and empty at the
 end, the mixed traffic stored exactly (the chaos checker plus the legacy and live checks),
@@ -26,8 +26,8 @@ def test_short_soak_samples_every_actor_and_checks_the_data(tmp_path):
     env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(REPO))
     env.pop("PAIRLANE_CONFIG", None)
     csv_path = tmp_path / "samples.csv"
-    proc = subprocess.run([sys.executable, str(REPO / "run.py"), "chaos", "--soak", "--duration", "75",
-                           "--sample-s", "5", "--pairs-every-s", "20", "--max-trades", "20000",
+    proc = subprocess.run([sys.executable, str(REPO / "run.py"), "chaos", "--soak", "--duration", "45",
+                           "--sample-s", "3", "--pairs-every-s", "15", "--max-trades", "20000",
                            "--result-pause-s", "1", "--json", "--csv", str(csv_path)],
                           capture_output=True, text=True, timeout=400, env=env, cwd=str(tmp_path))
     assert proc.stdout, proc.stderr[-4000:]

@@ -40,7 +40,7 @@ def test_chaos_over_two_daemons_with_daemon_kills_and_server_restarts(make_daemo
         finally:
             own_server.start_again()
 
-    summary = run_multi_chaos(daemons, duration=75.0, seed=14, pg_restart=pg_restart)
+    summary = run_multi_chaos(daemons, duration=50.0, seed=14, pg_restart=pg_restart)
     print(summary)
     assert summary["faults"].get("kill_daemon", 0) >= 1 and summary["faults"].get("pg_restart", 0) >= 1 \
         and summary["faults"].get("kill_actor", 0) >= 1, summary
