@@ -197,35 +197,34 @@ class Gateway(PairlaneActor):
         and enough of them would make the gateway answer busy to everyone); returns their keys."""
         lost = [k for k, t in self.pending_since.items() if now - t > LOST_AFTER_S]
         for key in lost:
-            self.pending_since.pop(key, None)
-            nbytes = self.pending.pop(key, None)
+            nbytes = self._release(key)
             if nbytes is None:
                 continue
-            self.inflight_bytes -= nbytes
-            left = self.per_request.get(key[0], 1) - 1
-            if left > 0:
-                self.per_request[key[0]] = left
-            else:
-                self.per_request.pop(key[0], None)
             self.presumed_lost += 1
             self.log("WARNING", "inflight_presumed_lost", request_id=key[0], seq=key[1], bytes=nbytes,
                      after_s=LOST_AFTER_S)
         return lost
 
+    def _release(self, key: tuple) -> int | None:
+        """A forwarded frame is done with (answered, or presumed lost): its bytes no longer count in
+        flight. Its byte count, or None if it was not (or no longer) counted."""
+        self.pending_since.pop(key, None)
+        nbytes = self.pending.pop(key, None)
+        if nbytes is None:
+            return None
+        self.inflight_bytes -= nbytes
+        left = self.per_request.get(key[0], 1) - 1
+        if left > 0:
+            self.per_request[key[0]] = left
+        else:
+            self.per_request.pop(key[0], None)
+        return nbytes
+
     # ----- replies from the assembler -------------------------------------------------------------
     def on_message(self, msg, sender) -> None:
         if isinstance(msg, Outbound):
             for key in msg.resolved:
-                key = tuple(key)
-                nbytes = self.pending.pop(key, None)
-                self.pending_since.pop(key, None)
-                if nbytes is not None:
-                    self.inflight_bytes -= nbytes
-                    left = self.per_request.get(key[0], 1) - 1
-                    if left > 0:
-                        self.per_request[key[0]] = left
-                    else:
-                        self.per_request.pop(key[0], None)
+                self._release(tuple(key))
             for identity, reply in msg.replies:
                 if reply.get("type") == "error":
                     self.stats["errors"] += 1

@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import threading
+from typing import Callable
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,28 +109,35 @@ class Traffic:
 # ----- checking ------------------------------------------------------------------------------------------
 def check(db_path: str, stored: dict, wait_s: float = 90.0) -> dict:
     """Compare every stored reply with SQLite. Waits up to wait_s for spooled results to land."""
-    deadline = time.monotonic() + wait_s
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
     try:
-        while True:
-            rows = dict(conn.execute("SELECT request_id, status FROM backtest_results").fetchall())
-            pending = [r for r in stored if rows.get(r) != "complete"]
-            if not pending or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        counts = dict(conn.execute("SELECT request_id, count(*) FROM backtest_trade_logs GROUP BY request_id"))
-        totals = dict(conn.execute("SELECT request_id, total_trades FROM backtest_results"))
-        dup = conn.execute("SELECT count(*) FROM (SELECT request_id, seq, timestamp FROM backtest_trade_logs "
-                           "GROUP BY 1, 2, 3 HAVING count(*) > 1)").fetchone()[0]
-        lost = [r for r in stored if rows.get(r) != "complete"]
-        wrong = [r for r, (n, _) in stored.items() if counts.get(r, 0) != n]
-        bad_complete = [r for r, st in rows.items() if st == "complete" and counts.get(r, 0) != totals.get(r)]
-        dead_rows = [r for r, st in rows.items() if st in ("failed", "abandoned") and counts.get(r, 0)]
-        return {"stored": len(stored), "complete": len(stored) - len(lost), "lost": lost,
-                "wrong_row_counts": wrong, "duplicate_rows": dup,
-                "partial_visible": bad_complete + dead_rows}
+        return check_rows(lambda sql: conn.execute(sql).fetchall(), stored, wait_s)
     finally:
         conn.close()
+
+
+def check_rows(query: Callable[[str], list], stored: dict, wait_s: float) -> dict:
+    """The checker over any store: `query(sql)` returns its rows. Every `stored` reply must be a
+    complete result with exactly its rows; no (request, seq, timestamp) twice; no complete result
+    whose rows differ from its total and no failed or abandoned one with rows (partial visible)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        rows = dict(query("SELECT request_id, status FROM backtest_results"))
+        pending = [r for r in stored if rows.get(r) != "complete"]
+        if not pending or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    counts = dict(query("SELECT request_id, count(*) FROM backtest_trade_logs GROUP BY request_id"))
+    totals = dict(query("SELECT request_id, total_trades FROM backtest_results"))
+    dup = query("SELECT count(*) FROM (SELECT request_id, seq, timestamp FROM backtest_trade_logs "
+                "GROUP BY 1, 2, 3 HAVING count(*) > 1) d")[0][0]
+    lost = [r for r in stored if rows.get(r) != "complete"]
+    wrong = [r for r, (n, _) in stored.items() if counts.get(r, 0) != n]
+    bad_complete = [r for r, st in rows.items() if st == "complete" and counts.get(r, 0) != totals.get(r)]
+    dead_rows = [r for r, st in rows.items() if st in ("failed", "abandoned") and counts.get(r, 0)]
+    return {"stored": len(stored), "complete": len(stored) - len(lost), "lost": lost,
+            "wrong_row_counts": wrong, "duplicate_rows": dup,
+            "partial_visible": bad_complete + dead_rows}
 
 
 def writers_alive(db_path: str) -> int:

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Callable
 
-from .chaos import ACTORS, Traffic, kill_daemon, wait_all_running
+from .chaos import ACTORS, Traffic, check_rows, kill_daemon, wait_all_running
 from .harness import Daemon
 
 FAULTS = ("kill_actor", "kill_daemon", "pg_restart")
@@ -29,24 +29,8 @@ def check_pg(url: str, stored: dict, wait_s: float = 120.0) -> dict:
     """Compare every stored reply with the PostgreSQL store at `url`; waits up to wait_s for results
     still in a daemon's DLQ to land."""
     import psycopg
-    deadline = time.monotonic() + wait_s
     with psycopg.connect(url, autocommit=True) as conn:
-        while True:
-            rows = dict(conn.execute("SELECT request_id, status FROM backtest_results").fetchall())
-            pending = [r for r in stored if rows.get(r) != "complete"]
-            if not pending or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        counts = dict(conn.execute("SELECT request_id, count(*) FROM backtest_trade_logs GROUP BY request_id"))
-        totals = dict(conn.execute("SELECT request_id, total_trades FROM backtest_results"))
-        dup = conn.execute("SELECT count(*) FROM (SELECT request_id, seq, timestamp FROM backtest_trade_logs "
-                           "GROUP BY 1, 2, 3 HAVING count(*) > 1) d").fetchone()[0]
-    lost = [r for r in stored if rows.get(r) != "complete"]
-    wrong = [r for r, (n, _) in stored.items() if counts.get(r, 0) != n]
-    bad_complete = [r for r, st in rows.items() if st == "complete" and counts.get(r, 0) != totals.get(r)]
-    dead_rows = [r for r, st in rows.items() if st in ("failed", "abandoned") and counts.get(r, 0)]
-    return {"stored": len(stored), "complete": len(stored) - len(lost), "lost": lost,
-            "wrong_row_counts": wrong, "duplicate_rows": dup, "partial_visible": bad_complete + dead_rows}
+        return check_rows(lambda sql: conn.execute(sql).fetchall(), stored, wait_s)
 
 
 def run_multi_chaos(daemons: list[Daemon], duration: float, seed: int,
