@@ -17,3 +17,14 @@ def shared_daemon(tmp_path_factory):
     d.stop(30)
     left = d.cleanup()
     assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture
+def own_server():
+    """A PostgreSQL server of the test's own, for faults that stop or fill it (never the shared one)."""
+    from tests.pg import PgServer
+    s = PgServer().start()
+    try:
+        yield s
+    finally:
+        s.close()

@@ -12,20 +12,10 @@ import pytest
 
 from pairlane.entry.chaos_multi import check_pg, clean, run_multi_chaos
 from tests.e2e.util import inspect, wait_until
-from tests.pg import PgServer
 
 from .conftest import FAST
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-@pytest.fixture
-def own_server():
-    s = PgServer().start()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def test_chaos_over_two_daemons_with_daemon_kills_and_server_restarts(make_daemon, own_server):

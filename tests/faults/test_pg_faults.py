@@ -20,7 +20,6 @@ import pytest
 from pairlane.entry import chaos
 from pairlane.client import Producer, synthetic_columns
 from tests.e2e.util import duplicate_groups, inspect, result_row, rows_for, wait_until
-from tests.pg import PgServer
 
 from .conftest import FAST
 
@@ -62,15 +61,6 @@ def settled(d, outs: dict, threads) -> None:
         assert duplicate_groups(d, rid) == 0, rid
     wait_until(lambda: inspect(d, "dlq")["depth"] == 0, 90, 0.2, "the DLQ drained")
     assert d.admin("verify")["problems"] == []
-
-
-@pytest.fixture
-def own_server():
-    s = PgServer().start()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def test_server_crash_and_restart_while_results_flow(make_daemon, own_server):
