@@ -133,7 +133,7 @@ class Producer:
         self._sock = None
         self._mon = None     # with several endpoints: the socket's monitor (handshakes, disconnects)
         self._up = False     # a handshake with the current endpoint succeeded since the last loss
-        self.peer_lost = False  # the last recv ended early: the daemon we talked to went away
+        self.peer_lost = False  # the daemon we talked to went away (kept until a wait for a reply sees it)
         self._connect(self.endpoint)
 
     def _connect(self, endpoint: str) -> None:
@@ -154,7 +154,7 @@ class Producer:
         self.endpoint = endpoint
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
-        self._up = False
+        self._up = self.peer_lost = False
         if len(self.endpoints) > 1:
             self._mon = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
             self._poller.register(self._mon, zmq.POLLIN)
@@ -193,19 +193,21 @@ class Producer:
 
     def recv(self, timeout_s: float) -> dict | None:
         """The next reply as a dict, or None when nothing arrives within timeout_s, or (with several
-        endpoints) as soon as the daemon we were connected to drops the connection: then
-        `peer_lost` is True.
+        endpoints) at once while the daemon we were connected to has dropped the connection: then
+        `peer_lost` is True, until the next failover.
 
         A reply that is not a msgpack map comes back as {"type": None, "raw": frames}.
         """
-        self.peer_lost = False
         deadline = time.monotonic() + max(0.0, timeout_s)
         while True:
-            ready = dict(self._poller.poll(max(0, math.ceil((deadline - time.monotonic()) * 1000))))
+            # once the daemon is gone, only what it sent before is read: no waiting
+            wait_ms = 0 if self.peer_lost else max(0, math.ceil((deadline - time.monotonic()) * 1000))
+            ready = dict(self._poller.poll(wait_ms))
             if self._sock in ready:
                 break
             if self._mon is not None and self._mon in ready and self._peer_went_away():
                 self.peer_lost = True
+            if self.peer_lost:   # noticed now or by an earlier call (a drain during a backoff)
                 return None
             if not ready or time.monotonic() >= deadline:
                 return None
