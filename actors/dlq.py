@@ -48,6 +48,7 @@ class DLQ(PairlaneActor):
         self._gauges()
         if self.spool.parked_count:
             self._parked_alert()
+        self.metrics_restarted()   # the metrics actor of now has just been sent all of it
         self.after(0.1, "retry")
 
     def on_reload(self, old_config: dict, new_config: dict) -> None:

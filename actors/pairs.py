@@ -58,7 +58,7 @@ class PairsActor(PairlaneActor):
         self.evaluations = 0
         self.errors = 0
         self.requests = Requests(self)   # pairs.evaluate awaiting the writer's SlotsWritten
-        self.metrics_addr = self.peer("metrics")
+        self.metrics_restarted()           # the metrics actor of now has nothing to be re-sent
         self.running: dict | None = None   # the evaluation in the worker thread, if one runs
         self.waiting: list = []            # admin callbacks served by the next evaluation to start
         self.abandoned = 0
@@ -102,11 +102,9 @@ class PairsActor(PairlaneActor):
         return name.removeprefix("pairlane-pairs ") if name else "unknown (no daemon holds the lock)"
 
     def on_directory(self) -> None:
-        addr = self.peer("metrics")
-        if addr is not None and addr != self.metrics_addr:
+        if self.metrics_restarted():
             # a restarted metrics actor starts from zero: give it our gauges and alert again now,
             # not at the next evaluation (a safe stop would otherwise look resolved until then)
-            self.metrics_addr = addr
             self.metrics.set("pairlane_pairs_leader", 1.0 if self.leader else 0.0)
             if self.last is not None:
                 self._report(self.last)
