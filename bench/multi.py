@@ -114,9 +114,7 @@ def bench_curve(tmp: Path, trades: int, repeat: int, store: str, quiet: bool) ->
                                                client_key=keys["client_secret"]))
     finally:
         for d in (plain, curve):
-            if d.proc is not None and d.proc.poll() is None:
-                d.stop(30)
-            d.cleanup()
+            d.close()
     return {"trades": trades, "rounds": repeat, "plain_tps_median": statistics.median(p_tps),
             "curve_tps_median": statistics.median(c_tps),
             "ratio_of_medians": statistics.median(c_tps) / statistics.median(p_tps),
@@ -172,10 +170,8 @@ def bench_failover(tmp: Path, store: str, trades: int, repeat: int, timeout_s: f
             a = None
     finally:
         for d in (a, b):
-            if d is not None and d.proc is not None and d.proc.poll() is None:
-                d.stop(30)
             if d is not None:
-                d.cleanup()
+                d.close()
     return {"trades": trades, "rounds": repeat, "producer_timeout_s": timeout_s,
             "seconds": [round(x, 3) for x in times], "median_s": statistics.median(times),
             "max_s": max(times), "target_median_s_max": 5.0}
@@ -219,9 +215,7 @@ def bench_aggregate(tmp: Path, store: str, trades: int, repeat: int, quiet: bool
             two.append(both([d.gateway_endpoint for d in ds], f"two{i}"))
     finally:
         for d in ds:
-            if d.proc is not None and d.proc.poll() is None:
-                d.stop(30)
-            d.cleanup()
+            d.close()
     return {"trades_per_producer": trades, "rounds": repeat, "one_daemon_tps_median": statistics.median(one),
             "two_daemons_tps_median": statistics.median(two),
             "ratio_two_vs_one": statistics.median(two) / statistics.median(one),

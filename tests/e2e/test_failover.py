@@ -25,14 +25,20 @@ from tests.harness import REPO, free_port
 pytestmark = pytest.mark.timeout(120)
 
 
+def loopback_router(ctx: zmq.Context) -> tuple[zmq.Socket, str]:
+    """A ROUTER standing in for a daemon, on a free loopback port; (socket, its endpoint)."""
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    return sock, f"tcp://127.0.0.1:{port}"
+
+
 @contextlib.contextmanager
 def stand_in(answer: bool):
     """A ROUTER on a free loopback port: silent, or answering each message `unavailable`.
     Yields (endpoint, list of message types it received)."""
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    sock, endpoint = loopback_router(ctx)
     seen: list = []
 
     def pump() -> None:
@@ -53,7 +59,7 @@ def stand_in(answer: bool):
     t = threading.Thread(target=loop, daemon=True)
     t.start()
     try:
-        yield f"tcp://127.0.0.1:{port}", seen
+        yield endpoint, seen
     finally:
         stop.set()
         t.join(5)
@@ -90,9 +96,7 @@ def test_a_daemon_that_goes_away_is_left_at_once_not_after_timeout_s(daemon):
     drops, not after timeout_s (60 s here) of silence."""
     cols = synthetic.result_columns(20000, seed=10, strategy="fo")
     ctx = zmq.Context()
-    dying = ctx.socket(zmq.ROUTER)
-    dying.setsockopt(zmq.LINGER, 0)
-    port = dying.bind_to_random_port("tcp://127.0.0.1")
+    dying, endpoint = loopback_router(ctx)
     seen: list = []
 
     def die_after_begin() -> None:
@@ -104,7 +108,7 @@ def test_a_daemon_that_goes_away_is_left_at_once_not_after_timeout_s(daemon):
     t = threading.Thread(target=die_after_begin, daemon=True)
     t.start()
     try:
-        with Producer([f"tcp://127.0.0.1:{port}", daemon.gateway_endpoint], timeout_s=60.0, retries=3,
+        with Producer([endpoint, daemon.gateway_endpoint], timeout_s=60.0, retries=3,
                       max_message_bytes=64 * 1024) as p:
             reply = p.send_result("failover-gone", "fo", cols)
             stats = dict(p.last_stats)

@@ -516,15 +516,7 @@ def test_evaluate_matches_reference(cands, cfg):
 
 
 def _random_pool(n, trades, seed, span_days):
-    rng = np.random.default_rng(seed)
-    out = []
-    for k in range(n):
-        ts = MIDNIGHT + rng.integers(0, span_days * DAY, size=trades)
-        if k % 7 == 0:  # some exact-timestamp sharing
-            ts[: trades // 2] = MIDNIGHT + rng.integers(0, 50, size=trades // 2) * 3600
-        pn = np.round(rng.normal(rng.normal(0.1, 0.2), 1.0, size=trades), 2)
-        out.append(cand(f"p{k:03d}", ts, pn, sharpe=float(rng.normal())))
-    return out
+    return _drift_pool(n, trades, seed, span_days, 0.1, prefix="p", share_every=7, share_hours=50, spread=0.2)
 
 
 @pytest.mark.parametrize("bucket", ["day", "exact"])
@@ -603,15 +595,17 @@ def _force_screen(monkeypatch, share, rows=3, cols=5):
     return started
 
 
-def _drift_pool(n, trades, seed, span_days, drift):
+def _drift_pool(n, trades, seed, span_days, drift, *, prefix="q", share_every=5, share_hours=20, spread=0.3):
+    """n candidates whose mean pnl is drawn around `drift`; every `share_every`-th shares exact
+    timestamps (half its trades on whole hours of the first `share_hours`)."""
     rng = np.random.default_rng(seed)
     out = []
     for k in range(n):
         ts = MIDNIGHT + rng.integers(0, span_days * DAY, size=trades)
-        if k % 5 == 0:  # some exact-timestamp sharing
-            ts[: trades // 2] = MIDNIGHT + rng.integers(0, 20, size=trades // 2) * 3600
-        pn = np.round(rng.normal(rng.normal(drift, 0.3), 1.0, size=trades), 2)
-        out.append(cand(f"q{k:03d}", ts, pn, sharpe=float(rng.normal())))
+        if k % share_every == 0:  # some exact-timestamp sharing
+            ts[: trades // 2] = MIDNIGHT + rng.integers(0, share_hours, size=trades // 2) * 3600
+        pn = np.round(rng.normal(rng.normal(drift, spread), 1.0, size=trades), 2)
+        out.append(cand(f"{prefix}{k:03d}", ts, pn, sharpe=float(rng.normal())))
     return out
 
 
