@@ -23,7 +23,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from . import procs
+from . import procs, stacks
 from .intensity import RestartIntensity
 from .log import log
 from .messages import (Directory, Escalated, ExitingNormally, Heartbeat, Init, Register,
@@ -423,8 +423,11 @@ class Supervisor(Worker):
                         log("WARNING", "heartbeat_late", actor=self.name, child=child.spec.name,
                             child_pid=child.pid, silent_s=f"{silent:.2f}", loop_age_s=f"{age:.2f}")
                     continue
+                # where it is stuck, asked before the kill (SIGUSR2 -> faulthandler in the child)
+                stack = stacks.ask(self.run_dir, child.spec.name, child.pid) if child.pid else ""
                 log("ERROR", "watchdog_kill", actor=self.name, child=child.spec.name, child_pid=child.pid,
-                    silent_s=f"{silent:.2f}", loop_age_s="unknown" if age is None else f"{age:.2f}")
+                    silent_s=f"{silent:.2f}", loop_age_s="unknown" if age is None else f"{age:.2f}",
+                    stack=stack or "unknown")
                 child.hung = True
                 self._kill(child)
 

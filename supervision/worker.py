@@ -22,7 +22,7 @@ import traceback
 from thespian.actors import (Actor, ActorExitRequest, ChildActorExited, ThespianWatch,
                              WakeupMessage, WatchMessage)
 
-from . import procs
+from . import procs, stacks
 from .log import configure as configure_log
 from .log import log, reopen, set_level
 from .messages import (Directory, ExitingNormally, Heartbeat, InjectFault, Init, InspectReply,
@@ -73,6 +73,7 @@ class Worker(Actor):
         self._reseq_timer = False
         self._anomalies_logged = 0
         self._early_reload: Reload | None = None
+        self._stall: stacks.StallDetector | None = None
 
     # ----- hooks for subclasses -------------------------------------------------
     def on_start(self) -> None:
@@ -222,6 +223,8 @@ class Worker(Actor):
             log("ERROR", "log_output_failed", actor=self.name, error=exc)
         set_process_title(self.settings.process_title, self.name)
         procs.write_pidfile(self.run_dir, self.name)
+        if self._stall is None and multiprocessing.parent_process() is not None:  # own process only
+            self._stall = stacks.StallDetector(self.run_dir, self.name, self._stall_s())
 
     def _reload(self, msg: Reload) -> None:
         if self.spec is None:  # overtook our Init (Thespian does not order plain sends): apply after it
@@ -245,7 +248,19 @@ class Worker(Actor):
         self.send(sender, Started(self.name, os.getpid()))
         self.after(self.settings.heartbeat_s, _TICK)
 
+    def _stall_s(self) -> float:
+        """A loop that does not tick for half its heartbeat deadline has its stacks dumped."""
+        return (self.spec.heartbeat_timeout_s or self.settings.heartbeat_timeout_s) / 2
+
+    def _check_stall(self) -> None:
+        dump = self._stall.take() if self._stall is not None else ""
+        if dump:
+            self.log("WARNING", "loop_stalled", over_s=f"{self._stall_s():.2f}", stack=stacks.compact(dump))
+        if self._stall is not None:
+            self._stall.tick()
+
     def _tick(self) -> None:
+        self._check_stall()
         self._check_orphan()
         if self.supervisor is not None and not self._stopping:
             self.send(self.supervisor, Heartbeat(self.name, os.getpid()))

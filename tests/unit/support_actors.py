@@ -52,6 +52,12 @@ class Hang:
     """-> Steady and subclasses: block forever (no heartbeats)."""
 
 
+@dataclass(frozen=True)
+class Stall:
+    """-> Steady and subclasses: block the loop for `seconds`, then go on."""
+    seconds: float
+
+
 class ForwardingRoot(RootSupervisor):
     """The real root supervisor plus `Forward`, for tests only."""
 
@@ -100,10 +106,17 @@ class Steady(Worker):
         elif isinstance(msg, Hang):
             while True:
                 time.sleep(3600)
+        elif isinstance(msg, Stall):
+            stall_in_a_handler(msg.seconds)
 
     def on_stop(self) -> None:
         with open(os.path.join(self.run_dir, "stop_order"), "a") as fh:
             fh.write(self.name + "\n")
+
+
+def stall_in_a_handler(seconds: float) -> None:
+    """A named frame for the stall tests to find in the dumped stack."""
+    time.sleep(seconds)
 
 
 class Muted(Steady):

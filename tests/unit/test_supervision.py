@@ -10,6 +10,7 @@ kills what is left of its process group, then fails the test if anything was.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -31,7 +32,7 @@ from pairlane.supervision.supervisor import Supervisor
 from pairlane.supervision.system import start_system
 from tests.harness import free_port, group_pids
 from tests.unit.support_actors import (Crash, CrashLoop, Exit, Forward, Forwarded, ForwardingRoot, Muted,
-                                       Hang, Steady, StubbornStop, read_crashes, read_starts)
+                                       Hang, Stall, Steady, StubbornStop, read_crashes, read_starts)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -482,6 +483,47 @@ def test_a_child_whose_loop_runs_but_whose_heartbeats_are_late_is_not_killed_at_
     assert rows["m"]["last_exit"] == "hung (watchdog kill)" and rows["m"]["pid"] != before["m"]
     assert took > 1.2, took   # over twice its 0.5 s deadline, where a hung child goes
     assert rows["ok"]["pid"] == before["ok"]
+
+
+def _log_lines(path: str, event: str, timeout: float = 5.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path) as fh:
+                lines = [ln for ln in fh if f"event={event} " in ln]
+        except FileNotFoundError:
+            lines = []
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def test_a_watchdog_kill_logs_where_the_child_was_stuck(make_tree, tmp_path):
+    log_path = str(tmp_path / "tree.log")
+    settings = dataclasses.replace(FAST, log_file=log_path)
+    t = make_tree(root_spec(steady("h", heartbeat_timeout_s=0.5), steady("ok")), settings)
+    t.forward("h", Hang())
+    t.wait_running("h", 1, timeout=5.0)
+    kills = _log_lines(log_path, "watchdog_kill")
+    assert len(kills) == 1, kills
+    # the stack the child dumped on SIGUSR2 just before the kill: the hanging handler's frames
+    assert "support_actors.py" in kills[0] and " on_message" in kills[0] and "stack=unknown" not in kills[0]
+
+
+def test_a_loop_that_stalls_then_recovers_logs_its_stack_and_is_not_killed(make_tree, tmp_path):
+    """Half the heartbeat deadline without a tick: faulthandler's watchdog thread writes the
+    stacks, and the child logs them at its next tick; it stays up."""
+    log_path = str(tmp_path / "tree.log")
+    settings = dataclasses.replace(FAST, log_file=log_path)
+    t = make_tree(root_spec(steady("s", heartbeat_timeout_s=2.0), steady("ok")), settings)
+    before = t.pids()
+    t.forward("s", Stall(1.4))   # past the 1.0 s stall threshold, within the 2.0 s deadline
+    stalls = _log_lines(log_path, "loop_stalled")
+    assert len(stalls) == 1, stalls
+    assert "actor=s " in stalls[0] and "stall_in_a_handler" in stalls[0], stalls[0]
+    rows = t.status()
+    assert rows["s"]["pid"] == before["s"] and rows["s"]["restarts"] == 0
+    assert not _log_lines(log_path, "watchdog_kill", timeout=0.1)
 
 
 def test_sigkill_of_a_supervisor_restarts_its_subtree_without_two_instances_alive(make_tree):
