@@ -391,6 +391,8 @@ def main(argv: list[str]) -> int:
                     help="bytes of garbage, half at the gateway, half at the legacy socket (e.g. 2G; default 256M)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the daemon's directory (its log, database and spool) even when the run passes")
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
     if ns.config:
@@ -403,6 +405,6 @@ def main(argv: list[str]) -> int:
         d.start()
         summary = run_fuzz(d, ns.frames, ns.garbage_bytes, seed=ns.seed)
     finally:
-        d.close_and_remove(tmp, keep=summary is None or not summary["ok"])
+        d.close_and_remove(tmp, keep=ns.keep or summary is None or not summary["ok"])
     print(json.dumps(summary, indent=2) if ns.json else render(summary))
     return 0 if summary["ok"] else 1

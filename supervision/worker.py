@@ -73,7 +73,7 @@ class Worker(Actor):
         self._reseq_timer = False
         self._anomalies_logged = 0
         self._early_reload: Reload | None = None
-        self._stall: stacks.StallDetector | None = None
+        self._loop_watch: stacks.StallDetector | None = None
 
     # ----- hooks for subclasses -------------------------------------------------
     def on_start(self) -> None:
@@ -223,8 +223,8 @@ class Worker(Actor):
             log("ERROR", "log_output_failed", actor=self.name, error=exc)
         set_process_title(self.settings.process_title, self.name)
         procs.write_pidfile(self.run_dir, self.name)
-        if self._stall is None and multiprocessing.parent_process() is not None:  # own process only
-            self._stall = stacks.StallDetector(self.run_dir, self.name, self._stall_s())
+        if self._loop_watch is None and multiprocessing.parent_process() is not None:  # own process only
+            self._loop_watch = stacks.StallDetector(self.run_dir, self.name, self._loop_stall_s())
 
     def _reload(self, msg: Reload) -> None:
         if self.spec is None:  # overtook our Init (Thespian does not order plain sends): apply after it
@@ -248,19 +248,19 @@ class Worker(Actor):
         self.send(sender, Started(self.name, os.getpid()))
         self.after(self.settings.heartbeat_s, _TICK)
 
-    def _stall_s(self) -> float:
+    def _loop_stall_s(self) -> float:
         """A loop that does not tick for half its heartbeat deadline has its stacks dumped."""
         return (self.spec.heartbeat_timeout_s or self.settings.heartbeat_timeout_s) / 2
 
-    def _check_stall(self) -> None:
-        dump = self._stall.take() if self._stall is not None else ""
+    def _watch_own_loop(self) -> None:
+        dump = self._loop_watch.take() if self._loop_watch is not None else ""
         if dump:
-            self.log("WARNING", "loop_stalled", over_s=f"{self._stall_s():.2f}", stack=stacks.compact(dump))
-        if self._stall is not None:
-            self._stall.tick()
+            self.log("WARNING", "loop_stalled", over_s=f"{self._loop_stall_s():.2f}", stack=stacks.compact(dump))
+        if self._loop_watch is not None:
+            self._loop_watch.tick()
 
     def _tick(self) -> None:
-        self._check_stall()
+        self._watch_own_loop()
         self._check_orphan()
         if self.supervisor is not None and not self._stopping:
             self.send(self.supervisor, Heartbeat(self.name, os.getpid()))
