@@ -14,6 +14,8 @@ were handed to the writer.
 from __future__ import annotations
 
 import collections
+
+import numpy as np
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -21,6 +23,10 @@ from .codec import error_reply
 from .vocab import VISIBLE_STATUSES, ResultStatus, WriteOutcome
 
 RECENT_DONE = 10000          # stored results remembered (answer begin/end/chunk without a lookup)
+RECENT_MAX_AGE_S = 600.0     # ... for at most this long: a producer's resends come within seconds; older
+                             # ones are answered from the store (same answer), and the cache stops
+                             # growing once a steady load has run this long, not after RECENT_DONE results
+STATUS_SENT_SLOTS = 4 * RECENT_DONE  # a request sends 1-3 status changes: room for RECENT_DONE requests
 LOOKUP_TIMEOUT_S = 10.0      # the store did not answer a lookup: `busy`
 LOCAL_LOOKUP_GRACE_S = 10.0  # after start, lookups go through the writer (a predecessor's changes may be queued)
 BULK_ROWS = 1024             # chunks with more rows are "big": at most BULK_WINDOW of them at the writer
@@ -52,6 +58,29 @@ def credit_reply(rid: str, credit: int, seq: int | None = None) -> dict:
 def totals(meta: dict) -> tuple:
     """What must match for a begin to be the same request (else `conflict`)."""
     return (meta["strategy_name"], meta["total_trades"], meta["total_chunks"])
+
+
+class HashRing:
+    """The keys added last (up to `slots`), as 64-bit hashes in a ring allocated and touched at
+    start, so its memory never grows. Membership never says no for a key among the last `slots`
+    added; it may say yes for another key whose hash collides (odds about slots / 2**64): use it
+    only where a wrong yes is safe (here: a lookup goes through the writer, slower, same answer)."""
+
+    def __init__(self, slots: int) -> None:
+        self.ring = np.ones(slots, dtype=np.int64)   # written now: the pages are resident from the start
+        self.filled = 0
+        self.pos = 0
+
+    def add(self, key: str) -> None:
+        self.ring[self.pos] = hash(key)
+        self.pos = (self.pos + 1) % len(self.ring)
+        self.filled = min(self.filled + 1, len(self.ring))
+
+    def __contains__(self, key: str) -> bool:
+        return bool(self.filled) and bool((self.ring[:self.filled] == hash(key)).any())
+
+    def __len__(self) -> int:
+        return self.filled
 
 
 # ----- events in ---------------------------------------------------------------------------------
@@ -352,7 +381,7 @@ class Lifecycle:
         self.recent: collections.OrderedDict = collections.OrderedDict()  # rid -> (totals, trades, location)
         self.live: dict[str, bytes] = {}                     # batch_id -> identity waiting
         self.inventory: dict[str, dict] = {}                 # rid -> {seq: (rows, totals)} held by the dlq
-        self.status_sent: collections.OrderedDict = collections.OrderedDict()  # rids with status changes sent
+        self.status_sent = HashRing(STATUS_SENT_SLOTS)        # rids with status changes sent
         self.sweep_pending = False                           # a Sweep the writer has not confirmed yet
         self.bulk_waiting: collections.deque = collections.deque()  # big chunks not yet at the writer
         self.bulk_at_writer = 0
@@ -409,10 +438,7 @@ class Lifecycle:
         self._emit(eff)
 
     def _mark_status_sent(self, rid: str) -> None:
-        self.status_sent[rid] = None
-        self.status_sent.move_to_end(rid)
-        while len(self.status_sent) > RECENT_DONE:
-            self.status_sent.popitem(last=False)
+        self.status_sent.add(rid)
 
     def _receiving(self) -> int:
         return sum(1 for r in self.reqs.values() if r.status == ResultStatus.RECEIVING)
@@ -583,7 +609,7 @@ class Lifecycle:
                 return self._begin(ev)
             return self._reply(ev.identity, credit_reply(rid, req.window))  # resume: full window
         if rid in self.recent:
-            key, trades, loc = self.recent[rid]
+            key, trades, loc, _ = self.recent[rid]
             if key != totals(meta):
                 return self._conflict(ev)
             if ev.bad is not None:
@@ -708,7 +734,7 @@ class Lifecycle:
         req = self.reqs.get(rid)
         if req is None:
             if rid in self.recent:
-                _, trades, loc = self.recent[rid]
+                _, trades, loc, _ = self.recent[rid]
                 return self._reply(ev.identity, stored_reply(rid, trades, loc))
             if not looked_up:
                 return self._start_lookup(ev)
@@ -820,9 +846,16 @@ class Lifecycle:
             self._answer_end(req, identity)
 
     def _remember(self, rid: str, meta: dict, location: str) -> None:
-        self.recent[rid] = (totals(meta), meta["total_trades"], location)
+        self.recent[rid] = (totals(meta), meta["total_trades"], location, self.clock())
         self.recent.move_to_end(rid)
         while len(self.recent) > RECENT_DONE:
+            self.recent.popitem(last=False)
+        self._forget_old()
+
+    def _forget_old(self) -> None:
+        """Stored results older than RECENT_MAX_AGE_S leave `recent` (the store answers for them)."""
+        horizon = self.clock() - RECENT_MAX_AGE_S
+        while self.recent and next(iter(self.recent.values()))[3] < horizon:
             self.recent.popitem(last=False)
 
     def _rejected(self, ev: Rejected) -> None:
@@ -903,6 +936,7 @@ class Lifecycle:
     # ----- timers --------------------------------------------------------------------------------------
     def _tick(self, ev: Tick) -> None:
         now = self.clock()
+        self._forget_old()
         for rid in sorted(self.reclaiming):   # the store did not answer last time
             self._emit(Claim(rid))
         for req in self.reqs.values():  # safety net: a chunk whose answer was lost is not in flight forever

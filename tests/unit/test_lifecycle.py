@@ -248,6 +248,36 @@ def test_begin_for_stored_request_answers_stored_at_once():
     assert only(w.end("R")) == stored
 
 
+def test_a_stored_result_leaves_recent_after_its_max_age_and_the_store_answers_the_same():
+    w = World()
+    w.begin("R", chunks=1, trades=10)
+    w.chunk("R", 0)
+    w.durable()
+    stored = {"type": "stored", "request_id": "R", "trades": 10, "trades_ref": "R", "location": "db"}
+    w.tick(lc.RECENT_MAX_AGE_S / 2)
+    assert "R" in w.lc.recent
+    lookups = sum(isinstance(e, lc.Lookup) for e in w.effects)
+    assert only(w.begin("R", chunks=1, trades=10)) == stored       # from memory: no lookup
+    assert sum(isinstance(e, lc.Lookup) for e in w.effects) == lookups
+    w.tick(lc.RECENT_MAX_AGE_S)
+    assert "R" not in w.lc.recent and "R" not in w.lc.reqs
+    assert only(w.begin("R", chunks=1, trades=10)) == stored       # from the store: same answer
+    assert sum(isinstance(e, lc.Lookup) for e in w.effects) == lookups + 1
+    assert code(w.begin("R", chunks=1, trades=11)) == "conflict"
+
+
+def test_hash_ring_never_forgets_its_last_slots_keys_and_never_grows():
+    ring = lc.HashRing(64)
+    nbytes = ring.ring.nbytes
+    keys = [f"rid-{i}" for i in range(200)]
+    for i, k in enumerate(keys):
+        assert k not in ring   # a collision would be allowed (a safe yes); these keys have none
+        ring.add(k)
+        assert all(x in ring for x in keys[max(0, i - 63):i + 1])
+    assert len(ring) == 64 and ring.ring.nbytes == nbytes
+    assert sum(k in ring for k in keys[:136]) == 0             # the older ones are gone (no collisions here)
+
+
 def test_resume_after_restart_from_store_row_and_dlq_inventory():
     w = World(dlq_up=True)
     w.db["R"] = {"meta": meta("R", 3, 30), "status": ResultStatus.RECEIVING, "chunks": {0: 10}}
@@ -742,7 +772,7 @@ def test_invariants_over_random_event_orders(actions, auto_lookup, claims):
             assert len(req.inflight) <= len(sent.get(rr, []))
         assert sum(1 for q in w.lc.reqs.values() if q.status == ResultStatus.RECEIVING) <= max_requests
         assert len(w.lc.bulk_waiting) <= sum(len(q.inflight) for q in w.lc.reqs.values())
-        assert len(w.lc.recent) <= lc.RECENT_DONE and len(w.lc.status_sent) <= lc.RECENT_DONE
+        assert len(w.lc.recent) <= lc.RECENT_DONE and w.lc.status_sent.ring.nbytes == 8 * lc.STATUS_SENT_SLOTS
         assert set(w.lc.lookups) <= set(RIDS)
         # leases (claims=True): held exactly for what is being assembled here, never beyond max_requests
         receiving = {r for r, q in w.lc.reqs.items() if q.status == ResultStatus.RECEIVING}
@@ -959,7 +989,7 @@ def test_invariants_for_a_producer_that_completes_its_requests(actions, auto_loo
         assert len(w.lc.bulk_waiting) <= sum(len(q.inflight) for q in w.lc.reqs.values())
         assert w.lc.bulk_at_writer <= lc.BULK_WINDOW
         assert set(w.lc.lookups) <= set(RIDS) and set(w.lc.reqs) <= set(RIDS) and not w.lc.live
-        assert len(w.lc.recent) <= len(RIDS) and len(w.lc.status_sent) <= len(RIDS)
+        assert len(w.lc.recent) <= len(RIDS) and w.lc.status_sent.ring.nbytes == 8 * lc.STATUS_SENT_SLOTS
 
 
 # ----- several daemons on one store: the claim rule (PROTOCOL.md section 7) -------------------------

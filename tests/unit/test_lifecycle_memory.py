@@ -1,11 +1,12 @@
-"""The assembler's memory is bounded: what the one-hour soak saw grow in it is a cache that fills.
+"""The assembler's memory is bounded, and flat once a steady load has run RECENT_MAX_AGE_S.
 
-The soak (issue 17) measured the assembler's RSS floor rising ~2.5 MiB/hour while every other
-actor stayed flat. The lifecycle remembers the last RECENT_DONE stored results (`recent`, to
-answer begin/end without a lookup) and the requests it sent status changes for
-(`status_sent`), each capped at RECENT_DONE. This drives results through a Lifecycle and checks
-with tracemalloc that its memory grows while those fill and not after: an unbounded dict
-anywhere in the lifecycle fails it.
+The hour soak (issue 17) saw the assembler's RSS floor rise ~2 MiB/hour while every other
+actor stayed flat: the lifecycle's two memories of finished requests filled towards their
+RECENT_DONE caps (about 3.5 hours at the soak's rate). Now `recent` (stored results, to answer
+begin/end without a lookup) also forgets what is older than RECENT_MAX_AGE_S, and `status_sent`
+is a HashRing allocated whole at start. This drives results through a Lifecycle at a steady
+rate and checks with tracemalloc that memory grows only in the first RECENT_MAX_AGE_S and not
+after; an unbounded dict anywhere in the lifecycle fails it.
 """
 from __future__ import annotations
 
@@ -48,27 +49,39 @@ def traced() -> int:
     return tracemalloc.get_traced_memory()[0]
 
 
-def test_lifecycle_memory_plateaus_once_its_caches_are_full():
+def test_lifecycle_memory_is_flat_once_a_steady_load_has_run_its_max_age():
     clock = Clock()
-    life = lc.Lifecycle(8, 64, 30.0, clock=clock, wall=clock)
-    clock.t += lc.LOCAL_LOOKUP_GRACE_S + 1
-    n = lc.RECENT_DONE
     tracemalloc.start()
     try:
         m0 = traced()
-        drive(life, clock, 0, n)                 # the caches fill
+        life = lc.Lifecycle(8, 64, 30.0, clock=clock, wall=clock)   # the ring is allocated here
+        m_init = traced()
+        clock.t += lc.LOCAL_LOOKUP_GRACE_S + 1
+        # 0.05 s a result plus 60 s every 500: ~2,600 results in RECENT_MAX_AGE_S
+        drive(life, clock, 0, 4000)              # past RECENT_MAX_AGE_S: recent holds only the newest
         m1 = traced()
-        drive(life, clock, n, n)                 # full: the oldest go as new ones come
+        drive(life, clock, 4000, 8000)
         m2 = traced()
-        drive(life, clock, 2 * n, n)
+        drive(life, clock, 12000, 8000)
         m3 = traced()
     finally:
         tracemalloc.stop()
-    filling = m1 - m0
-    assert len(life.recent) == n and len(life.status_sent) <= n and len(life.reqs) < 600
-    per_result = filling / n
+    assert m_init - m0 >= 8 * lc.STATUS_SENT_SLOTS               # the ring's memory, taken at start
+    ages = [clock.t - v[3] for v in life.recent.values()]
+    assert 1000 < len(life.recent) < lc.RECENT_DONE and max(ages) <= lc.RECENT_MAX_AGE_S + 61
+    assert len(life.reqs) < 600
+    filling = m1 - m_init
+    per_result = filling / len(life.recent)
     assert 100 < per_result < 2000, per_result   # what one remembered result costs
-    # the second RECENT_DONE results still add a little (status_sent and the dicts' tables settle:
-    # measured +16%), the third nothing: a per-result leak would add `filling` again
-    assert m2 - m1 < 0.3 * filling, (m0, m1, m2, m3)
-    assert m3 - m2 < 0.01 * filling, (m0, m1, m2, m3)
+    # twice as many results again add nothing: a per-result leak would add ~2 * filling each time
+    assert m2 - m1 < 0.1 * filling, (m0, m_init, m1, m2, m3)
+    assert m3 - m2 < 0.1 * filling, (m0, m_init, m1, m2, m3)
+
+
+def test_recent_still_stops_at_its_count_cap_under_a_fast_load():
+    clock = Clock()
+    life = lc.Lifecycle(8, 64, 30.0, clock=clock, wall=clock)
+    clock.t += lc.LOCAL_LOOKUP_GRACE_S + 1
+    for i in range(lc.RECENT_DONE + 500):        # all within a second: only the count cap applies
+        life._remember(f"r{i}", {"strategy_name": "s", "total_trades": 1, "total_chunks": 1}, "db")
+    assert len(life.recent) == lc.RECENT_DONE and "r499" not in life.recent and "r500" in life.recent
