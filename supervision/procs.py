@@ -143,3 +143,17 @@ def restore_fatal_signals() -> None:
                 signal.signal(sig, signal.SIG_DFL)
             except (OSError, ValueError):
                 pass
+
+
+def trim_heap() -> bool:
+    """Hand the C heap's free memory back to the kernel (glibc malloc_trim): memory a burst
+    used (big frames, an evaluation) and freed since is otherwise kept by the allocator, and
+    the process's RSS would report what it once needed, not what it holds. False where there
+    is no malloc_trim (not glibc)."""
+    try:
+        import ctypes
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
+    return True

@@ -33,6 +33,7 @@ CRASH_EXIT_CODE = 70
 _TICK = "pl.tick"
 _RESEQ = "pl.reseq"
 REORDER_GAP_S = 5.0  # a message missing this long is given up on (delivered alone if it comes)
+TRIM_EVERY_S = 30.0  # how often a worker hands its C heap's free memory back (procs.trim_heap)
 
 
 def set_process_title(template: str, name: str) -> None:
@@ -74,6 +75,7 @@ class Worker(Actor):
         self._anomalies_logged = 0
         self._early_reload: Reload | None = None
         self._loop_watch: stacks.StallDetector | None = None
+        self._trimmed_at = time.monotonic()
 
     # ----- hooks for subclasses -------------------------------------------------
     def on_start(self) -> None:
@@ -261,6 +263,9 @@ class Worker(Actor):
 
     def _tick(self) -> None:
         self._watch_own_loop()
+        if time.monotonic() - self._trimmed_at > TRIM_EVERY_S:
+            self._trimmed_at = time.monotonic()
+            procs.trim_heap()
         self._check_orphan()
         if self.supervisor is not None and not self._stopping:
             self.send(self.supervisor, Heartbeat(self.name, os.getpid()))
