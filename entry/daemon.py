@@ -82,6 +82,11 @@ def run_dir_for(cfg: dict) -> str:
     return cfg["store"]["path"] + ".run"
 
 
+def thespian_log_path(run_dir: str) -> str:
+    """Thespian's own warnings (see supervision.system.start_system), beside the pidfiles."""
+    return os.path.join(run_dir, "thespian.log")
+
+
 class Daemon:
     def __init__(self, cfg: dict, config_path: str | None):
         self.cfg = cfg
@@ -133,7 +138,7 @@ class Daemon:
         run_dir = run_dir_for(self.cfg)
         os.makedirs(run_dir, exist_ok=True)
         self.run_dir = run_dir
-        self.asys = start_system(self.cfg["daemon"]["actor_port"])
+        self.asys = start_system(self.cfg["daemon"]["actor_port"], thespian_log=thespian_log_path(run_dir))
         self.spec = build_tree(self.cfg)
         self.settings = TreeSettings.from_config(self.cfg["supervision"], log_level=self.cfg["daemon"]["log_level"],
                                                  process_title=PROCESS_TITLE, event_sink="metrics",

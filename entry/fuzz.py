@@ -323,6 +323,7 @@ def run_fuzz(d: Daemon, frames: int, garbage_bytes: int, seed: int = 0, lanes: i
         "real_sent": len(traffic.sent), "real_stored": len(traffic.stored), "real_errors": len(traffic.errors),
         "lost": len(res["lost"]), "duplicates": res["duplicate_rows"],
         "wrong_row_counts": len(res["wrong_row_counts"]), "partial_visible": len(res["partial_visible"]),
+        "health": d.health_events(),
     }
     gateway_garbage_ok = gg.replies == gg.sent or invalid >= gg.sent
     summary["failures"] = [why for ok, why in [
@@ -363,6 +364,7 @@ def render(s: dict) -> str:
              f"{s.get('gateway_bytes_in_flight_after')}",
              f"  real producers: {s['real_stored']} stored of {s['real_sent']} sent, lost {s['lost']}, "
              f"duplicates {s['duplicates']}, wrong rows {s['wrong_row_counts']}, partial {s['partial_visible']}",
+             "  health: " + ", ".join(f"{k} {v}" for k, v in s.get("health", {}).items()),
              "  replies by mutation:"]
     for how, codes in sorted(s["replies_by_mutation"].items()):
         lines.append(f"    {how:<12} " + ", ".join(f"{c} {n}" for c, n in sorted(codes.items())))

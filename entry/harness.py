@@ -105,6 +105,15 @@ def proc_pgid(pid: int) -> int | None:
         return None
 
 
+# Thespian's warnings that matter to a run's verdict: a message dropped, a loop held draining its
+# own sends, a send that expired undelivered
+THESPIAN_WARNINGS = {"tx_dropped": "Dropping TX: overloaded", "tx_only_mode": "Entering tx-only mode",
+                     "tx_timed_out": "timed out"}
+
+
+STALL_EVENTS = ("loop_stalled", "heartbeat_late", "watchdog_kill")
+
+
 class Daemon:
     def __init__(self, tmp: Path, overrides: dict | None = None, name: str = "d"):
         self.tmp = Path(tmp)
@@ -172,6 +181,35 @@ class Daemon:
             return self.log_path.read_text(errors="replace")[-20000:]
         except OSError:
             return ""
+
+    def health_events(self) -> dict[str, int]:
+        """What a run's report shows beside its verdict: stalls and late heartbeats from the daemon's
+        log, and Thespian's own warnings."""
+        counts = dict.fromkeys(STALL_EVENTS, 0)
+        try:
+            with open(self.log_path, errors="replace") as fh:
+                for line in fh:
+                    for name in STALL_EVENTS:
+                        if f"event={name} " in line:
+                            counts[name] += 1
+        except OSError:
+            pass
+        return counts | self.thespian_warnings()
+
+    def thespian_warnings(self) -> dict[str, int]:
+        """Counts of Thespian's own warnings that mean a message was lost or a loop held
+        (from the daemon's thespian.log, see supervision.system.start_system)."""
+        from pairlane.entry.daemon import run_dir_for, thespian_log_path
+        run_dir = str(self.tmp / run_dir_for(self.cfg))   # the daemon runs in self.tmp
+        counts = dict.fromkeys(THESPIAN_WARNINGS, 0)
+        for path in (thespian_log_path(run_dir) + ".old", thespian_log_path(run_dir)):
+            try:
+                text = Path(path).read_text(errors="replace")
+            except OSError:
+                continue
+            for name, needle in THESPIAN_WARNINGS.items():
+                counts[name] += text.count(needle)
+        return counts
 
     def all_pids(self) -> list[int]:
         pids = set()

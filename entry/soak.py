@@ -327,7 +327,7 @@ def run_soak(d: Daemon, duration: float, sample_s: float, seed: int = 0, faults:
               "duplicates": res["duplicate_rows"], "wrong_row_counts": len(res["wrong_row_counts"]),
               "partial_visible": len(res["partial_visible"]), "max_writers_seen": max_writers,
               **mixed, **{k: v for k, v in mix.counts.items()}, "actor_restarts": restarts,
-              "faults": injected}
+              "faults": injected, "health": d.health_events()}
     clean = chaos._clean({"lost": checks["lost"], "duplicates": checks["duplicates"],
                           "partial_visible": checks["partial_visible"],
                           "wrong_row_counts": checks["wrong_row_counts"], "max_writers_seen": max_writers}) \
@@ -353,6 +353,7 @@ def render(summary: dict) -> str:
              f"live: {c['live_batches']} batches, {c['live_rows']} rows (expected {c['live_rows_expected']})",
              f"admin: {c['admin_ok']} ok, {c['admin_failed']} failed; pair evaluations: {c['pairs_ok']} ok, "
              f"{c['pairs_failed']} failed; actor restarts {c['actor_restarts']}; faults {c['faults'] or 'none'}",
+             "health: " + ", ".join(f"{k} {v}" for k, v in c.get("health", {}).items()),
              f"verdict: {'PASS' if summary['ok'] else 'FAIL'} (series {'ok' if summary['verdict_ok'] else 'FAIL'}, "
              f"checks {'ok' if summary['checks_ok'] else 'FAIL'})"]
     return "\n".join(lines)
@@ -391,6 +392,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--pairs-every-s", type=float, default=60.0)
     ap.add_argument("--json", action="store_true", help="the summary as JSON on stdout")
     ap.add_argument("--csv", metavar="PATH", help="write every sample (long form) to PATH")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the daemon's directory (its log, database and spool) even when the run passes")
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
     if ns.config:
@@ -411,7 +414,7 @@ def main(argv: list[str]) -> int:
     finally:
         # a run whose data checks failed keeps the daemon's files (and says where); a creeping series
         # alone does not: the samples tell that story
-        d.close_and_remove(tmp, keep=summary is None or not summary["checks_ok"])
+        d.close_and_remove(tmp, keep=ns.keep or summary is None or not summary["checks_ok"])
     if ns.json:
         print(json.dumps(as_json(summary), indent=2))
     else:

@@ -66,10 +66,25 @@ THESPIAN_LOG_DEFS = {
 }
 
 
-def start_system(admin_port: int):
-    """A multiprocTCPBase actor system on 127.0.0.1:admin_port."""
+THESPIAN_LOG_MAX_BYTES = 4 << 20   # Thespian's own log rotates once at this size (one .old kept)
+
+
+def start_system(admin_port: int, thespian_log: str = ""):
+    """A multiprocTCPBase actor system on 127.0.0.1:admin_port.
+
+    thespian_log: where Thespian's internal warnings go (a transmit dropped because a queue is
+    overloaded, a transmit timed out, a send to a dead actor). Thespian writes them only to a
+    file, by default one $TMPDIR/thespian.log of 50 KB shared by every actor system on the host;
+    a daemon gives its own file here, kept large enough to read after a long run."""
     patch_loopback()
     patch_child_exit()
+    if thespian_log:
+        import logging
+
+        from thespian.system import utilis
+        os.environ["THESPLOG_FILE"] = thespian_log  # read at each process's first warning ...
+        utilis._thesplog_file = None                # ... unless this one already wrote one
+        utilis.thesplog_control(logging.WARNING, False, THESPIAN_LOG_MAX_BYTES)  # forks inherit it
     from thespian.actors import ActorSystem
 
     return ActorSystem("multiprocTCPBase", {"Admin Port": admin_port}, logDefs=THESPIAN_LOG_DEFS,

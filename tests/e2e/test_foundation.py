@@ -127,6 +127,11 @@ def test_hung_actor_is_killed_by_the_watchdog_and_restarted_within_5s(daemon):
     assert time.monotonic() - t0 < 5.0
     assert rows["admin"]["restarts"] == 1 and rows["admin"]["last_exit"] == "hung (watchdog kill)"
     assert not alive(old)
+    # the kill says where the actor was stuck: the stack it dumped on the supervisor's SIGUSR2
+    kills = [ln for ln in daemon.log_path.read_text().splitlines() if "event=watchdog_kill " in ln]
+    assert len(kills) == 1 and "child=admin " in kills[0], kills
+    assert "worker.py:" in kills[0] and " _inject" in kills[0], kills[0]
+    assert daemon.health_events()["watchdog_kill"] == 1
 
 
 @pytest.mark.timeout(60)

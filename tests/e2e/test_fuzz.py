@@ -49,6 +49,7 @@ def test_fuzz_at_volume_keeps_every_promise(make_daemon):
     assert errors >= 2000, s["replies_by_mutation"]
     assert s["gateway_garbage_bytes"] >= GARBAGE // 2 and s["gateway_garbage_errors"] == s["gateway_garbage_frames"]
     assert s["legacy_bytes"] >= GARBAGE // 2 and s["legacy_outcomes_counted"] == s["legacy_frames"]
+    assert s["health"]["watchdog_kill"] == 0 and set(s["health"]) >= {"loop_stalled", "tx_dropped"}, s["health"]
     assert s["legacy_outcomes"]["outcome=rejected_malformed"] >= s["legacy_by_kind"]["big_garbage"]
     assert s["restarts_after"] == s["restarts_before"] == 0 and s["all_running"]
     assert s["rss_after_mib"] <= 1.10 * s["rss_before_mib"]

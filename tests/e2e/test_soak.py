@@ -40,6 +40,7 @@ def test_short_soak_samples_every_actor_and_checks_the_data(tmp_path):
     assert c["live_batches"] >= 10 and c["live_ok"] and c["live_rows"] == c["live_rows_expected"], c
     assert c["admin_ok"] >= 10 and c["admin_failed"] == 0 and c["pairs_ok"] >= 1, c
     assert c["actor_restarts"] == 0 and out["checks_ok"] is True, c
+    assert c["health"]["watchdog_kill"] == 0 and set(c["health"]) >= {"loop_stalled", "tx_dropped"}, c["health"]
     # the samples: every actor (and supervisor) by its title, each metric judged on real points
     assert out["sample_rounds"] >= 12
     series = {(r["process"], r["metric"]): r for r in out["series"]}

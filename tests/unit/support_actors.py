@@ -58,6 +58,12 @@ class Stall:
     seconds: float
 
 
+@dataclass(frozen=True)
+class ThespianWarning:
+    """-> Steady and subclasses: have Thespian's own log (thesplog) write `text` as a warning."""
+    text: str
+
+
 class ForwardingRoot(RootSupervisor):
     """The real root supervisor plus `Forward`, for tests only."""
 
@@ -108,6 +114,11 @@ class Steady(Worker):
                 time.sleep(3600)
         elif isinstance(msg, Stall):
             stall_in_a_handler(msg.seconds)
+        elif isinstance(msg, ThespianWarning):
+            import logging
+
+            from thespian.system.utilis import thesplog
+            thesplog(msg.text, level=logging.WARNING)
 
     def on_stop(self) -> None:
         with open(os.path.join(self.run_dir, "stop_order"), "a") as fh:

@@ -32,7 +32,7 @@ from pairlane.supervision.supervisor import Supervisor
 from pairlane.supervision.system import start_system
 from tests.harness import free_port, group_pids
 from tests.unit.support_actors import (Crash, CrashLoop, Exit, Forward, Forwarded, ForwardingRoot, Muted,
-                                       Hang, Stall, Steady, StubbornStop, read_crashes, read_starts)
+                                       Hang, Stall, Steady, StubbornStop, ThespianWarning, read_crashes, read_starts)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,11 +43,12 @@ FAST = TreeSettings(max_restarts=5, window_s=10.0, backoff_min_s=0.02, backoff_m
 class Tree:
     """One actor system with one root supervisor running `spec`."""
 
-    def __init__(self, run_dir: str, spec: ChildSpec, settings: TreeSettings = FAST, main_pid: int | None = None):
+    def __init__(self, run_dir: str, spec: ChildSpec, settings: TreeSettings = FAST, main_pid: int | None = None,
+                 thespian_log: str = ""):
         self.run_dir = run_dir
         self.spec = spec
         self.port = free_port()
-        self.asys = start_system(self.port)
+        self.asys = start_system(self.port, thespian_log=thespian_log)
         self.inbox: list = []
         self.tokens = iter(range(1, 1_000_000))
         self.pgid: int | None = None
@@ -213,8 +214,8 @@ def make_tree(tmp_path):
     trees: list[Tree] = []
 
     def factory(spec: ChildSpec, settings: TreeSettings = FAST, main_pid: int | None = None,
-                wait: bool = True) -> Tree:
-        t = Tree(str(tmp_path / f"run{len(trees)}"), spec, settings, main_pid)
+                wait: bool = True, thespian_log: str = "") -> Tree:
+        t = Tree(str(tmp_path / f"run{len(trees)}"), spec, settings, main_pid, thespian_log)
         trees.append(t)
         if wait:
             t.started()
@@ -524,6 +525,23 @@ def test_a_loop_that_stalls_then_recovers_logs_its_stack_and_is_not_killed(make_
     rows = t.status()
     assert rows["s"]["pid"] == before["s"] and rows["s"]["restarts"] == 0
     assert not _log_lines(log_path, "watchdog_kill", timeout=0.1)
+
+
+def test_thespian_warnings_go_to_the_file_the_actor_system_was_given(make_tree, tmp_path, monkeypatch):
+    """By default Thespian writes its own warnings (a message dropped on an overloaded queue, ...)
+    to one 50 KB $TMPDIR/thespian.log shared by every actor system on the host; a daemon gives
+    its own file, and every actor process writes there."""
+    from thespian.system import utilis
+    monkeypatch.delenv("THESPLOG_FILE", raising=False)          # all restored after the test
+    monkeypatch.setattr(utilis, "_thesplog_file", utilis._thesplog_file)
+    monkeypatch.setattr(utilis, "_thesplog_control_settings", utilis._thesplog_control_settings)
+    path = tmp_path / "thespian.log"
+    t = make_tree(root_spec(steady("a")), thespian_log=str(path))
+    t.forward("a", ThespianWarning("pairlane-test-warning-7"))
+    deadline = time.monotonic() + 5.0
+    while not (path.exists() and "pairlane-test-warning-7" in path.read_text()):
+        assert time.monotonic() < deadline, "the warning never reached the system's own thespian.log"
+        time.sleep(0.05)
 
 
 def test_sigkill_of_a_supervisor_restarts_its_subtree_without_two_instances_alive(make_tree):
