@@ -234,12 +234,17 @@ def test_begin_with_other_totals_is_conflict_in_progress_and_stored(other):
     assert code(w.begin("R", **args)) == "conflict"       # stored, known from the store's row only
 
 
-def test_begin_for_stored_request_answers_stored_at_once():
+def one_stored_result(rid: str, trades: int) -> tuple[World, dict]:
+    """A world where `rid`, one chunk of `trades` rows, is stored; and its `stored` reply."""
     w = World()
-    w.begin("R", chunks=1, trades=10)
-    w.chunk("R", 0)
+    w.begin(rid, chunks=1, trades=trades)
+    w.chunk(rid, 0)
     w.durable()
-    stored = {"type": "stored", "request_id": "R", "trades": 10, "trades_ref": "R", "location": "db"}
+    return w, {"type": "stored", "request_id": rid, "trades": trades, "trades_ref": rid, "location": "db"}
+
+
+def test_begin_for_stored_request_answers_stored_at_once():
+    w, stored = one_stored_result("R", 10)
     assert only(w.begin("R", chunks=1, trades=10)) == stored
     w.lc.reqs.clear()                                           # left memory: recent answers
     assert only(w.begin("R", chunks=1, trades=10)) == stored
@@ -249,11 +254,7 @@ def test_begin_for_stored_request_answers_stored_at_once():
 
 
 def test_a_stored_result_leaves_recent_after_its_max_age_and_the_store_answers_the_same():
-    w = World()
-    w.begin("R", chunks=1, trades=10)
-    w.chunk("R", 0)
-    w.durable()
-    stored = {"type": "stored", "request_id": "R", "trades": 10, "trades_ref": "R", "location": "db"}
+    w, stored = one_stored_result("R", 10)
     w.tick(lc.RECENT_MAX_AGE_S / 2)
     assert "R" in w.lc.recent
     lookups = sum(isinstance(e, lc.Lookup) for e in w.effects)
