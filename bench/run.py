@@ -97,7 +97,9 @@ def floor_pg_copy(frames: list[bytes], n: int, url: str, rid: str, per_frame: bo
     chunks = []
     for i, f in enumerate(frames):
         tr = msgpack.unpackb(f, raw=False)["trades"]
-        chunks.append(pgstore._trade_columns(tr, rid, f"bench-{rid}", i, codec.check_columns(tr)))
+        names, cols = pgstore._trade_columns(tr, rid, f"bench-{rid}", i, codec.check_columns(tr))
+        # every value a Python object beforehand: the timed COPY is write_row over ready rows, as it was
+        chunks.append((names, [c.tolist() if hasattr(c, "tolist") else c for c in cols]))
     with psycopg.connect(url, autocommit=True, options="-c synchronous_commit=on") as conn:
         t = time.perf_counter()
         with conn.cursor() as cur:
