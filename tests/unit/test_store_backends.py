@@ -92,6 +92,27 @@ def test_chunks_store_exactly_the_columns_they_carry(store, cfg):
                    (1, 12, 2.0, "USDJPY", 0.1, 60, None, None), (1, 13, 3.0, None, None, None, None, None)]
 
 
+def test_packed_columns_store_every_value_across_copy_blocks(store, cfg):
+    """A chunk as it comes off the wire (numbers packed as bytes, a NULL in an optional column) of
+    more rows than one COPY block and not a multiple of it: every value lands, on both backends."""
+    from pairlane import codec, synthetic
+    from pairlane.chunks import encode_chunk
+    from pairlane.pgstore import COPY_BLOCK_ROWS
+    n = 2 * COPY_BLOCK_ROWS + 453
+    cols = synthetic.result_columns(n, seed=7)
+    cols["sl"] = [math.nan if i % 7 == 0 else float(v) for i, v in enumerate(cols["sl"])]
+    trades = codec.decode_chunk_payload(encode_chunk("p", 0, cols, 0, n))
+    assert isinstance(trades["timestamp"], bytes) and isinstance(trades["pnl"], bytes)
+    assert store.write_chunk(meta("p", total=n, chunks=1), 0, trades, n) == "complete"
+    names = ("timestamp", "pnl", "symbol", "direction", "entry_price", "sl", "volume", "hold_time", "timeframe")
+    got = q(cfg, f"SELECT {', '.join(names)} FROM backtest_trade_logs WHERE request_id = ? "
+                 "ORDER BY timestamp, hold_time", ("p",))
+    want = sorted(zip(*[[None if isinstance(v, float) and math.isnan(v) else v
+                         for v in (cols[c].tolist() if hasattr(cols[c], "tolist") else cols[c])] for c in names]),
+                  key=lambda r: (r[0], r[7]))
+    assert len(got) == n and got == want
+
+
 def test_duplicate_chunk_never_duplicates_rows(store, cfg):
     m = meta()
     store.write_chunk(m, 0, chunk(3), 3)
