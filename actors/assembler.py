@@ -56,6 +56,7 @@ class Assembler(PairlaneActor):
                                  claims=self.leases is not None)
         self.replies: list = []
         self.released: list = []
+        self.stored: list = []     # (request_id, stored reply) for the gateway (lc.Stored)
         self.side_replies: list = []                        # (actor, identity, reply) not via the gateway
         self.reply_targets: dict = {}                       # identity -> actor, for non-ZMQ producers
         # writer messages go out in order, in WriterBatches, at most WRITER_WINDOW of them unanswered:
@@ -159,6 +160,8 @@ class Assembler(PairlaneActor):
                 self.replies.append((eff.identity, eff.reply))
         elif isinstance(eff, lc.Release):
             self.released.append((eff.request_id, eff.seq))
+        elif isinstance(eff, lc.Stored):
+            self.stored.append((eff.request_id, eff.reply))
         elif isinstance(eff, lc.Write):
             # a producer speaking through another actor (legacy) is answered by us, never by the writer
             answer = eff.answer if eff.answer is not None and eff.answer[0] not in self.reply_targets else None
@@ -234,10 +237,13 @@ class Assembler(PairlaneActor):
 
     def _flush(self) -> None:
         self._send_batches()
-        if (self.replies or self.released) and self.peer("gateway") is not None:
-            self.tell("gateway", Outbound(tuple(self.replies), tuple(self.released)))
+        if (self.replies or self.released or self.stored) and self.peer("gateway") is not None:
+            # a result's last credit and its Stored go in one message: the gateway knows it is
+            # stored before the producer can send `end`
+            self.tell("gateway", Outbound(tuple(self.replies), tuple(self.released), tuple(self.stored)))
         self.replies = []
         self.released = []
+        self.stored = []
         for target, identity, reply in self.side_replies:
             self.send_ordered(target, Outbound(((identity, reply),), ()))
         self.side_replies = []

@@ -15,7 +15,7 @@ import time
 import zmq
 
 from pairlane import codec
-from pairlane.lifecycle import INFLIGHT_TIMEOUT_S
+from pairlane.lifecycle import INFLIGHT_TIMEOUT_S, StoredReplies
 
 from .base import PairlaneActor
 from .messages import Inbound, InboundBatch, Outbound
@@ -47,6 +47,7 @@ class Gateway(PairlaneActor):
         self.pending_since: dict[tuple, float] = {}  # (request_id, seq) -> monotonic time forwarded
         self.inflight_bytes = 0
         self.presumed_lost = 0
+        self.stored = StoredReplies()              # results just stored: their `end` is answered here
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
         self.assembler = self.peer("assembler")
         self.stats = {"messages": 0, "bytes": 0, "errors": 0, "forwarded": 0, "replies": 0}
@@ -75,6 +76,7 @@ class Gateway(PairlaneActor):
 
     def inspect(self) -> dict:
         return dict(self.stats, requests_in_flight=len(self.per_request), presumed_lost=self.presumed_lost,
+                    ends_answered_here=self.stored.answered,
                     chunks_in_flight=len(self.pending), bytes_in_flight=self.inflight_bytes,
                     endpoint=self.config["gateway"]["endpoint"],
                     auth=self.zap.inspect() if self.zap else None)
@@ -164,6 +166,14 @@ class Gateway(PairlaneActor):
                 bad = ("incomplete", f"result has {nrows} rows, total_trades is {m['total_trades']}; "
                                      "nothing was stored")
                 raw = None
+        if t == "end":
+            # stored for good, and nothing of this request still at the assembler whose answer this
+            # one could overtake: the assembler would say the same, one hop later
+            reply = self.stored.reply_for_end(m["request_id"]) if m["request_id"] not in self.per_request else None
+            if reply is not None:
+                return self._send(identity, reply)
+        elif "request_id" in m:
+            self.stored.forget(m["request_id"])   # its answer must not be overtaken by an `end`'s
         if self.assembler is None:
             return self._error(identity, codec.ProtocolError(
                 "unavailable", "pairlane is restarting its assembler; retry shortly", m["request_id"], 1.0))
@@ -225,6 +235,8 @@ class Gateway(PairlaneActor):
         if isinstance(msg, Outbound):
             for key in msg.resolved:
                 self._release(tuple(key))
+            for rid, reply in msg.stored:
+                self.stored.add(rid, reply)
             for identity, reply in msg.replies:
                 if reply.get("type") == "error":
                     self.stats["errors"] += 1

@@ -85,11 +85,13 @@ class InboundBatch:
 
 @dataclass(frozen=True)
 class Outbound:
-    """Assembler -> gateway: replies to send (identity, reply map), and the (request_id, seq)
-    of chunks the gateway no longer counts as in flight."""
+    """Assembler -> gateway: replies to send (identity, reply map), the (request_id, seq) of
+    chunks the gateway no longer counts as in flight, and (request_id, stored reply) of results
+    stored for good, whose next `end` the gateway may answer itself."""
 
     replies: tuple = ()
     resolved: tuple = ()
+    stored: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -509,6 +509,35 @@ def test_unavailable_when_database_and_spool_are_full(make_daemon):
 
 # ----- idempotence, abort, live trades ---------------------------------------------------------------
 @on_both_stores
+def test_end_of_a_just_stored_result_is_answered_by_the_gateway_alone(shared, dealer):
+    """A result's last credit carries the news that it is stored; the `end` that follows is answered
+    by the gateway (one ZMQ round trip, no actor hop) with exactly the assembler's `stored`, and the
+    assembler never sees it. An `end` the gateway knows nothing of still goes through, and so does
+    one sent while another message of that request is still at the assembler (its answer first)."""
+    rid = f"end-here-{time.monotonic_ns()}"
+    before_gw = inspect(shared, "gateway")["ends_answered_here"]
+    before_asm = inspect(shared, "assembler").get("in_end", 0)
+    assert dealer.rt(begin(rid, 4, 2))["type"] == "credit"
+    send_chunks(dealer, rid, {0: rows2(), 1: rows2(100)})
+    stored = {"type": "stored", "request_id": rid, "trades": 4, "trades_ref": rid, "location": "db"}
+    assert dealer.rt({"type": "end", "request_id": rid}) == stored
+    assert inspect(shared, "gateway")["ends_answered_here"] == before_gw + 1
+    assert inspect(shared, "assembler").get("in_end", 0) == before_asm
+    assert rows_for(shared, rid) == 4 and result_row(shared, rid)["status"] == "complete"
+    # a duplicate chunk goes to the assembler (credit at once, it is durable); the `end` right behind
+    # it must not overtake that credit: it goes to the assembler too, and the replies keep their order
+    dealer.send(chunk(rid, 1, rows2(100)))
+    dealer.send({"type": "end", "request_id": rid})
+    assert [dealer.recv(10)["type"], dealer.recv(10)["type"]] == ["credit", "stored"]
+    assert inspect(shared, "gateway")["ends_answered_here"] == before_gw + 1
+    assert inspect(shared, "assembler").get("in_end", 0) == before_asm + 1
+    before_asm += 1
+    never = f"end-never-{time.monotonic_ns()}"
+    check_error(dealer.rt({"type": "end", "request_id": never}), "unknown_request", never)
+    assert inspect(shared, "assembler").get("in_end", 0) == before_asm + 1
+
+
+@on_both_stores
 def test_resend_after_stored_is_idempotent(shared):
     rid, n = "rs-after", 30_000
     cols = synthetic_columns(n, seed=5, strategy="Rs")

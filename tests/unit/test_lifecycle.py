@@ -267,6 +267,37 @@ def test_a_stored_result_leaves_recent_after_its_max_age_and_the_store_answers_t
     assert code(w.begin("R", chunks=1, trades=11)) == "conflict"
 
 
+def test_the_last_credit_and_the_stored_notice_leave_in_one_handle():
+    """The gateway may answer `end` itself once it holds a result's Stored: that notice must go out
+    with the last chunk's credit (one Outbound), before the producer can send its `end`."""
+    w = World()
+    w.begin("R", chunks=2, trades=20)
+    w.chunk("R", 0)
+    w.chunk("R", 1)
+    w.durable()
+    effects = w.lc.handle(lc.Durable("R", 1, "db", WriteOutcome.COMPLETE, 10))
+    kinds = [type(e) for e in effects]
+    assert lc.Stored in kinds and lc.Reply in kinds, kinds
+    stored = next(e for e in effects if isinstance(e, lc.Stored))
+    assert stored.reply == {"type": "stored", "request_id": "R", "trades": 20, "trades_ref": "R", "location": "db"}
+    assert only(w.end("R")) == stored.reply                        # the assembler's own answer is the same
+
+
+def test_stored_replies_answer_end_only_while_fresh_and_stay_bounded():
+    clock = Clock()
+    sr = lc.StoredReplies(keep_s=60.0, cap=3, clock=clock)
+    reply = {"type": "stored", "request_id": "A", "trades": 1, "trades_ref": "A", "location": "db"}
+    sr.add("A", reply)
+    assert sr.reply_for_end("A") == reply and sr.reply_for_end("B") is None
+    clock.t += 61
+    assert sr.reply_for_end("A") is None                           # too old: the assembler answers
+    for i in range(10):
+        sr.add(f"r{i}", reply)
+    assert list(sr.items) == ["r7", "r8", "r9"] and sr.answered == 1
+    sr.forget("r9")                                                # another message of r9 went on
+    assert sr.reply_for_end("r9") is None and sr.reply_for_end("r8") == reply
+
+
 def test_hash_ring_never_forgets_its_last_slots_keys_and_never_grows():
     ring = lc.HashRing(64)
     nbytes = ring.ring.nbytes
