@@ -74,14 +74,18 @@ SLOT_COLUMNS = ("pair_id", "strategy_a", "strategy_b", "weight_a", "weight_b", "
                 "profit_factor", "score", "evaluated_at")
 
 
-def settle_in_tx(conn, rid: str, now: float, drop_rows, param: str = "?") -> WriteOutcome:
+def settle_in_tx(conn, rid: str, now: float, drop_rows, param: str = "?",
+                 known_totals: tuple | None = None) -> WriteOutcome:
     """Apply `lifecycle.settle` (the one completion rule) to what the chunk's transaction on `conn`
     committed, for either store: `param` is the driver's placeholder ("?" sqlite3, "%s" psycopg),
-    `drop_rows(conn, rid)` removes a failed result's rows."""
+    `drop_rows(conn, rid)` removes a failed result's rows. known_totals: the row's (total_trades,
+    total_chunks) when this transaction already read them (one statement fewer)."""
     def q(sql: str) -> str:
         return sql.replace("?", param)
-    total_trades, total_chunks = conn.execute(
-        q("SELECT total_trades, total_chunks FROM backtest_results WHERE request_id = ?"), (rid,)).fetchone()
+    if known_totals is None:
+        known_totals = conn.execute(
+            q("SELECT total_trades, total_chunks FROM backtest_results WHERE request_id = ?"), (rid,)).fetchone()
+    total_trades, total_chunks = known_totals
     n, rows = conn.execute(q("SELECT count(*), coalesce(sum(rows), 0) FROM backtest_chunks WHERE request_id = ?"),
                            (rid,)).fetchone()
     rows = int(rows)   # psycopg gives sum() as a Decimal
@@ -113,8 +117,8 @@ class StatusRules:
         row = conn.execute(self._q("SELECT status FROM backtest_results WHERE request_id = ?"), (rid,)).fetchone()
         return None if row is None else row[0]
 
-    def _settle(self, conn, rid: str, now: float) -> WriteOutcome:
-        return settle_in_tx(conn, rid, now, self._drop_rows, self.PARAM)
+    def _settle(self, conn, rid: str, now: float, known_totals: tuple | None = None) -> WriteOutcome:
+        return settle_in_tx(conn, rid, now, self._drop_rows, self.PARAM, known_totals)
 
     def _set_status_in_tx(self, conn, request_id: str, status: ResultStatus, error: str | None,
                           now: float) -> None:
@@ -326,24 +330,26 @@ class Store(StatusRules):
         rid = meta["request_id"]
 
         def tx(conn):
+            # per chunk: one read of the results row, the chunk record (which is also the duplicate
+            # check), the rows, then completion; the results row is written only when it is missing
             if record:
                 self._begin_in_tx(conn, meta)
             now = time.time()
-            self._insert_result(conn, meta, now)
-            status, *row_totals = conn.execute(
-                "SELECT status, strategy_name, total_trades, total_chunks FROM backtest_results "
-                "WHERE request_id = ?", (rid,)).fetchone()
+            row = conn.execute("SELECT status, strategy_name, total_trades, total_chunks FROM backtest_results "
+                               "WHERE request_id = ?", (rid,)).fetchone()
+            if row is None:   # its begin was not recorded (deferred, or a dlq retry): as if it had been
+                self._insert_result(conn, meta, now)
+                row = (ResultStatus.RECEIVING, *totals(meta))
+            status, *row_totals = row
             if ResultStatus(status).final_without_rows or tuple(row_totals) != totals(meta):
                 return WriteOutcome.DISCARDED
-            if conn.execute("SELECT 1 FROM backtest_chunks WHERE request_id = ? AND seq = ?",
-                            (rid, seq)).fetchone():
-                return WriteOutcome.DUPLICATE
+            if conn.execute("INSERT OR IGNORE INTO backtest_chunks(request_id, seq, rows, committed_at) "
+                            "VALUES (?, ?, ?, ?)", (rid, seq, nrows, now)).rowcount == 0:
+                return WriteOutcome.DUPLICATE   # this seq is already committed: nothing is written
             if nrows:
                 columns, rows = codec.trade_log_rows(trades, rid, meta["strategy_name"], seq, nrows)
                 conn.executemany(insert_trades_sql(columns), rows)
-            conn.execute("INSERT INTO backtest_chunks(request_id, seq, rows, committed_at) VALUES (?, ?, ?, ?)",
-                         (rid, seq, nrows, now))
-            return self._settle(conn, rid, now)
+            return self._settle(conn, rid, now, tuple(row_totals[1:]))
 
         out = self._tx(tx)
         if out not in (WriteOutcome.DUPLICATE, WriteOutcome.DISCARDED):

@@ -172,6 +172,18 @@ def test_duplicate_chunk_never_duplicates_rows(store):
     assert rows(store) == 5
 
 
+def test_a_chunk_whose_rows_fail_leaves_no_record_and_is_not_a_duplicate_later(store):
+    # the chunk record (also the duplicate check) is written before the rows: a failed insert must
+    # roll it back, or the retried chunk would be answered `duplicate` with no rows stored
+    m = meta()
+    store.begin(m)
+    with pytest.raises(StoreError):
+        store.write_chunk(m, 0, {"timestamp": [0, 1, 2], "pnl": [1.0, None, 1.0]}, 3)   # pnl NOT NULL
+    assert store.lookup("r")["durable"] == {} and rows(store) == 0
+    assert store.write_chunk(m, 0, chunk(3), 3) == "receiving"
+    assert store.lookup("r")["durable"] == {0: 3} and rows(store) == 3
+
+
 def test_rows_that_do_not_add_up_fail_and_are_removed(store):
     m = meta(total=6)
     store.write_chunk(m, 0, chunk(3), 3)
