@@ -861,7 +861,7 @@ class Lifecycle:
                 loc = req.location()
                 if loc == "dlq":
                     self._to_writer(SetStatus(req.rid, ResultStatus.SPOOLED))
-                self._remember(req.rid, req.meta, loc)
+                self._remember(req.rid, req.meta, loc, tell_gateway=req.kind == "chunked")
                 self._metric("inc", "pairlane_results_total", outcome="stored_" + loc)
                 now = self.wall()
                 self._metric("observe", "pairlane_result_receive_seconds", now - req.began_at)
@@ -885,8 +885,12 @@ class Lifecycle:
             identity, req.end_waiting = req.end_waiting, None
             self._answer_end(req, identity)
 
-    def _remember(self, rid: str, meta: dict, location: str) -> None:
-        self._emit(Stored(rid, stored_reply(rid, meta["total_trades"], location)))
+    def _remember(self, rid: str, meta: dict, location: str, tell_gateway: bool = True) -> None:
+        """tell_gateway: emit Stored, for the gateway to answer the next `end` itself (a chunked
+        result's, or a stored one a `begin` found; nobody sends `end` after a one-message `result`,
+        so those would only fill the gateway's memory)."""
+        if tell_gateway:
+            self._emit(Stored(rid, stored_reply(rid, meta["total_trades"], location)))
         self.recent[rid] = (totals(meta), meta["total_trades"], location, self.clock())
         self.recent.move_to_end(rid)
         while len(self.recent) > RECENT_DONE:

@@ -283,6 +283,15 @@ def test_the_last_credit_and_the_stored_notice_leave_in_one_handle():
     assert only(w.end("R")) == stored.reply                        # the assembler's own answer is the same
 
 
+def test_a_one_message_result_sends_the_gateway_no_stored_notice():
+    """Nobody sends `end` after a `result`: a Stored for it would only fill the gateway's memory."""
+    w = World()
+    w.send(result("R"))
+    write = w.pending.pop()
+    effects = w.lc.handle(lc.Durable("R", 0, "db", w.commit(write), 10, answered=write.answer[0]))
+    assert not any(isinstance(e, lc.Stored) for e in effects) and w.lc.reqs["R"].status == ResultStatus.COMPLETE
+
+
 def test_stored_replies_answer_end_only_while_fresh_and_stay_bounded():
     clock = Clock()
     sr = lc.StoredReplies(keep_s=60.0, cap=3, clock=clock)
