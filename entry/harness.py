@@ -3,10 +3,12 @@
 Owns: writing a config, starting `python run.py --config`, waiting until the
 tree is ready, admin calls, finding every process of the daemon (main + the
 actor system's process group), and tearing it all down, even on failure,
-checking nothing is left behind.
+checking nothing is left behind; plus what the runs that start a daemon of their
+own (soak, fuzz) share about it: `--keep` and the `health:` line of their report.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import re
@@ -127,6 +129,18 @@ def count_thespian_warnings(text: str) -> dict[str, int]:
 
 
 STALL_EVENTS = ("loop_stalled", "heartbeat_late", "watchdog_kill")
+
+
+def render_health(health: dict[str, int]) -> str:
+    """The `health:` line of a soak or fuzz report: Daemon.health_events' counts in their order."""
+    return "health: " + ", ".join(f"{k} {v}" for k, v in health.items())
+
+
+def add_keep_argument(ap: argparse.ArgumentParser) -> None:
+    """`--keep` of a run that starts a daemon of its own (soak, fuzz): a passing run removes the
+    daemon's directory unless this is given."""
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the daemon's directory (its log, database and spool) even when the run passes")
 
 
 class Daemon:

@@ -64,3 +64,15 @@ def test_tx_timed_out_counts_thespian_expired_transmits_only(tmp_path, monkeypat
     with open(path, "a") as fh:
         fh.write("ts=1.0 level=WARNING actor=gateway event=assembly_timed_out message=\"timed out\"\n")
     assert d.thespian_warnings() == {"tx_dropped": 1, "tx_only_mode": 0, "tx_timed_out": 2}, path.read_text()
+
+
+def test_soak_and_fuzz_share_the_health_line_and_keep():
+    """The `health:` line of a soak or fuzz report (counts in health_events' order) and their --keep."""
+    import argparse
+    health = dict.fromkeys(harness.STALL_EVENTS, 0) | {"tx_dropped": 3, "tx_only_mode": 0, "tx_timed_out": 1}
+    assert harness.render_health(health) == ("health: loop_stalled 0, heartbeat_late 0, watchdog_kill 0, "
+                                             "tx_dropped 3, tx_only_mode 0, tx_timed_out 1")
+    assert harness.render_health({}) == "health: "
+    ap = argparse.ArgumentParser()
+    harness.add_keep_argument(ap)
+    assert ap.parse_args([]).keep is False and ap.parse_args(["--keep"]).keep is True
