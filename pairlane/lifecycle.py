@@ -855,8 +855,12 @@ class Lifecycle:
 
     def _remember(self, rid: str, meta: dict, location: str, tell_gateway: bool = True) -> None:
         """tell_gateway: emit Stored, for the gateway to answer the next `end` itself (a chunked
-        result's, or a stored one a `begin` found; nobody sends `end` after a one-message `result`,
-        so those would only fill the gateway's memory)."""
+        result's, or a stored one a `begin` found). Not for a one-message `result`: nobody sends
+        `end` after it, and the notice would cost one extra assembler->gateway message per result
+        (usually the writer has already answered its producer, so nothing else of it goes from the
+        assembler to the gateway). That message crosses the producer's next message at the gateway,
+        and Thespian loses a round of tens of ms whenever two actors send to each other at once:
+        measured, result p99 37 ms instead of 7-9 ms."""
         if tell_gateway:
             self._emit(Stored(rid, stored_reply(rid, meta["total_trades"], location)))
         self.recent[rid] = (totals(meta), meta["total_trades"], location, self.clock())

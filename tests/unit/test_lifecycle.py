@@ -284,7 +284,11 @@ def test_the_last_credit_and_the_stored_notice_leave_in_one_handle():
 
 
 def test_a_one_message_result_sends_the_gateway_no_stored_notice():
-    """Nobody sends `end` after a `result`: a Stored for it would only fill the gateway's memory."""
+    """No Stored for a one-message `result`. Nobody sends `end` after it, so the notice would be
+    useless, and it is not free: it would be one extra assembler->gateway message per result
+    (usually the writer has already answered the producer), crossing the producer's next message
+    at the gateway; Thespian loses a round of tens of ms whenever two actors send to each other at
+    once (measured: result p99 37 ms instead of 7-9 ms)."""
     w = World()
     w.send(result("R"))
     write = w.pending.pop()
