@@ -15,7 +15,8 @@ import time
 import zmq
 
 from pairlane import codec
-from pairlane.lifecycle import INFLIGHT_TIMEOUT_S, StoredReplies
+from pairlane.lifecycle import INFLIGHT_TIMEOUT_S
+from pairlane.stored_replies import StoredReplies
 
 from .base import PairlaneActor
 from .messages import Inbound, InboundBatch, Outbound

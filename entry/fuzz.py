@@ -38,7 +38,7 @@ from pairlane import fuzzframes
 from pairlane.synthetic import legacy_message
 
 from . import chaos
-from .harness import Daemon
+from .harness import Daemon, add_keep_argument, render_health
 from .soak import proc_figures, spool_figures
 
 
@@ -364,7 +364,7 @@ def render(s: dict) -> str:
              f"{s.get('gateway_bytes_in_flight_after')}",
              f"  real producers: {s['real_stored']} stored of {s['real_sent']} sent, lost {s['lost']}, "
              f"duplicates {s['duplicates']}, wrong rows {s['wrong_row_counts']}, partial {s['partial_visible']}",
-             "  health: " + ", ".join(f"{k} {v}" for k, v in s.get("health", {}).items()),
+             "  " + render_health(s.get("health", {})),
              "  replies by mutation:"]
     for how, codes in sorted(s["replies_by_mutation"].items()):
         lines.append(f"    {how:<12} " + ", ".join(f"{c} {n}" for c, n in sorted(codes.items())))
@@ -393,8 +393,7 @@ def main(argv: list[str]) -> int:
                     help="bytes of garbage, half at the gateway, half at the legacy socket (e.g. 2G; default 256M)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--keep", action="store_true",
-                    help="keep the daemon's directory (its log, database and spool) even when the run passes")
+    add_keep_argument(ap)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
     if ns.config:

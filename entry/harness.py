@@ -3,12 +3,15 @@
 Owns: writing a config, starting `python run.py --config`, waiting until the
 tree is ready, admin calls, finding every process of the daemon (main + the
 actor system's process group), and tearing it all down, even on failure,
-checking nothing is left behind.
+checking nothing is left behind; plus what the runs that start a daemon of their
+own (soak, fuzz) share about it: `--keep` and the `health:` line of their report.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -106,12 +109,38 @@ def proc_pgid(pid: int) -> int | None:
 
 
 # Thespian's warnings that matter to a run's verdict: a message dropped, a loop held draining its
-# own sends, a send that expired undelivered
-THESPIAN_WARNINGS = {"tx_dropped": "Dropping TX: overloaded", "tx_only_mode": "Entering tx-only mode",
-                     "tx_timed_out": "timed out"}
+# own sends, a send that expired undelivered. Each is a pattern over thespian.log, whose lines are
+# "<date> <time> p<pid> Warn <message>". A send that expired has two lines of Thespian's own
+# (thespian/system/transport): asyncTransportBase's "TX intent <intent> timed out" for an intent
+# still queued, TCPTransport's "Transmit attempt from <a> to <b> timed out, returning PoisonPacket"
+# for one under way. Only those count: a bare "timed out" would also count any warning that
+# merely quotes a message or an error mentioning a timeout.
+THESPIAN_WARNINGS: dict[str, re.Pattern[str]] = {
+    "tx_dropped": re.compile(re.escape("Dropping TX: overloaded")),
+    "tx_only_mode": re.compile(re.escape("Entering tx-only mode")),
+    "tx_timed_out": re.compile(r" Warn +(?:TX intent \*+ TransportIntent\(.*\) timed out"
+                               r"|Transmit attempt from .+ to .+ timed out, returning PoisonPacket)$", re.M),
+}
+
+
+def count_thespian_warnings(text: str) -> dict[str, int]:
+    """How often each of THESPIAN_WARNINGS occurs in the text of a thespian.log."""
+    return {name: len(pattern.findall(text)) for name, pattern in THESPIAN_WARNINGS.items()}
 
 
 STALL_EVENTS = ("loop_stalled", "heartbeat_late", "watchdog_kill")
+
+
+def render_health(health: dict[str, int]) -> str:
+    """The `health:` line of a soak or fuzz report: Daemon.health_events' counts in their order."""
+    return "health: " + ", ".join(f"{k} {v}" for k, v in health.items())
+
+
+def add_keep_argument(ap: argparse.ArgumentParser) -> None:
+    """`--keep` of a run that starts a daemon of its own (soak, fuzz): a passing run removes the
+    daemon's directory unless this is given."""
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the daemon's directory (its log, database and spool) even when the run passes")
 
 
 class Daemon:
@@ -207,8 +236,8 @@ class Daemon:
                 text = Path(path).read_text(errors="replace")
             except OSError:
                 continue
-            for name, needle in THESPIAN_WARNINGS.items():
-                counts[name] += text.count(needle)
+            for name, n in count_thespian_warnings(text).items():
+                counts[name] += n
         return counts
 
     def all_pids(self) -> list[int]:

@@ -34,7 +34,7 @@ from pairlane.client import Producer, SendError
 from pairlane.synthetic import legacy_message
 
 from . import chaos
-from .harness import Daemon
+from .harness import Daemon, add_keep_argument, render_health
 
 LIVE_STRATEGY = "soak-live"
 
@@ -353,7 +353,7 @@ def render(summary: dict) -> str:
              f"live: {c['live_batches']} batches, {c['live_rows']} rows (expected {c['live_rows_expected']})",
              f"admin: {c['admin_ok']} ok, {c['admin_failed']} failed; pair evaluations: {c['pairs_ok']} ok, "
              f"{c['pairs_failed']} failed; actor restarts {c['actor_restarts']}; faults {c['faults'] or 'none'}",
-             "health: " + ", ".join(f"{k} {v}" for k, v in c.get("health", {}).items()),
+             render_health(c.get("health", {})),
              f"verdict: {'PASS' if summary['ok'] else 'FAIL'} (series {'ok' if summary['verdict_ok'] else 'FAIL'}, "
              f"checks {'ok' if summary['checks_ok'] else 'FAIL'})"]
     return "\n".join(lines)
@@ -392,8 +392,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--pairs-every-s", type=float, default=60.0)
     ap.add_argument("--json", action="store_true", help="the summary as JSON on stdout")
     ap.add_argument("--csv", metavar="PATH", help="write every sample (long form) to PATH")
-    ap.add_argument("--keep", action="store_true",
-                    help="keep the daemon's directory (its log, database and spool) even when the run passes")
+    add_keep_argument(ap)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
     if ns.config:

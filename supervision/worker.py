@@ -255,11 +255,12 @@ class Worker(Actor):
         return (self.spec.heartbeat_timeout_s or self.settings.heartbeat_timeout_s) / 2
 
     def _watch_own_loop(self) -> None:
-        dump = self._loop_watch.take() if self._loop_watch is not None else ""
+        if self._loop_watch is None:
+            return
+        dump = self._loop_watch.take()
         if dump:
             self.log("WARNING", "loop_stalled", over_s=f"{self._loop_stall_s():.2f}", stack=stacks.compact(dump))
-        if self._loop_watch is not None:
-            self._loop_watch.tick()
+        self._loop_watch.tick()
 
     def _tick(self) -> None:
         self._watch_own_loop()

@@ -284,27 +284,16 @@ def test_the_last_credit_and_the_stored_notice_leave_in_one_handle():
 
 
 def test_a_one_message_result_sends_the_gateway_no_stored_notice():
-    """Nobody sends `end` after a `result`: a Stored for it would only fill the gateway's memory."""
+    """No Stored for a one-message `result`. Nobody sends `end` after it, so the notice would be
+    useless, and it is not free: it would be one extra assembler->gateway message per result
+    (usually the writer has already answered the producer), crossing the producer's next message
+    at the gateway; Thespian loses a round of tens of ms whenever two actors send to each other at
+    once (measured: result p99 37 ms instead of 7-9 ms)."""
     w = World()
     w.send(result("R"))
     write = w.pending.pop()
     effects = w.lc.handle(lc.Durable("R", 0, "db", w.commit(write), 10, answered=write.answer[0]))
     assert not any(isinstance(e, lc.Stored) for e in effects) and w.lc.reqs["R"].status == ResultStatus.COMPLETE
-
-
-def test_stored_replies_answer_end_only_while_fresh_and_stay_bounded():
-    clock = Clock()
-    sr = lc.StoredReplies(keep_s=60.0, cap=3, clock=clock)
-    reply = {"type": "stored", "request_id": "A", "trades": 1, "trades_ref": "A", "location": "db"}
-    sr.add("A", reply)
-    assert sr.reply_for_end("A") == reply and sr.reply_for_end("B") is None
-    clock.t += 61
-    assert sr.reply_for_end("A") is None                           # too old: the assembler answers
-    for i in range(10):
-        sr.add(f"r{i}", reply)
-    assert list(sr.items) == ["r7", "r8", "r9"] and sr.answered == 1
-    sr.forget("r9")                                                # another message of r9 went on
-    assert sr.reply_for_end("r9") is None and sr.reply_for_end("r8") == reply
 
 
 def test_hash_ring_never_forgets_its_last_slots_keys_and_never_grows():
