@@ -26,6 +26,7 @@ from .messages import (BeginRequest, ChunkDurable, ChunkRejected, Inbound, Inbou
                        WriteChunk, WriteLive, WriterBatch, WriterBatchDone)
 
 MAX_REPLY_TARGETS = 1000
+MAX_REPLY_ACTORS = 16           # addresses of the actors legacy producers speak through (restarts make new ones)
 WRITER_WINDOW = 2               # WriterBatches at the writer at once: one handled, the next one waiting
 BATCH_MAX_ITEMS = 32            # writer messages in one WriterBatch
 
@@ -59,6 +60,7 @@ class Assembler(PairlaneActor):
         self.stored: list = []     # (request_id, stored reply) for the gateway (lc.Stored)
         self.side_replies: list = []                        # (actor, identity, reply) not via the gateway
         self.reply_targets: dict = {}                       # identity -> actor, for non-ZMQ producers
+        self.reply_actors: dict = {}                        # str(address) -> the one address object kept
         # writer messages go out in order, in WriterBatches, at most WRITER_WINDOW of them unanswered:
         # what comes meanwhile waits here and goes in the next batch (fewer transport round trips)
         self.outbox: list = []
@@ -73,7 +75,8 @@ class Assembler(PairlaneActor):
             self.leases.close()   # every lease this daemon held is free for the others now
 
     def inspect(self) -> dict:
-        return dict(self.life.inspect(), writer_batches_out=self.batches_out, writer_outbox=len(self.outbox))
+        return dict(self.life.inspect(), writer_batches_out=self.batches_out, writer_outbox=len(self.outbox),
+                    reply_targets=len(self.reply_targets), reply_actors=len(self.reply_actors))
 
     # ----- events in ---------------------------------------------------------------------------------
     def on_message(self, msg, sender) -> None:
@@ -116,7 +119,12 @@ class Assembler(PairlaneActor):
         m = inb.msg
         t, rid = m["type"], m["request_id"]
         if inb.reply_to is not None:  # a legacy producer: its replies go back through that actor
-            self.reply_targets[inb.identity] = inb.reply_to
+            # every message brings its own unpickled copy of the legacy actor's address (about 1 KB of
+            # objects): keep one per actor, so a remembered identity costs only its bytes
+            addr = self.reply_actors.setdefault(str(inb.reply_to), inb.reply_to)
+            if len(self.reply_actors) > MAX_REPLY_ACTORS:
+                self.reply_actors.pop(next(iter(self.reply_actors)))
+            self.reply_targets[inb.identity] = addr
             if len(self.reply_targets) > MAX_REPLY_TARGETS:
                 self.reply_targets.pop(next(iter(self.reply_targets)))
         if t == "live_trades":

@@ -190,3 +190,18 @@ def test_admin_inspect_legacy_and_verify(leg, push):
     assert leg.admin("verify")["problems"] == []
     assert result_row(leg, rid)["completed_at"] is not None
     assert_all_running(leg)
+
+
+def test_the_assembler_keeps_one_address_per_legacy_actor_not_one_per_message(leg, push):
+    """Each legacy message reaches the assembler with its own unpickled copy of the legacy actor's
+    address. The assembler remembers every identity's reply target (up to MAX_REPLY_TARGETS) but keeps
+    one address object per actor: in the session-5 soak the copies were the assembler's growth
+    (about 1 KB of objects per legacy message, until the cap)."""
+    before = inspect(leg, "assembler")["reply_targets"]
+    for i in range(6):
+        rid = f"leg-addr-{i}"
+        push.send(synthetic.legacy_message(5, style="dotted", seed=30 + i, request_id=rid, strategy_name="LegAddr"))
+        assert wait_status(leg, rid)["status"] == "complete"
+    st = inspect(leg, "assembler")
+    assert st["reply_targets"] >= before + 6, st
+    assert st["reply_actors"] == 1, st
