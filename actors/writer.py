@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 from pairlane import codec
+from pairlane.metrics import MetricBatch
 from pairlane.store import StoreError
 from pairlane.stores import backend, open_store
 from pairlane.vocab import ResultStatus, WriteOutcome
@@ -38,6 +39,9 @@ class Writer(PairlaneActor):
         self.spooled = 0
         self.rejected = 0
         self.failures = 0
+        self.group_commits = 0      # transactions that committed several chunks (`_write_group`)
+        self.grouped_chunks = 0
+        self.group_failures = 0
         try:
             self.store.open()
         except StoreError as exc:
@@ -52,7 +56,8 @@ class Writer(PairlaneActor):
                 "last_error": st.last_error, "failures": self.failures, "spooled_batches": self.spooled,
                 "rejected_batches": self.rejected, "deferred_status_changes": len(self.deferred),
                 "db_bytes": st.file_sizes(), "path": st.path, "max_bytes": st.max_bytes,
-                "backend": backend(self.config)}
+                "backend": backend(self.config), "group_commits": self.group_commits,
+                "grouped_chunks": self.grouped_chunks, "group_failures": self.group_failures}
 
     def send_ordered(self, addr, msg) -> None:
         if self._batch_to is not None and addr == self._batch_to:
@@ -64,8 +69,7 @@ class Writer(PairlaneActor):
         if isinstance(msg, WriterBatch):
             self._batch_to, self._batch_replies, self._batch_answers = sender, [], []
             try:
-                for item in msg.items:
-                    self.on_message(item, sender)
+                self._handle_batch(msg.items, sender)
             finally:
                 replies, self._batch_to, self._batch_replies = tuple(self._batch_replies), None, []
                 answers, self._batch_answers = self._batch_answers, []
@@ -109,7 +113,57 @@ class Writer(PairlaneActor):
                 self.send_ordered(sender, SlotsWritten(msg.token, False, str(exc)))
 
     # ----- writes -------------------------------------------------------------------------------
-    def _write_chunk(self, w: WriteChunk, sender) -> None:
+    def _handle_batch(self, items: tuple, sender) -> None:
+        """A WriterBatch's items in order; each run of two or more chunks that can share a transaction
+        is committed as one (`_write_group`)."""
+        i = 0
+        while i < len(items):
+            n = 0
+            while i + n < len(items) and self._groupable(items[i + n], sender):
+                n += 1
+            if n >= 2:
+                self._write_group(items[i:i + n], sender)
+                i += n
+            else:
+                self.on_message(items[i], sender)
+                i += 1
+
+    def _groupable(self, item, sender) -> bool:
+        """A chunk whose every effect waits for the batch's end (its answers go with WriterBatchDone)
+        and that needs no status change of its own first."""
+        return (isinstance(item, WriteChunk) and item.item_id is None and item.reply_to == sender
+                and (not item.record or getattr(self.store, "RECORDS_WITH_CHUNK", False))
+                and hasattr(self.store, "group"))
+
+    def _write_group(self, run: tuple, sender) -> None:
+        """Group commit: several chunks in one transaction, one COMMIT (one fsync). Each chunk's
+        answers are queued until the batch ends, so none leaves before that commit. If the group
+        fails, nothing of it was written: what it queued is taken back and each chunk is written in
+        a transaction of its own, so a chunk the database does not take goes to the dlq alone."""
+        replies, answers = len(self._batch_replies), len(self._batch_answers)
+        outer, self.metrics = self.metrics, MetricBatch()
+        try:
+            with self.store.group():
+                for w in run:
+                    self._write_chunk(w, sender, grouped=True)
+        except StoreError as exc:
+            del self._batch_replies[replies:]
+            del self._batch_answers[answers:]
+            self.metrics = outer
+            self.group_failures += 1
+            self.log("INFO", "group_commit_failed", chunks=len(run), reason=exc.reason, error=exc)
+            for w in run:
+                self._write_chunk(w, sender)
+            return
+        except BaseException:
+            self.metrics = outer
+            raise
+        grouped, self.metrics = self.metrics, outer
+        outer.absorb(grouped)
+        self.group_commits += 1
+        self.grouped_chunks += len(run)
+
+    def _write_chunk(self, w: WriteChunk, sender, grouped: bool = False) -> None:
         t0 = time.perf_counter()
         record = w.record and getattr(self.store, "RECORDS_WITH_CHUNK", False)
         if w.record and not record:   # this store records in a transaction of its own, first
@@ -121,6 +175,8 @@ class Writer(PairlaneActor):
             else:
                 status = self.store.write_chunk(w.meta, w.seq, trades, w.nrows)
         except StoreError as exc:
+            if grouped:   # the whole group is rolled back and its chunks written one by one
+                raise
             if record:   # as if the BeginRequest had come first: recorded now, or deferred and retried
                 self._status_change(("begin", w.meta))
             return self._failed(w, sender, exc)

@@ -578,5 +578,10 @@ class MetricBatch:
         self._incs, self._sets, self._observes = {}, {}, []
         return out
 
+    def absorb(self, other: "MetricBatch") -> None:
+        """Take other's pending updates as if they had been made here, after ours."""
+        for op, name, labels, value in other.drain():
+            getattr(self, op)(name, value, **(labels or {}))
+
     def __len__(self) -> int:
         return len(self._incs) + len(self._sets) + len(self._observes)

@@ -15,6 +15,8 @@ Never used from more than one thread at a time (PgStoreView serializes its calle
 """
 from __future__ import annotations
 
+import contextlib
+
 import threading
 import time
 from urllib.parse import urlsplit, urlunsplit
@@ -267,6 +269,7 @@ class PgStore(StatusRules):
         self.commits = 0
         self.last_commit_at: float | None = None
         self.last_error: str | None = None
+        self._grouped = False
         self._backoff = 0.0
         self._next_connect = 0.0
 
@@ -318,26 +321,54 @@ class PgStore(StatusRules):
                 self.conn = None
 
     def _run(self, fn, *args, tx: bool = True):
-        """fn(conn, *args) in one transaction (COMMIT returned = durable: synchronous_commit is on).
-        Any psycopg failure: rolled back, StoreError; a broken connection is dropped (reopened later)."""
-        import psycopg
+        """fn(conn, *args) in one transaction (COMMIT returned = durable: synchronous_commit is on),
+        or inside the open `group`. Any psycopg failure: rolled back, StoreError; a broken connection
+        is dropped (reopened later)."""
+        if tx and not self._grouped:
+            with self.group():
+                return self._run(fn, *args, tx=False)
+        with self._errors():
+            return fn(self.conn if self._grouped else self._opened(), *args)
+
+    def _opened(self):
         self.open()
+        return self.conn
+
+    @contextlib.contextmanager
+    def _errors(self):
+        import psycopg
         conn = self.conn
         try:
-            if tx:
-                with conn.transaction():
-                    out = fn(conn, *args)
-                self.commits += 1
-                self.last_commit_at = time.time()
-            else:
-                out = fn(conn, *args)
-            return out
+            yield
         except psycopg.Error as exc:
             self.last_error = str(exc).strip()
-            if conn.broken or conn.closed:
+            conn = conn or self.conn
+            if conn is not None and (conn.broken or conn.closed):
                 self.close()
                 self._failed_connect(exc)
             raise StoreError(classify(exc), f"{self.path}: {self.last_error}")
+
+    @contextlib.contextmanager
+    def group(self):
+        """One transaction for every write made inside the block, committed (durable) when it ends.
+        Any failure inside or at COMMIT rolls all of them back (`rows_written` too) and propagates,
+        psycopg failures as StoreError. The writer commits a batch's chunks this way: one COMMIT for
+        several chunks, each still answered only after it."""
+        rows_before = self.rows_written
+        try:
+            with self._errors():
+                conn = self._opened()
+                with conn.transaction():
+                    self._grouped = True
+                    try:
+                        yield
+                    finally:
+                        self._grouped = False
+        except BaseException:
+            self.rows_written = rows_before
+            raise
+        self.commits += 1
+        self.last_commit_at = time.time()
 
     # ----- results -------------------------------------------------------------------------
     @staticmethod

@@ -13,6 +13,7 @@ Never used from more than one thread or process at a time.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sqlite3
@@ -218,6 +219,7 @@ class Store(StatusRules):
         self.commits = 0
         self.last_commit_at: float | None = None
         self.last_error: str | None = None
+        self._grouped = False
 
     # ----- connection ----------------------------------------------------------------------
     def open(self) -> None:
@@ -249,19 +251,37 @@ class Store(StatusRules):
                 self.conn = None
 
     def _tx(self, fn, *args):
-        """Run fn(conn, *args) inside BEGIN IMMEDIATE .. COMMIT; StoreError on any sqlite failure."""
+        """Run fn(conn, *args) inside BEGIN IMMEDIATE .. COMMIT (or inside the open `group`);
+        StoreError on any sqlite failure."""
+        if not self._grouped:
+            with self.group():
+                return self._tx(fn, *args)
+        try:
+            return fn(self.conn, *args)
+        except sqlite3.Error as exc:
+            self.last_error = str(exc)
+            raise StoreError(classify(exc), str(exc))
+
+    @contextlib.contextmanager
+    def group(self):
+        """One transaction for every write made inside the block, committed (durable) when it ends.
+        Any failure inside or at COMMIT rolls all of them back (`rows_written` too) and propagates,
+        sqlite3 failures as StoreError. The writer commits a batch's chunks this way: one COMMIT
+        (one fsync) for several chunks, each still answered only after it."""
         if self.conn is None:
             self.open()
-        conn = self.conn
+        conn, rows_before = self.conn, self.rows_written
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             self.last_error = str(exc)
             raise StoreError(classify(exc), f"BEGIN IMMEDIATE failed: {exc}")
+        self._grouped = True
         try:
-            out = fn(conn, *args)
+            yield
             conn.execute("COMMIT")
         except BaseException as exc:
+            self.rows_written = rows_before
             try:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
@@ -270,9 +290,10 @@ class Store(StatusRules):
                 self.last_error = str(exc)
                 raise StoreError(classify(exc), str(exc))
             raise
+        finally:
+            self._grouped = False
         self.commits += 1
         self.last_commit_at = time.time()
-        return out
 
     # ----- results -------------------------------------------------------------------------
     @staticmethod

@@ -538,6 +538,45 @@ def test_end_of_a_just_stored_result_is_answered_by_the_gateway_alone(shared, de
 
 
 @on_both_stores
+def test_chunks_waiting_together_share_one_commit_and_each_credit_still_follows_it(shared, dealer):
+    """Group commit: chunks that reach the writer in one batch are committed in one transaction.
+    A window of small chunks sent at once makes such batches; every credit still arrives only once
+    its chunk's rows are visible to another connection, and the rows are exactly the ones sent."""
+    rid, nchunks, per = f"grouped-{time.monotonic_ns()}", 48, 10
+    before = inspect(shared, "writer")
+    r = dealer.rt(begin(rid, nchunks * per, nchunks))
+    window, pending, unacked = r["credit"], list(range(nchunks)), set()
+    conn = db(shared)
+    try:
+        while pending or unacked:
+            while pending and len(unacked) < window:
+                seq = pending.pop(0)
+                base = seq * per
+                dealer.send(chunk(rid, seq, {"timestamp": list(range(base, base + per)),
+                                             "pnl": [float(seq)] * per}))
+                unacked.add(seq)
+            r = dealer.recv(20)
+            assert r is not None and r["type"] == "credit", r
+            unacked.discard(r["seq"])
+            got = conn.execute("SELECT count(*) FROM backtest_trade_logs WHERE request_id = ? AND seq = ?",
+                               (rid, r["seq"])).fetchone()[0]
+            assert got == per, f"credit for seq {r['seq']} before its rows were committed ({got})"
+        assert dealer.rt({"type": "end", "request_id": rid})["type"] == "stored"
+        assert conn.execute("SELECT count(*), count(DISTINCT timestamp), sum(pnl) FROM backtest_trade_logs "
+                            "WHERE request_id = ?", (rid,)).fetchone() == \
+            (nchunks * per, nchunks * per, float(sum(range(nchunks)) * per))
+    finally:
+        conn.close()
+    after = inspect(shared, "writer")
+    grouped = after["grouped_chunks"] - before["grouped_chunks"]
+    groups = after["group_commits"] - before["group_commits"]
+    assert groups >= 1 and grouped >= 2 * groups, (before, after)
+    # fewer commits than chunks (begin and the periodic stale sweeps commit too): grouped ones shared
+    assert after["commits"] - before["commits"] < nchunks, (before, after)
+    assert after["group_failures"] == before["group_failures"]
+
+
+@on_both_stores
 def test_resend_after_stored_is_idempotent(shared):
     rid, n = "rs-after", 30_000
     cols = synthetic_columns(n, seed=5, strategy="Rs")

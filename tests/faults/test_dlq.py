@@ -302,6 +302,29 @@ def test_spool_full_answers_unavailable_and_the_producers_retry_succeeds_after_c
     assert_exact(d2.db_path, rid, cols, total_chunks=len(ranges))
 
 
+# ----- a group commit that fails --------------------------------------------------------------------------
+def test_a_failed_group_commit_spools_each_chunk_alone_and_all_of_them_land(make_daemon):
+    """Small chunks reaching the writer together are committed as one group; when the database is
+    locked, the group rolls back and each chunk goes its own way: written alone, and spooled alone
+    when that fails too. Every chunk is one dlq item, none is lost or doubled, all land after."""
+    d = make_daemon({"dlq": dict(FAST_RETRY, max_attempts=1000)})
+    cols = synthetic_columns(480, seed=17)
+    with exclusive_lock(d.db_path) as release:
+        with Producer(d.gateway_endpoint, timeout_s=30, max_chunk_rows=10) as p:
+            reply = p.send_result("lock-grouped", "S1", cols)
+        assert reply["type"] == "stored" and reply["location"] == "dlq", reply
+        writer = d.admin("inspect", {"actor": "writer"})["state"]
+        assert writer["group_failures"] >= 1 and writer["group_commits"] == 0, writer
+        items = dlq_items(d)
+        assert sorted(it["seq"] for it in items) == list(range(48)), items   # one item per chunk
+        assert rows_of(d.db_path, "lock-grouped")["rows"] == 0
+        release()
+    wait_complete(d, "lock-grouped", 30)
+    wait_dlq_empty(d, 15)
+    assert_exact(d.db_path, "lock-grouped", cols, total_chunks=48)
+    assert "group_commit_failed" in d.log()
+
+
 # ----- kill -9 with items spooled -----------------------------------------------------------------------
 def test_kill9_of_the_dlq_actor_with_items_spooled_loses_nothing(make_daemon):
     d = make_daemon({"dlq": dict(FAST_RETRY, max_attempts=1000)})

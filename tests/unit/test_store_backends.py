@@ -113,6 +113,53 @@ def test_packed_columns_store_every_value_across_copy_blocks(store, cfg):
     assert len(got) == n and got == want
 
 
+def test_a_group_commits_its_chunks_together_and_only_at_its_end(store, cfg):
+    """Group commit (the writer's batches): several chunks, one transaction. Nothing is visible to
+    another connection before the block ends; afterwards all of it is, with one commit counted."""
+    m, other = meta(), meta("o", total=1, chunks=1)
+    commits = store.commits
+    with store.group():
+        assert store.write_chunk(m, 0, chunk(3), 3) == "receiving"
+        assert store.write_chunk(other, 0, chunk(1), 1) == "complete"
+        assert store.write_chunk(m, 1, chunk(2, 3), 2) == "complete"   # sees its own group's chunk 0
+        assert store.write_chunk(m, 1, chunk(2, 3), 2) == "duplicate"
+        assert rows(cfg) == 0 and rows(cfg, "o") == 0
+    assert store.commits == commits + 1
+    assert rows(cfg) == 5 and rows(cfg, "o") == 1 and store.rows_written == 6
+    assert store.lookup("r")["status"] == "complete" and store.lookup("o")["status"] == "complete"
+
+
+def test_a_failed_group_leaves_nothing_behind(store, cfg):
+    """A failure anywhere in a group rolls every chunk of it back: no rows, no chunk records, no
+    result rows, rows_written as before; the same chunks then land as if never tried."""
+    m = meta()
+    store.write_chunk(meta("x", total=1, chunks=1), 0, chunk(1), 1)
+    before = store.rows_written
+    with pytest.raises(RuntimeError):
+        with store.group():
+            store.write_chunk(m, 0, chunk(3), 3)
+            store.write_chunk(m, 1, chunk(2, 3), 2)
+            raise RuntimeError("the third chunk failed")
+    assert store.rows_written == before and rows(cfg) == 0
+    assert q(cfg, "SELECT count(*) FROM backtest_chunks WHERE request_id = 'r'") == [(0,)]
+    assert store.lookup("r") is None
+    assert store.write_chunk(m, 0, chunk(3), 3) == "receiving"
+    assert store.write_chunk(m, 1, chunk(2, 3), 2) == "complete" and rows(cfg) == 5
+
+
+def test_a_store_error_in_a_group_rolls_it_back_and_the_store_goes_on(store, cfg):
+    """A database error inside a group surfaces as StoreError and rolls the group back; the next
+    write commits normally."""
+    m = meta()
+    with pytest.raises(StoreError):
+        with store.group():
+            store.write_chunk(m, 0, chunk(3), 3)
+            run_in_tx = getattr(store, "_run", None) or store._tx   # PostgreSQL's / SQLite's
+            run_in_tx(lambda conn: conn.execute("SELECT * FROM no_such_table"))
+    assert rows(cfg) == 0 and store.lookup("r") is None
+    assert store.write_chunk(m, 0, chunk(3), 3) == "receiving" and rows(cfg) == 3
+
+
 def test_duplicate_chunk_never_duplicates_rows(store, cfg):
     m = meta()
     store.write_chunk(m, 0, chunk(3), 3)
