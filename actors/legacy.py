@@ -33,6 +33,7 @@ import re
 import threading
 import time
 
+import numpy as np
 import zmq
 
 from pairlane import codec, sexpr
@@ -46,6 +47,12 @@ from .base import PairlaneActor
 from .messages import Inbound, LegacyResult, LegacyWritten, Outbound
 from .zap import address_filter
 
+# Rows in one legacy chunk. Every chunk costs fixed Thespian hops and writer work, and the writer
+# idles a round trip between big chunks (one at a time there); a small native result waits for at
+# most one. Measured with the faster parse, interleaved, 4 rounds of 5 messages each (busy 2-core
+# machine): 2560 rows 179k trades/s, small results alongside p50 27.7 ms, p99 67 ms; 3072 181k,
+# 27.8 / 56 ms; 4096 190k, 32.0 / 70 ms. Streaming 10 messages: 4096 +10-20% trades/s, p99 +5-10 ms;
+# 5120 and 8192 faster still, p99 +10-30 ms. Larger chunks buy a few % at the small results' cost.
 ROWS_PER_CHUNK = 2560
 # legacy chunks handed to the assembler at once (it lets one big chunk at a time wait at the writer,
 # so small native results never queue behind more than one)
@@ -67,6 +74,32 @@ def guess_request_id(data: bytes) -> str | None:
     """The request_id a message seems to carry, for the log line of one that cannot be read."""
     m = _RID_GUESS.search(data[-4096:]) or _RID_GUESS.search(data[:4096])
     return m.group(1).decode("ascii") if m else None
+
+
+def wire_arrays(cols: dict) -> dict:
+    """`cols` with each numeric column whose values are all ints (int columns) or all ints and floats
+    (float columns) turned into a little-endian array, once: the chunk encoder then sends slices of it
+    as they are (no per-chunk list-to-array conversion) and the check reads it as a bin. A column
+    holding None, another type, or an int beyond int64 stays a list (and codec.check_columns judges
+    it as before)."""
+    out = dict(cols)
+    for name, values in cols.items():
+        kind = codec.COLUMN_KINDS.get(name)
+        if kind not in ("int", "float") or not isinstance(values, list) or not values:
+            continue
+        types = set(map(type, values))
+        if not types <= ({int} if kind == "int" else {int, float}):
+            continue
+        try:
+            out[name] = np.array(values, dtype="<i8" if kind == "int" else "<f8")
+        except OverflowError:
+            pass
+    return out
+
+
+def check_wire_columns(cols: dict, rid: str | None) -> int:
+    """codec.check_columns over `wire_arrays` output (arrays checked as the bins they become)."""
+    return codec.check_columns({k: v.tobytes() if isinstance(v, np.ndarray) else v for k, v in cols.items()}, rid)
 
 
 def strip_oos(name: str, suffix: str) -> tuple[str, bool]:
@@ -95,6 +128,11 @@ class Legacy(PairlaneActor):
         self.sock = self.bind_socket(zmq.PULL, g["legacy_endpoint"], MAXMSGSIZE=self.max_bytes, RCVHWM=4,
                                      **secure)
         self.results: queue.Queue = queue.Queue()
+        # the parse thread writes a byte here when it is done, so the loop collects at once (not at
+        # the next poll); never closed: a thread still parsing at stop must not write to a reused fd
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
         self.held: bytes | None = None            # taken off the socket, not yet spooled (disk full)
         self.current: dict | None = None          # the spooled message being handled
         self.parsing: dict | None = None          # {"started": t, "bytes": n}
@@ -106,7 +144,8 @@ class Legacy(PairlaneActor):
 
     def watch_fds(self) -> list:
         zap = self.zap.fds if self.zap and not self._stopping else []
-        return zap + ([self.sock.FD] if self._room() else [])
+        wake = [self.wake_r] if self.parsing is not None and not self._stopping else []
+        return zap + wake + ([self.sock.FD] if self._room() else [])
 
     def _room(self) -> bool:
         return (not self._stopping and self.held is None and len(self.spool) < SPOOL_MAX_ITEMS
@@ -126,6 +165,13 @@ class Legacy(PairlaneActor):
 
     # ----- intake: socket -> spool ----------------------------------------------------------------
     def on_readable(self, fds) -> None:
+        if self.wake_r in fds:
+            try:
+                while os.read(self.wake_r, 64):
+                    pass
+            except BlockingIOError:
+                pass
+            self._collect()
         self._intake()
         self._next()
 
@@ -220,6 +266,10 @@ class Legacy(PairlaneActor):
             self.results.put(("error", str(exc), guess_request_id(data)))
         except Exception as exc:  # never let a parser bug kill the thread silently
             self.results.put(("error", f"{type(exc).__name__}: {exc}", guess_request_id(data)))
+        try:
+            os.write(self.wake_w, b"\0")
+        except OSError:   # full (the loop is behind: it collects anyway) or gone
+            pass
 
     def _collect(self) -> None:
         if self.parsing is None:
@@ -295,8 +345,9 @@ class Legacy(PairlaneActor):
             kinds = cols.get("oos_kind")
             cols = dict(cols, oos_kind=[OOS_KIND] * r.total_trades if kinds is None
                         else [OOS_KIND if k is None else k for k in kinds])
+        cols = wire_arrays(cols)
         try:
-            n = codec.check_columns(cols, rid)
+            n = check_wire_columns(cols, rid)
         except codec.ProtocolError as exc:
             return self._done("rejected_bad_trades", rid, name, why="bad_trades", detail=f"request {rid}: {exc.message}")
         bounds = [(i, min(n, i + ROWS_PER_CHUNK)) for i in range(0, n, ROWS_PER_CHUNK)] or [(0, 0)]

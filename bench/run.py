@@ -3,8 +3,9 @@
 Owns: starting a throwaway daemon on free ports in a temp dir, measuring
 ingest through it (send -> stored) beside the floors (plain msgpack decode of
 the same frames; plain sqlite3 executemany of the same rows into a fresh
-database with the same schema and indexes, same pragmas), daemon RSS growth
-during a large result, the legacy S-expression path, small-result latency
+database with the same schema and indexes, same pragmas), a large result (5M
+trades unless --big says otherwise; throughput against the 100k figure and
+daemon RSS growth, with a progress line while it runs), the legacy S-expression path, small-result latency
 while a legacy parse runs, and pair evaluation; and pairlane against the peer
 (bench/peer.py, a single-process ROUTER + sqlite3 receiver run as a process of
 its own) in the same run, interleaved, with the same Producer: 1,000-row,
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 import msgpack
+import numpy as np
 import zmq
 
 
@@ -122,14 +124,50 @@ def drop_floor_rows(url: str, rids: list[str]) -> None:
         conn.execute("DELETE FROM backtest_trade_logs WHERE request_id = ANY(%s)", (rids,))
 
 
-def send_one(endpoint: str, rid: str, cols: dict, max_bytes: int) -> float:
+def send_one(endpoint: str, rid: str, cols: dict, max_bytes: int, progress=None) -> float:
     from pairlane.client import Producer
     with Producer(endpoint, timeout_s=60, max_message_bytes=max_bytes) as p:
         t = time.perf_counter()
-        reply = p.send_result(rid, f"bench-{rid}", cols)
+        reply = p.send_result(rid, f"bench-{rid}", cols, progress=progress)
         dt = time.perf_counter() - t
     assert reply.get("type") == "stored", reply
     return dt
+
+
+LEGACY_TPS_TARGET = 200_000      # issue 16: the legacy 100k-trade S-expression, trades/s
+LEGACY_SMALL_P99_TARGET_MS = 50  # ... with small results alongside at this p99
+BIG_BLOCK = 500_000   # trades generated at a time for the large result
+
+
+def big_columns(n: int, seed: int = 2, block: int = BIG_BLOCK) -> dict:
+    """`n` synthetic trades (pairlane.synthetic.result_columns' shape), built `block` trades at a time
+    into arrays allocated once: the generator's temporaries are those of one block, not of all `n`
+    (5M trades at once peak at about 1 GiB in this process; this way about half that). Timestamps keep
+    rising across blocks; one timeframe for the whole result, as for one strategy."""
+    from pairlane.synthetic import result_columns
+    out: dict = {}
+    ts_next = 1_700_000_000
+    for k, a in enumerate(range(0, n, block)):
+        b = min(n, a + block)
+        part = result_columns(b - a, seed=seed + 7919 * k, start_ts=ts_next)
+        if k == 0:
+            for name, v in part.items():
+                out[name] = np.empty(n, dtype=v.dtype) if isinstance(v, np.ndarray) else [None] * n
+            timeframe = part["timeframe"][0]
+        part["timeframe"][:] = timeframe
+        for name, v in part.items():
+            out[name][a:b] = v
+        ts_next = int(part["timestamp"][-1]) + 300
+        del part
+    return out
+
+
+def big_targets(tps: float, small_tps: float, growth_peak_mib: float) -> dict:
+    """Issue 16's targets for the large result: RSS growth < 64 MiB, throughput within 10% of the
+    100k-trade ingest figure of the same run."""
+    ratio = tps / small_tps if small_tps else None
+    return {"tps_ratio_vs_100k": ratio, "tps_ratio_target": 0.9, "rss_growth_target_mib": 64.0,
+            "tps_met": ratio is not None and ratio >= 0.9, "rss_met": growth_peak_mib < 64.0}
 
 
 def free_tcp_endpoint() -> str:
@@ -274,7 +312,8 @@ def main(argv: list[str]) -> int:
                                         "medians over --repeat runs.")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each small measurement (median)")
-    ap.add_argument("--big", type=int, default=1_000_000, help="trades in the large result (RSS check)")
+    ap.add_argument("--big", type=int, default=5_000_000,
+                    help="trades in the large result (throughput and daemon RSS growth; --quick skips it)")
     ap.add_argument("--small", type=int, default=100_000, help="trades in the ingest ratio result")
     ap.add_argument("--skip-big", action="store_true", help="skip the large result")
     ap.add_argument("--quiet", action="store_true")
@@ -368,27 +407,41 @@ def main(argv: list[str]) -> int:
                 peer.stop()
         # --- large result: RSS ----------------------------------------------------------------------------
         if not ns.skip_big:
-            progress(f"ingest {ns.big:,} trades (RSS)", ns.quiet)
-            big = synthetic_columns(ns.big, seed=2)
+            progress(f"generating {ns.big:,} trades", ns.quiet)
+            big = big_columns(ns.big, seed=2)
+            progress(f"ingest {ns.big:,} trades (throughput, RSS)", ns.quiet)
             pids = d.all_pids()
             before = _rss_bytes(pids)
             peak = [before]
+            acked = [0]
             stop = threading.Event()
 
             def sample():
-                while not stop.is_set():
+                t0 = last = time.monotonic()
+                while not stop.wait(0.05):
                     peak[0] = max(peak[0], _rss_bytes(d.all_pids()))
-                    time.sleep(0.05)
+                    now = time.monotonic()
+                    if now - last >= 5.0:   # a progress line while it runs
+                        last = now
+                        progress(f"{ns.big:,} trades: {acked[0]:,} stored ({100 * acked[0] / ns.big:.0f}%), "
+                                 f"{acked[0] / (now - t0):,.0f}/s, RSS growth peak "
+                                 f"{(peak[0] - before) / 2**20:.1f} MiB", ns.quiet)
             th = threading.Thread(target=sample, daemon=True)
             th.start()
-            dt = send_one(ep, f"big-{run}", big, max_bytes)
-            stop.set()
-            th.join()
+            try:
+                dt = send_one(ep, f"big-{run}", big, max_bytes,
+                              progress=lambda done, total: acked.__setitem__(0, done))
+            finally:
+                stop.set()
+                th.join()
             after = _rss_bytes(d.all_pids())
-            out["large"] = {"trades": ns.big, "pairlane_tps": ns.big / dt, "rss_before_bytes": before,
+            out["large"] = {"trades": ns.big, "pairlane_tps": ns.big / dt, "seconds": dt,
+                            "rss_before_bytes": before,
                             "rss_after_bytes": after, "rss_peak_bytes": peak[0],
                             "rss_growth_peak_mib": (peak[0] - before) / 2**20,
                             "rss_growth_after_mib": (after - before) / 2**20}
+            out["large"].update(big_targets(ns.big / dt, out["ingest"]["pairlane_send_to_stored_tps"],
+                                            out["large"]["rss_growth_peak_mib"]))
             del big
         if ns.store:   # the legacy path and pair evaluation do not depend on the store
             finished = True
@@ -437,7 +490,8 @@ def main(argv: list[str]) -> int:
                          "small_results_during": len(lat),
                          "small_latency_p50_ms": 1000 * lat[len(lat) // 2],
                          "small_latency_p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
-                         "small_latency_max_ms": 1000 * lat[-1]}
+                         "small_latency_max_ms": 1000 * lat[-1],
+                         "tps_target": LEGACY_TPS_TARGET, "small_latency_p99_target_ms": LEGACY_SMALL_P99_TARGET_MS}
         # --- pairs ------------------------------------------------------------------------------------------
         progress("pair evaluation", ns.quiet)
         out["pairs"] = {f"strategies_{k}_seconds": statistics.median(pairs.bench(k, seed=s) for s in range(ns.repeat))
@@ -485,14 +539,19 @@ def _report(out: dict, ns) -> int:
                   f"peer p50 {v['peer_p50_ms']:.2f} ms p99 {v['peer_p99_ms']:.2f} ms; p50 ratio {v['p50_ratio']:.2f}x")
     if "large" in out:
         lg = out["large"]
-        print(f"large result {lg['trades']:,} trades: {lg['pairlane_tps']:,.0f} trades/s; daemon RSS growth "
-              f"peak {lg['rss_growth_peak_mib']:.1f} MiB, after {lg['rss_growth_after_mib']:.1f} MiB (target < 64)")
+        print(f"large result {lg['trades']:,} trades: {lg['pairlane_tps']:,.0f} trades/s, "
+              f"{lg['tps_ratio_vs_100k']:.2f}x the {ing['trades']:,}-trade figure "
+              f"(target >= {lg['tps_ratio_target']:.2f}: {'met' if lg['tps_met'] else 'NOT met'})")
+        print(f"  daemon RSS growth peak {lg['rss_growth_peak_mib']:.1f} MiB, after "
+              f"{lg['rss_growth_after_mib']:.1f} MiB (target < {lg['rss_growth_target_mib']:.0f}: "
+              f"{'met' if lg['rss_met'] else 'NOT met'})")
     if "legacy" not in out:
         return 0
     le = out["legacy"]
-    print(f"legacy 100k-trade S-expression: {le['tps_median']:,.0f} trades/s (target >= 50,000)")
+    print(f"legacy 100k-trade S-expression: {le['tps_median']:,.0f} trades/s (target >= {LEGACY_TPS_TARGET:,})")
     print(f"  small results alongside: {le['small_results_during']}, p50 {le['small_latency_p50_ms']:.1f} ms, "
-          f"p99 {le['small_latency_p99_ms']:.1f} ms (target < 100), max {le['small_latency_max_ms']:.1f} ms")
+          f"p99 {le['small_latency_p99_ms']:.1f} ms (target < {LEGACY_SMALL_P99_TARGET_MS}), "
+          f"max {le['small_latency_max_ms']:.1f} ms")
     pr = out["pairs"]
     print(f"pairs: 500 strategies {pr['strategies_500_seconds']:.3f} s (target < 1), "
           f"2000 strategies {pr['strategies_2000_seconds']:.3f} s"

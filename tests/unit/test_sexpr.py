@@ -691,3 +691,20 @@ def test_non_finite_metric_strings_are_left_out():
 def test_truncated_only_for_a_present_shorter_list(tail, truncated):
     r = both(b'((request_id . "R") ' + tail + b")")
     assert r.truncated is truncated
+
+
+TIER1_PNL = [b"1.", b".5", b"-.5", b"+2", b"1.e5", b"1.5E-7", b"0", b"-0.0", b"12.", b"3e0", b"-7", b"+.25e+2"]
+
+
+def test_tier1_reads_every_pnl_spelling_like_the_generic_reader():
+    # odd spacing, upper-case keys, a pnl's own '.' next to the dot token: the tier-1 value scan
+    # must pick exactly ts, pnl, ts, pnl, ... out of the run
+    trades = b" ".join(b"(\n( TIMESTAMP  .\t%d )( pnl . %s\n) )" % (i, p) for i, p in enumerate(TIER1_PNL))
+    data = b'((request_id . "R") (trade_list . (' + trades + b" ((timestamp . 99) (pnl . 1.)))))"
+    tok = data.index(b"(trade_list . (") + len(b"(trade_list . (")
+    block, end = sexpr._tier1(data, tok)
+    assert block.n == len(TIER1_PNL) + 1 and data[end:end + 1] == b")"
+    assert block.cols["pnl"] == [float(p) for p in TIER1_PNL] + [1.0]
+    r = both(data)
+    assert r.columns["pnl"] == [float(p) for p in TIER1_PNL] + [1.0]
+    assert r.columns["timestamp"] == list(range(len(TIER1_PNL))) + [99]
