@@ -132,8 +132,7 @@ class Writer(PairlaneActor):
         """A chunk whose every effect waits for the batch's end (its answers go with WriterBatchDone)
         and that needs no status change of its own first."""
         return (isinstance(item, WriteChunk) and item.item_id is None and item.reply_to == sender
-                and (not item.record or getattr(self.store, "RECORDS_WITH_CHUNK", False))
-                and hasattr(self.store, "group"))
+                and (not item.record or getattr(self.store, "RECORDS_WITH_CHUNK", False)))
 
     def _write_group(self, run: tuple, sender) -> None:
         """Group commit: several chunks in one transaction, one COMMIT (one fsync). Each chunk's
@@ -141,24 +140,24 @@ class Writer(PairlaneActor):
         fails, nothing of it was written: what it queued is taken back and each chunk is written in
         a transaction of its own, so a chunk the database does not take goes to the dlq alone."""
         replies, answers = len(self._batch_replies), len(self._batch_answers)
-        outer, self.metrics = self.metrics, MetricBatch()
+        outer, self.metrics = self.metrics, MetricBatch()   # the group's own, kept only if it commits
+        failed = None
         try:
             with self.store.group():
                 for w in run:
                     self._write_chunk(w, sender, grouped=True)
         except StoreError as exc:
+            failed = exc
+        finally:
+            grouped, self.metrics = self.metrics, outer
+        if failed is not None:
             del self._batch_replies[replies:]
             del self._batch_answers[answers:]
-            self.metrics = outer
             self.group_failures += 1
-            self.log("INFO", "group_commit_failed", chunks=len(run), reason=exc.reason, error=exc)
+            self.log("INFO", "group_commit_failed", chunks=len(run), reason=failed.reason, error=failed)
             for w in run:
                 self._write_chunk(w, sender)
             return
-        except BaseException:
-            self.metrics = outer
-            raise
-        grouped, self.metrics = self.metrics, outer
         outer.absorb(grouped)
         self.group_commits += 1
         self.grouped_chunks += len(run)

@@ -16,7 +16,6 @@ Never used from more than one thread at a time (PgStoreView serializes its calle
 from __future__ import annotations
 
 import contextlib
-
 import threading
 import time
 from urllib.parse import urlsplit, urlunsplit
