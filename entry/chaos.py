@@ -52,6 +52,7 @@ class Traffic:
     prefix: str = "chaos"
     pause_s: float = 0.0        # rest between two results of one producer (a steady rate for soaks)
     log_uniform: bool = False   # sizes log-uniform over min..max (mostly small, some large) instead of uniform
+    max_chunk_rows: int | None = None   # rows per chunk at most (small chunks: the writer commits them in groups)
     sent: dict = field(default_factory=dict)      # request_id -> trades (every result attempted)
     stored: dict = field(default_factory=dict)    # request_id -> (trades, reply)
     errors: dict = field(default_factory=dict)    # request_id -> error text (no promise was made)
@@ -71,7 +72,8 @@ class Traffic:
     def _run(self, i: int) -> None:
         rng = random.Random(self.seed * 1000 + i)
         k = 0
-        with Producer(self.endpoint, timeout_s=self.timeout_s, retries=self.retries) as p:
+        shape = {} if self.max_chunk_rows is None else {"max_chunk_rows": self.max_chunk_rows}
+        with Producer(self.endpoint, timeout_s=self.timeout_s, retries=self.retries, **shape) as p:
             while not self._stop.is_set():
                 if self.log_uniform:
                     n = int(round(math.exp(rng.uniform(math.log(max(1, self.min_trades)),
