@@ -696,15 +696,17 @@ def test_live_trades_pass_through():
 
 
 # ----- the bulk window towards the writer ------------------------------------------------------------
-def test_one_big_chunk_at_the_writer_at_a_time():
-    w = World()
-    w.begin("R", chunks=3, trades=3 * 2000)
-    w.chunk("R", 0, nrows=2000)
-    w.chunk("R", 1, nrows=2000)
-    w.chunk("R", 2, nrows=5)
-    assert [x.seq for x in w.pending] == [0, 2]        # a small chunk passes the big one waiting
+def test_at_most_bulk_window_big_chunks_at_the_writer():
+    n = lc.BULK_WINDOW + 1
+    w = World(credit=n + 1)
+    w.begin("R", chunks=n + 1, trades=n * 2000 + 5)
+    for seq in range(n):
+        w.chunk("R", seq, nrows=2000)
+    w.chunk("R", n, nrows=5)
+    # a small chunk passes the big one waiting
+    assert [x.seq for x in w.pending] == list(range(lc.BULK_WINDOW)) + [n]
     w.durable(0)
-    assert [x.seq for x in w.pending] == [2, 1]
+    assert [x.seq for x in w.pending] == list(range(1, lc.BULK_WINDOW)) + [n, n - 1]
 
 
 # ----- invariants over random event orders -----------------------------------------------------------
@@ -1124,23 +1126,25 @@ def test_leases_lost_with_their_session_are_taken_again_and_assembly_goes_on():
 
 
 def test_lease_another_daemon_took_meanwhile_stops_assembly_here_and_sends_the_producer_elsewhere():
-    w = World(claims=True)
-    w.begin("R", chunks=3, trades=3 * 2000)
+    w = World(claims=True, credit=lc.BULK_WINDOW + 2)
+    last = lc.BULK_WINDOW + 1                    # chunks 1..BULK_WINDOW at the writer, `last` waiting
+    w.begin("R", chunks=last + 1, trades=(last + 1) * 2000)
     w.chunk("R", 0, nrows=2000)
     w.durable()                                  # acknowledged: durable in the shared store
-    w.chunk("R", 1, nrows=2000)                  # at the writer
-    w.chunk("R", 2, nrows=2000)                  # waiting for the bulk window
+    for seq in range(1, last + 1):
+        w.chunk("R", seq, nrows=2000)
     w.mine.clear()
     w.others.add("R")                            # the other daemon's producer began R there meanwhile
     r = only(w.send(lc.LeasesLost()))
     assert r["code"] == "unavailable" and r["retry_after_s"] > 0 and "another pairlane daemon" in r["message"]
     assert "R" not in w.lc.reqs and w.lc.leases == set() and not w.lc.bulk_waiting
-    assert ("R", 2) in w.released                # never sent to the writer
-    assert w.durable() == [] and ("R", 1) in w.released   # written (once, as any duplicate), never credited
-    assert w.db["R"]["chunks"] == {0: 2000, 1: 2000} and w.db["R"]["status"] == ResultStatus.RECEIVING
+    assert ("R", last) in w.released             # never sent to the writer
+    at_writer = range(1, last)
+    assert w.durable_all() == [] and all(("R", s) in w.released for s in at_writer)   # written, never credited
+    assert w.db["R"]["chunks"] == {s: 2000 for s in range(last)} and w.db["R"]["status"] == ResultStatus.RECEIVING
     assert not any(isinstance(e, (lc.SetStatus, lc.Unclaim)) and e.request_id == "R" for e in w.effects)
-    assert code(w.chunk("R", 2, nrows=2000)) == "unknown_request"
-    assert code(w.begin("R", chunks=3, trades=3 * 2000)) == "busy"
+    assert code(w.chunk("R", last, nrows=2000)) == "unknown_request"
+    assert code(w.begin("R", chunks=last + 1, trades=(last + 1) * 2000)) == "busy"
 
 
 def test_leases_not_retaken_while_the_store_is_down_are_claimed_at_each_tick():
