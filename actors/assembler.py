@@ -27,30 +27,19 @@ from .messages import (BeginRequest, ChunkDurable, ChunkRejected, Inbound, Inbou
 
 MAX_REPLY_TARGETS = 1000
 MAX_REPLY_ACTORS = 16           # addresses of the actors legacy producers speak through (restarts make new ones)
-# WriterBatches at the writer at once: the big chunks the lifecycle lets go (BULK_WINDOW, each alone
-# in its batch) and two batches of small work, which the writer's queue takes before big chunks
-WRITER_WINDOW = lc.BULK_WINDOW + 2
+WRITER_WINDOW = 2               # WriterBatches at the writer at once: one handled, the next one waiting
 BATCH_MAX_ITEMS = 32            # writer messages in one WriterBatch
-
-
-def is_big(msg) -> bool:
-    """A chunk the writer's queue treats as big (actors/writer.job_of): it goes in a WriterBatch alone,
-    so the small work around it can go before it there."""
-    return isinstance(msg, (WriteChunk, WriteLive)) and msg.nrows > lc.BULK_ROWS
 
 
 def batch_length(outbox: list, max_items: int, max_bytes: int) -> int:
     """How many of outbox's first messages go in the next WriterBatch: at most max_items, and no more
-    chunk bytes (`raw`) than max_bytes, except that the first message always goes; a big chunk goes
-    alone."""
+    chunk bytes (`raw`) than max_bytes, except that the first message always goes."""
     n, size = 0, 0
     for msg in outbox:
         size += len(getattr(msg, "raw", b"") or b"")
-        if n and (n >= max_items or size > max_bytes or is_big(msg)):
+        if n and (n >= max_items or size > max_bytes):
             break
         n += 1
-        if is_big(msg):
-            break
     return n
 
 

@@ -4,39 +4,18 @@ Owns: committing chunks, live trades, result statuses and pair slots through
 `pairlane.store`, answering the assembler's lookups, and routing every batch
 the database does not take to the dlq actor (or, when there is none, telling
 the producer `unavailable`). A chunk's raw frame is decoded here, once, right
-before its rows are inserted. Never retries or sleeps (the busy timeout is
-short; the dlq retries).
-
-Two threads. The actor's own thread only takes messages, queues them and sends
-what the work produced; the database thread does the work (`WriterCore`), one
-message at a time, taking from a `pairlane.workqueue.WorkQueue`: small work
-(a 10-trade result, a status change, a lookup) goes before big chunks of other
-requests, never before earlier work of its own request. So the assembler can
-keep several big chunks here (no idle round trip between them) without making
-small results wait behind them. The database thread wakes the actor through a
-pipe; a message it has worked on longer than the writer's heartbeat deadline
-crashes the actor, so a hung database is still restarted by the supervisor.
+before its rows are inserted. Never retries or sleeps in a handler (the
+busy timeout is short; the dlq retries), so it always meets its heartbeat.
 """
 from __future__ import annotations
 
-import collections
-import os
-import sys
-import threading
 import time
-import traceback
 
 from pairlane import codec
-from pairlane.lifecycle import BULK_ROWS
 from pairlane.metrics import MetricBatch
 from pairlane.store import StoreError
 from pairlane.stores import backend, open_store
 from pairlane.vocab import ResultStatus, WriteOutcome
-
-from pairlane.supervision import stacks
-from pairlane.supervision.log import log
-from pairlane.supervision.worker import CRASH_EXIT_CODE
-from pairlane.workqueue import Job, WorkQueue
 
 from .base import PairlaneActor
 from .messages import (BeginRequest, ChunkDurable, ChunkRejected, LegacyResult, LegacyWritten,
@@ -45,55 +24,16 @@ from .messages import (BeginRequest, ChunkDurable, ChunkRejected, LegacyResult, 
                        WriterBatchDone)
 
 MAX_DEFERRED = 10000
-SWITCH_INTERVAL_S = 0.001   # the actor's thread gets the GIL back from the database thread within 1 ms
-TICK = "writer.tick"        # the database thread's per-heartbeat work (WriterCore.tick)
 
 
-def job_of(msg, sender, big_rows: int) -> Job:
-    """The queue's view of a message: the keys it stays in order with, and whether it is big (a chunk
-    of more than big_rows rows, or a batch holding one). A message it does not know is a barrier."""
-    if isinstance(msg, WriterBatch):
-        keys: set = set()
-        big = False
-        for item in msg.items:
-            sub = job_of(item, sender, big_rows)
-            if sub.keys is None:
-                return Job((msg, sender), None, big or sub.big)
-            keys |= sub.keys
-            big = big or sub.big
-        return Job((msg, sender), frozenset(keys), big)
-    if isinstance(msg, (WriteChunk, BeginRequest)):
-        return Job((msg, sender), frozenset({("r", msg.meta["request_id"])}),
-                   isinstance(msg, WriteChunk) and msg.nrows > big_rows)
-    if isinstance(msg, WriteLive):
-        return Job((msg, sender), frozenset({("l", msg.batch_id)}), msg.nrows > big_rows)
-    if isinstance(msg, (Lookup, SetStatus)):
-        return Job((msg, sender), frozenset({("r", msg.request_id)}))
-    if isinstance(msg, LegacyResult):
-        return Job((msg, sender), frozenset({("r", msg.meta["request_id"])}))
-    if isinstance(msg, ReplaceSlots):
-        return Job((msg, sender), frozenset({("slots",)}))
-    if msg == TICK:   # retries of deferred changes were never ordered with anything
-        return Job((msg, sender), frozenset())
-    return Job((msg, sender), None)   # SweepStale, and anything new: in order with everything
-
-
-class WriterCore:
-    """Everything the writer does with the database, run on the writer's database thread, one
-    message at a time. It sends nothing itself: what it would send is recorded in `out`, in order, and
-    the actor sends it once the message is handled (only the actor's thread uses Thespian)."""
-
+class Writer(PairlaneActor):
     _batch_to = None              # the WriterBatch's sender while one is handled
+    _batch_replies: list = []     # what send_ordered held back for it meanwhile
+    _batch_answers: list = []     # producer answers for the gateway, sent right after WriterBatchDone
 
-    def __init__(self, config: dict, peer, name: str):
-        self.config = config
-        self.peer = peer              # name -> address, read from the actor's directory
-        self.name = name
-        self.out: list = []           # (address, or an actor's name, message) for the actor to send
-        self.metrics = MetricBatch()
-        self._batch_replies: list = []     # what send_ordered held back for the batch's sender meanwhile
-        self._batch_answers: list = []     # producer answers for the gateway, sent right after WriterBatchDone
-        self.sizes: dict = {}              # file_sizes() as of the last tick (PostgreSQL's is a query)
+    def on_start(self) -> None:
+        self._batch_replies = []
+        self._batch_answers = []
         self.store = open_store(self.config)
         self.deferred: list = []       # status changes that failed: retried every tick
         self.spooled = 0
@@ -106,14 +46,16 @@ class WriterCore:
             self.store.open()
         except StoreError as exc:
             self.log("ERROR", "store_open_failed", error=exc, reason=exc.reason)
-        self.sizes = self.store.file_sizes()
+
+    def on_stop(self) -> None:
+        self.store.close()
 
     def inspect(self) -> dict:
         st = self.store
         return {"rows_written": st.rows_written, "commits": st.commits, "last_commit_at": st.last_commit_at,
                 "last_error": st.last_error, "failures": self.failures, "spooled_batches": self.spooled,
                 "rejected_batches": self.rejected, "deferred_status_changes": len(self.deferred),
-                "db_bytes": self.sizes, "path": st.path, "max_bytes": st.max_bytes,
+                "db_bytes": st.file_sizes(), "path": st.path, "max_bytes": st.max_bytes,
                 "backend": backend(self.config), "group_commits": self.group_commits,
                 "grouped_chunks": self.grouped_chunks, "group_failures": self.group_failures}
 
@@ -121,18 +63,10 @@ class WriterCore:
         if self._batch_to is not None and addr == self._batch_to:
             self._batch_replies.append(msg)   # answered together once the batch is handled
         else:
-            self.out.append((addr, msg))
-
-    def tell(self, name: str, msg) -> None:
-        self.out.append((name, msg))
-
-    def log(self, level: str, event: str, **fields) -> None:
-        log(level, event, actor=self.name, **fields)
+            super().send_ordered(addr, msg)
 
     def on_message(self, msg, sender) -> None:
-        if msg == TICK:
-            self.tick()
-        elif isinstance(msg, WriterBatch):
+        if isinstance(msg, WriterBatch):
             self._batch_to, self._batch_replies, self._batch_answers = sender, [], []
             try:
                 self._handle_batch(msg.items, sender)
@@ -324,7 +258,6 @@ class WriterCore:
             return False
 
     def tick(self) -> None:
-        """Per heartbeat: retry deferred status changes, reopen a lost database, note its size."""
         if self.deferred:
             pending, self.deferred = self.deferred, []
             for i, change in enumerate(pending):
@@ -336,131 +269,3 @@ class WriterCore:
                 self.store.open()
             except StoreError:
                 pass
-        self.sizes = self.store.file_sizes()
-
-
-class Writer(PairlaneActor):
-    """The shell: queues each message for the database thread and sends what its work produced."""
-
-    def on_start(self) -> None:
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
-        self.core = WriterCore(self.config, self.peer, self.name)
-        self.big_rows = BULK_ROWS
-        self.queue = WorkQueue()
-        self.cv = threading.Condition()
-        self.done: collections.deque = collections.deque()   # (out, metrics) of finished work, in order
-        self.running: tuple | None = None                     # (job, monotonic start) on the database thread
-        self.closing = False
-        self.tick_queued = False
-        self.jobs_done = 0
-        # never closed: a database thread still working at stop must not write to a reused fd
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
-        self.deadline_s = self.spec.heartbeat_timeout_s or self.settings.heartbeat_timeout_s
-        self.thread = threading.Thread(target=self._db_thread, name="writer-db", daemon=True)
-        self.thread.start()
-
-    def watch_fds(self) -> list:
-        return [] if self._stopping else [self.wake_r]
-
-    def on_message(self, msg, sender) -> None:
-        self._put(job_of(msg, sender, self.big_rows))
-
-    def _put(self, job: Job) -> None:
-        job.put_at = time.monotonic()
-        with self.cv:
-            self.queue.put(job)
-            self.cv.notify()
-
-    def on_readable(self, fds) -> None:
-        if self.wake_r in fds:
-            try:
-                while os.read(self.wake_r, 4096):
-                    pass
-            except BlockingIOError:
-                pass
-        self._send_done()
-
-    def _send_done(self) -> None:
-        while True:
-            with self.cv:
-                if not self.done:
-                    return
-                out, metrics = self.done.popleft()
-            for target, msg in out:
-                if isinstance(target, str):
-                    self.tell(target, msg)
-                else:
-                    self.send_ordered(target, msg)
-            if metrics is not None:
-                self.metrics.absorb(metrics)
-
-    def on_tick(self) -> None:
-        self._send_done()   # what the database thread finished goes out, its metrics with this flush
-        super().on_tick()
-
-    def tick(self) -> None:
-        running = self.running
-        if running is not None and time.monotonic() - running[1] > self.deadline_s:
-            job, started = running
-            # as if the watchdog had found the actor silent: the supervisor restarts the writer, and
-            # whatever this work was, it was not acknowledged (its answers wait in `out` until it ends)
-            self.log("ERROR", "writer_db_stuck", seconds=round(time.monotonic() - started, 3),
-                     message=type(job.work[0]).__name__, deadline_s=self.deadline_s, stack=stacks.thread_stack(self.thread.ident))
-            raise RuntimeError(f"the database thread has worked on one message for over {self.deadline_s} s")
-        if not self.tick_queued:
-            self.tick_queued = True
-            self._put(job_of(TICK, None, self.big_rows))
-
-    def _db_thread(self) -> None:
-        core = self.core
-        while True:
-            with self.cv:
-                while not self.queue and not self.closing:
-                    self.cv.wait()
-                job = self.queue.take()
-                if job is None:   # closing, and nothing left
-                    return
-                self.running = (job, time.monotonic())
-            try:
-                core.on_message(*job.work)
-            except BaseException as exc:  # let it crash, as an exception in an actor's handler does
-                log("ERROR", "crash", actor=self.name, error=f"{type(exc).__name__}: {exc}",
-                    traceback=traceback.format_exc())
-                os._exit(CRASH_EXIT_CODE)
-            if job.work[0] == TICK:
-                self.tick_queued = False
-            out, core.out = core.out, []
-            metrics = None
-            if len(core.metrics):
-                metrics, core.metrics = core.metrics, MetricBatch()
-            with self.cv:
-                self.running = None
-                self.jobs_done += 1
-                if out or metrics is not None:
-                    self.done.append((out, metrics))
-            if out or metrics is not None:
-                try:
-                    os.write(self.wake_w, b"x")
-                except BlockingIOError:   # the pipe is full: the actor has wake-ups waiting already
-                    pass
-
-    def on_stop(self) -> None:
-        """Finish the work already queued (within the stop's time), send its answers, close."""
-        with self.cv:
-            self.closing = True
-            self.cv.notify()
-        budget = max(0.5, (self.spec.shutdown_s if self.spec else 5.0) - 1.0)
-        self.thread.join(budget)
-        self._send_done()
-        if not self.thread.is_alive():
-            self.core.store.close()
-
-    def inspect(self) -> dict:
-        running = self.running
-        with self.cv:
-            queued, big = len(self.queue), self.queue.big()
-        return dict(self.core.inspect(), queued=queued, queued_big=big, overtaken=self.queue.overtaken_total,
-                    jobs_done=self.jobs_done,
-                    running_s=None if running is None else round(time.monotonic() - running[1], 3))

@@ -15,10 +15,8 @@ import faulthandler
 import os
 import re
 import signal
-import sys
 import threading
 import time
-import traceback
 
 from . import procs
 
@@ -107,15 +105,6 @@ def ask(run_dir: str, name: str, pid: int, wait_s: float = 0.3) -> str:
             break
         seen = text
     return compact(text)
-
-
-def thread_stack(ident: int | None) -> str:
-    """A live thread of this process, in `compact`'s form: `file.py:LINE func < ...`, innermost first."""
-    frame = sys._current_frames().get(ident) if ident is not None else None
-    if frame is None:
-        return ""
-    frames = traceback.extract_stack(frame)[::-1][:MAX_FRAMES]
-    return " < ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in frames)
 
 
 def compact(text: str) -> str:

@@ -577,41 +577,6 @@ def test_chunks_waiting_together_share_one_commit_and_each_credit_still_follows_
 
 
 @on_both_stores
-def test_small_results_go_before_big_chunks_queued_at_the_writer(shared):
-    """The writer's queue lets a small result's work pass the big chunk waiting behind the one being
-    written (never its own request's), and nothing is lost or reordered by it: the big result and
-    every small one end complete with exactly their rows."""
-    rid, n = "ovt-big", 100_000
-    cols = synthetic_columns(n, seed=9, strategy="Ovt")
-    before = inspect(shared, "writer")
-    out: dict = {}
-
-    def big():
-        with Producer(shared.gateway_endpoint, timeout_s=30, max_chunk_rows=5000) as p:
-            out["reply"] = p.send_result(rid, "Ovt", cols)
-
-    t = threading.Thread(target=big, daemon=True)
-    t.start()
-    wait_until(lambda: rows_for(shared, rid) > 0, 60, 0.01, "the big result's rows flowing")
-    small = []
-    with Dealer(shared.gateway_endpoint) as dl:
-        while t.is_alive() and inspect(shared, "writer")["overtaken"] == before["overtaken"]:
-            small_rid = f"ovt-small-{len(small)}"
-            r = dl.rt({"type": "result", "request_id": small_rid, "strategy_name": "S", "total_trades": 2,
-                       "trades": rows2()})
-            assert r["type"] == "stored", r
-            small.append(small_rid)
-    t.join(120)
-    after = inspect(shared, "writer")
-    assert after["overtaken"] > before["overtaken"], (before, after)
-    assert out["reply"]["type"] == "stored" and rows_for(shared, rid) == n
-    assert duplicate_groups(shared, rid) == 0
-    for small_rid in small:
-        assert result_row(shared, small_rid)["status"] == "complete" and rows_for(shared, small_rid) == 2
-    assert after["jobs_done"] > before["jobs_done"] + len(small)
-
-
-@on_both_stores
 def test_resend_after_stored_is_idempotent(shared):
     rid, n = "rs-after", 30_000
     cols = synthetic_columns(n, seed=5, strategy="Rs")

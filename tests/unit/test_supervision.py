@@ -15,14 +15,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from types import SimpleNamespace
 
 import pytest
 
 from pairlane import config as cfgmod
-from pairlane.supervision import procs, stacks
+from pairlane.supervision import procs
 from pairlane.supervision.messages import (InspectReply, InspectRequest, RestartChild, StartTree, StatusReply,
                                   StatusRequest, StopDaemon, TreeStarted, TreeStopped)
 from pairlane.supervision.intensity import RestartIntensity
@@ -757,22 +756,3 @@ def test_the_daemon_main_process_counts_root_deaths_with_the_same_intensity():
     clock.now += 60.0
     assert d._restart_root() is True             # long after: the window slid, it restarts again
     assert len(started) == 3
-
-
-def test_thread_stack_names_where_a_live_thread_waits_innermost_first():
-    gate = threading.Event()
-
-    def waits_in_here():
-        gate.wait(10)
-
-    t = threading.Thread(target=waits_in_here)
-    t.start()
-    try:
-        time.sleep(0.05)
-        text = stacks.thread_stack(t.ident)
-        assert text.index("waits_in_here") < text.index("_bootstrap"), text   # innermost first
-        assert "threading.py" in text.split(" < ")[0]                        # inside Event.wait
-    finally:
-        gate.set()
-        t.join()
-    assert stacks.thread_stack(t.ident) == "" and stacks.thread_stack(None) == ""

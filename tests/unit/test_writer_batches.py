@@ -1,17 +1,12 @@
 """How the assembler cuts its writer outbox into WriterBatches (actors.assembler.batch_length)."""
 from __future__ import annotations
 
-from pairlane import lifecycle as lc
 from pairlane.actors.assembler import batch_length
-from pairlane.actors.messages import Lookup, SetStatus, WriteChunk, WriteLive
+from pairlane.actors.messages import Lookup, SetStatus, WriteChunk
 
 
-def chunk(nbytes: int, nrows: int = 1) -> WriteChunk:
-    return WriteChunk({"request_id": "R"}, 0, b"x" * nbytes, nrows)
-
-
-def big(nbytes: int = 10) -> WriteChunk:
-    return chunk(nbytes, lc.BULK_ROWS + 1)
+def chunk(nbytes: int) -> WriteChunk:
+    return WriteChunk({"request_id": "R"}, 0, b"x" * nbytes, 1)
 
 
 def test_small_messages_go_together_up_to_max_items():
@@ -29,12 +24,3 @@ def test_chunk_bytes_bound_a_batch_but_the_first_message_always_goes():
 
 def test_empty_outbox_makes_no_batch():
     assert batch_length([], 32, 1000) == 0
-
-
-def test_a_big_chunk_goes_alone_so_the_writer_queue_can_let_small_work_pass_it():
-    assert batch_length([Lookup("A"), chunk(10), big(), Lookup("B")], 32, 1000) == 2   # ends at the big one
-    assert batch_length([big(), Lookup("B"), chunk(10)], 32, 1000) == 1               # and it goes alone
-    assert batch_length([big(), big()], 32, 1000) == 1
-    live = WriteLive("L", b"x", lc.BULK_ROWS + 1)
-    assert batch_length([live, Lookup("B")], 32, 1000) == 1
-    assert batch_length([chunk(10, lc.BULK_ROWS), Lookup("B")], 32, 1000) == 2        # BULK_ROWS is not big
