@@ -29,10 +29,8 @@ RECENT_MAX_AGE_S = 600.0     # ... for at most this long: a producer's resends c
 STATUS_SENT_SLOTS = 4 * RECENT_DONE  # a request sends 1-3 status changes: room for RECENT_DONE requests
 LOOKUP_TIMEOUT_S = 10.0      # the store did not answer a lookup: `busy`
 LOCAL_LOOKUP_GRACE_S = 10.0  # after start, lookups go through the writer (a predecessor's changes may be queued)
-BULK_ROWS = 1024             # chunks with more rows are "big": at most BULK_WINDOW of them at the writer ...
-BULK_WINDOW = 2              # (one being written, the next waiting: no idle round trip between them) ...
-BULK_BYTES = 256 * 1024      # ... and a second only while both hold at most this many bytes, since a small
-                             # result may wait behind all of it (a bigger chunk is at the writer alone)
+BULK_ROWS = 1024             # chunks with more rows are "big": at most BULK_WINDOW of them at the writer
+BULK_WINDOW = 1
 INFLIGHT_TIMEOUT_S = 120.0   # no answer from writer/dlq for this long: the chunk is presumed lost
 MAX_MISSING = 1000           # `missing` lists at most this many seqs
 CLAIM_RETRY_S = 2.0          # `busy` because another daemon holds the request's lease: retry after this
@@ -394,7 +392,7 @@ class Lifecycle:
         self.status_sent = HashRing(STATUS_SENT_SLOTS)        # rids with status changes sent
         self.sweep_pending = False                           # a Sweep the writer has not confirmed yet
         self.bulk_waiting: collections.deque = collections.deque()  # big chunks not yet at the writer
-        self.bulk_at: dict = {}                                      # (rid, seq) -> bytes of big chunks at the writer
+        self.bulk_at_writer = 0
         self.stats: collections.Counter = collections.Counter()
         self.started = clock()
         self.last_sweep = self.started
@@ -416,7 +414,7 @@ class Lifecycle:
                 "rows_in_flight": sum(n for r in self.reqs.values() for n, _ in r.inflight.values()),
                 "lookups_pending": len(self.lookups), "live_batches_pending": len(self.live),
                 "dlq_inventory_chunks": sum(len(v) for v in self.inventory.values()),
-                "big_chunks_at_writer": len(self.bulk_at), "big_bytes_at_writer": sum(self.bulk_at.values()), "big_chunks_waiting": len(self.bulk_waiting),
+                "big_chunks_at_writer": self.bulk_at_writer, "big_chunks_waiting": len(self.bulk_waiting),
                 "sweep_pending": self.sweep_pending,
                 "recent_results": len(self.recent), "leases": len(self.leases),
                 "leases_reclaiming": len(self.reclaiming), **dict(self.stats)}
@@ -722,27 +720,21 @@ class Lifecycle:
         else:
             self._emit(work)
 
-    def _bulk_room(self, nbytes: int) -> bool:
-        """May a big chunk of nbytes go to the writer now? Always when none is there; a second one only
-        while the two together stay within BULK_BYTES (what a small result may have to wait behind)."""
-        if not self.bulk_at:
-            return True
-        return len(self.bulk_at) < BULK_WINDOW and sum(self.bulk_at.values()) + nbytes <= BULK_BYTES
-
     def _feed_bulk(self) -> None:
-        while self.bulk_waiting and self.writer_up and self._bulk_room(len(self.bulk_waiting[0].raw)):
+        while self.bulk_waiting and self.bulk_at_writer < BULK_WINDOW and self.writer_up:
             work = self.bulk_waiting.popleft()
             req = self.reqs.get(work.meta["request_id"])
             if req is None or work.seq not in req.inflight:
                 self._release(work.meta["request_id"], work.seq)  # aborted or abandoned meanwhile
                 continue
-            self.bulk_at[(work.meta["request_id"], work.seq)] = len(work.raw)
+            self.bulk_at_writer += 1
             self._emit(work)
 
-    def _bulk_done(self, rid: str, seq: int) -> None:
-        """A chunk came back from the writer (or its answer is given up on): if it was a big one, let
-        the next big ones go."""
-        if self.bulk_at.pop((rid, seq), None) is not None:
+    def _bulk_done(self, sent, nrows=None) -> None:
+        """A chunk came back from the writer: if it was a big one, let the next big one go."""
+        rows = sent[0] if sent is not None else nrows
+        if rows is not None and rows > BULK_ROWS and self.bulk_at_writer > 0:
+            self.bulk_at_writer -= 1
             self._feed_bulk()
 
     def _end(self, ev: End, row: dict | None = None, looked_up: bool = False) -> None:
@@ -806,7 +798,7 @@ class Lifecycle:
         if ev.location == "dlq":  # whose chunk it is, unknown once the request left memory: never counted
             self.inventory.setdefault(ev.request_id, {})[ev.seq] = (ev.nrows, totals(req.meta) if req else None)
         sent = req.inflight.pop(ev.seq, None) if req is not None else None
-        self._bulk_done(ev.request_id, ev.seq)
+        self._bulk_done(sent, ev.nrows)
         if req is None:
             return
         if sent is not None:
@@ -886,9 +878,8 @@ class Lifecycle:
     def _rejected(self, ev: Rejected) -> None:
         self._release(ev.request_id, ev.seq)
         req = self.reqs.get(ev.request_id)
-        if req is not None:
-            req.inflight.pop(ev.seq, None)
-        self._bulk_done(ev.request_id, ev.seq)
+        sent = req.inflight.pop(ev.seq, None) if req is not None else None
+        self._bulk_done(sent, None)
         if req is None:
             return
         self._err(req.identity, ev.code, ev.message, req.rid, ev.retry_after_s)
@@ -939,7 +930,7 @@ class Lifecycle:
             # had sent: those chunks are no longer in flight; producers resend them
             self.sweep_pending = False
             self.bulk_waiting.clear()   # their seqs are in req.inflight: released just below
-            self.bulk_at.clear()
+            self.bulk_at_writer = 0
             for req in self.reqs.values():
                 for seq in req.inflight:
                     self._release(req.rid, seq)
@@ -966,12 +957,12 @@ class Lifecycle:
         for rid in sorted(self.reclaiming):   # the store did not answer last time
             self._emit(Claim(rid))
         for req in self.reqs.values():  # safety net: a chunk whose answer was lost is not in flight forever
-            for seq, (_, sent_at) in list(req.inflight.items()):
+            for seq, (rows, sent_at) in list(req.inflight.items()):
                 if now - sent_at > INFLIGHT_TIMEOUT_S and not any(
                         w.meta["request_id"] == req.rid and w.seq == seq for w in self.bulk_waiting):
                     req.inflight.pop(seq)
                     self._release(req.rid, seq)
-                    self._bulk_done(req.rid, seq)
+                    self._bulk_done((rows, sent_at))
                     self._emit(Log("WARNING", "chunk_answer_lost", (("request_id", req.rid), ("seq", seq))))
         for rid, req in list(self.reqs.items()):
             idle = now - req.last_activity

@@ -140,8 +140,8 @@ class World:
     def begin(self, rid, chunks=3, trades=30, strategy="S", who=b"p"):
         return self.send(lc.Begin(rid, who, meta(rid, chunks, trades, strategy)))
 
-    def chunk(self, rid, seq, nrows=10, who=b"p", bad=None, raw=b"raw"):
-        return self.send(lc.Chunk(rid, who, seq, raw, nrows, bad))
+    def chunk(self, rid, seq, nrows=10, who=b"p", bad=None):
+        return self.send(lc.Chunk(rid, who, seq, b"raw", nrows, bad))
 
     def end(self, rid, who=b"p"):
         return self.send(lc.End(rid, who))
@@ -710,34 +710,6 @@ def test_at_most_bulk_window_big_chunks_at_the_writer():
 
 
 
-def test_a_second_big_chunk_goes_to_the_writer_only_while_both_fit_bulk_bytes():
-    """A small result may wait behind every big chunk at the writer: two of legacy's 40 KB chunks may
-    be there at once, but a chunk of more than half of BULK_BYTES is there alone (and is never held
-    back when the writer has none, however big)."""
-    half = lc.BULK_BYTES // 2
-    w = World(credit=4)
-    w.begin("R", chunks=4, trades=4 * 2000)
-    w.chunk("R", 0, nrows=2000, raw=b"x" * (half + 1))
-    w.chunk("R", 1, nrows=2000, raw=b"x" * (half + 1))
-    assert [x.seq for x in w.pending] == [0]
-    assert w.lc.inspect()["big_bytes_at_writer"] == half + 1
-    w.durable()
-    assert [x.seq for x in w.pending] == [1]
-    w.chunk("R", 2, nrows=2000, raw=b"x" * half)
-    w.chunk("R", 3, nrows=2000, raw=b"x" * (4 * lc.BULK_BYTES))
-    assert [x.seq for x in w.pending] == [1]           # 1 and 2 together would pass BULK_BYTES
-    w.durable()
-    assert [x.seq for x in w.pending] == [2]           # 3 would not fit beside 2
-    w.durable()
-    assert [x.seq for x in w.pending] == [3]           # alone, however big
-    w2 = World(credit=3)
-    w2.begin("S", chunks=3, trades=3 * 2000)
-    for seq in range(3):
-        w2.chunk("S", seq, nrows=2000, raw=b"x" * (half - 10))
-    assert [x.seq for x in w2.pending] == [0, 1]       # two fit: the writer never idles between them
-    assert w2.lc.inspect()["big_chunks_at_writer"] == 2
-
-
 # ----- invariants over random event orders -----------------------------------------------------------
 RIDS = ("A", "B", "C")
 KINDS = (["begin"] * 2 + ["chunk"] * 5 + ["durable"] * 5 + ["end"] * 2 + ["lookup"] * 2
@@ -776,8 +748,7 @@ def test_invariants_over_random_event_orders(actions, auto_lookup, claims):
             balance[rid] -= 1
             sent.setdefault(rid, []).append(seq)
             ever.setdefault(rid, set()).add(seq)
-            # big chunks of either kind: two fit BULK_BYTES together, or not
-            replies = w.chunk(rid, seq, nrows, raw=b"x" * (lc.BULK_BYTES // 2 + 1 if x % 2 else 100))
+            replies = w.chunk(rid, seq, nrows)
         elif kind == "end":
             replies = w.end(rid)
         elif kind == "abort":
@@ -1049,9 +1020,7 @@ def test_invariants_for_a_producer_that_completes_its_requests(actions, auto_loo
         assert sum(1 for q in w.lc.reqs.values() if q.status == ResultStatus.RECEIVING) <= max_requests
         assert sum(len(q.inflight) for q in w.lc.reqs.values()) <= credit * len(RIDS)
         assert len(w.lc.bulk_waiting) <= sum(len(q.inflight) for q in w.lc.reqs.values())
-        assert len(w.lc.bulk_at) <= lc.BULK_WINDOW
-        assert len(w.lc.bulk_at) <= 1 or sum(w.lc.bulk_at.values()) <= lc.BULK_BYTES
-        assert set(w.lc.bulk_at) <= {(x.meta["request_id"], x.seq) for x in w.pending}   # really at the writer
+        assert w.lc.bulk_at_writer <= lc.BULK_WINDOW
         assert set(w.lc.lookups) <= set(RIDS) and set(w.lc.reqs) <= set(RIDS) and not w.lc.live
         assert len(w.lc.recent) <= len(RIDS) and w.lc.status_sent.ring.nbytes == 8 * lc.STATUS_SENT_SLOTS
 
