@@ -709,7 +709,6 @@ def test_at_most_bulk_window_big_chunks_at_the_writer():
     assert [x.seq for x in w.pending] == list(range(1, lc.BULK_WINDOW)) + [n, n - 1]
 
 
-
 # ----- invariants over random event orders -----------------------------------------------------------
 RIDS = ("A", "B", "C")
 KINDS = (["begin"] * 2 + ["chunk"] * 5 + ["durable"] * 5 + ["end"] * 2 + ["lookup"] * 2
