@@ -338,6 +338,7 @@ class Req:
     inflight: dict = field(default_factory=dict)       # seq -> (rows, sent_at)
     status: ResultStatus = ResultStatus.RECEIVING      # RECEIVING | COMPLETE | FAILED
     end_waiting: bytes | None = None
+    abort_waiting: bytes | None = None                 # an abort of a one-message result being written
     answered: bytes | None = None                      # identity the writer told `stored` itself
 
     @property
@@ -780,6 +781,11 @@ class Lifecycle:
         if req is None and not looked_up and self.writer_up:
             # not in memory (e.g. after a restart): it may be stored; ask the store before answering
             return self._start_lookup(ev)
+        if req is not None and req.kind == "result" and req.inflight:
+            # its write may be committed already, and the writer may have told the producer `stored`
+            # (a message that can overtake the writer's answer to us): answered once the write is
+            req.abort_waiting = ev.identity
+            return
         if req is not None:
             self.reqs.pop(rid)
             for seq in req.inflight:
@@ -803,8 +809,11 @@ class Lifecycle:
             return
         if sent is not None:
             self._metric("observe", "pairlane_chunk_assembly_seconds", self.clock() - sent[1])
-        if ev.outcome == WriteOutcome.DISCARDED:
-            return
+        if ev.outcome != WriteOutcome.DISCARDED:
+            self._durable_chunk(req, ev)
+        self._answer_abort(req)
+
+    def _durable_chunk(self, req: Req, ev: Durable) -> None:
         req.durable[ev.seq] = (ev.nrows, ev.location)
         if ev.answered is not None:
             req.answered = ev.answered
@@ -883,6 +892,14 @@ class Lifecycle:
         if req is None:
             return
         self._err(req.identity, ev.code, ev.message, req.rid, ev.retry_after_s)
+        self._answer_abort(req)
+
+    def _answer_abort(self, req: Req) -> None:
+        """An abort that waited for req's write: answered as if it came now (`conflict` if the result
+        is stored, else `aborted`), once nothing of req is in flight any more."""
+        if req.abort_waiting is not None and not req.inflight:
+            identity, req.abort_waiting = req.abort_waiting, None
+            self._abort(Abort(req.rid, identity))
 
     def _live_done(self, ev: LiveDone) -> None:
         self._release(ev.batch_id, -1)
@@ -935,6 +952,9 @@ class Lifecycle:
                 for seq in req.inflight:
                     self._release(req.rid, seq)
                 req.inflight.clear()
+                if req.abort_waiting is not None:   # whether its write landed, only the store can say
+                    self._err(req.abort_waiting, "busy", "pairlane's writer restarted; retry", req.rid, 0.5)
+                    req.abort_waiting = None
             for rid, (_, queued) in self.lookups.items():
                 for q in queued:
                     self._err(q.identity, "busy", "pairlane's writer restarted; retry", rid, 0.5)
@@ -956,6 +976,7 @@ class Lifecycle:
         self._forget_old()
         for rid in sorted(self.reclaiming):   # the store did not answer last time
             self._emit(Claim(rid))
+        lost = []
         for req in self.reqs.values():  # safety net: a chunk whose answer was lost is not in flight forever
             for seq, (rows, sent_at) in list(req.inflight.items()):
                 if now - sent_at > INFLIGHT_TIMEOUT_S and not any(
@@ -964,6 +985,9 @@ class Lifecycle:
                     self._release(req.rid, seq)
                     self._bulk_done((rows, sent_at))
                     self._emit(Log("WARNING", "chunk_answer_lost", (("request_id", req.rid), ("seq", seq))))
+                    lost.append(req)
+        for req in lost:
+            self._answer_abort(req)
         for rid, req in list(self.reqs.items()):
             idle = now - req.last_activity
             if req.status == ResultStatus.RECEIVING and not req.inflight and idle > self.timeout_s:

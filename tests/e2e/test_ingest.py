@@ -672,6 +672,39 @@ def test_abort_drops_request(shared, dealer):
     assert result_row(shared, "ab-stored")["status"] == "complete" and rows_for(shared, "ab-stored") == 2
 
 
+def test_abort_right_after_a_one_message_results_stored_is_conflict(shared, dealer):
+    """The writer tells the producer `stored` itself; an abort sent at once can reach the assembler
+    before the writer's own answer does (they come from two actors). It must still be refused: the
+    result is stored. (It once answered `aborted` here, while the result stayed stored.) Another
+    producer keeps the assembler sending to the writer meanwhile, which is when the writer's answer
+    is most often late (two actors sending to each other at once)."""
+    stop = threading.Event()
+
+    def traffic():
+        cols = synthetic_columns(2000, seed=11, strategy="AbT")
+        with Producer(shared.gateway_endpoint, timeout_s=30, max_chunk_rows=50) as p:
+            k = 0
+            while not stop.is_set():
+                p.send_result(f"ab-traffic-{k}", "AbT", cols)
+                k += 1
+
+    t = threading.Thread(target=traffic, daemon=True)
+    t.start()
+    try:
+        for i in range(40):
+            rid = f"ab-race-{i}"
+            res = {"type": "result", "request_id": rid, "strategy_name": "S", "total_trades": 2,
+                   "trades": rows2()}
+            assert dealer.rt(res)["type"] == "stored"
+            check_error(dealer.rt({"type": "abort", "request_id": rid}), "conflict", rid)
+    finally:
+        stop.set()
+        t.join(60)
+    for i in range(40):
+        rid = f"ab-race-{i}"
+        assert result_row(shared, rid)["status"] == "complete" and rows_for(shared, rid) == 2
+
+
 @on_both_stores
 def test_live_trades_idempotent_by_batch_id(shared):
     n = 500

@@ -633,6 +633,39 @@ def test_result_resent_from_another_socket_while_written_gets_its_answer():
     assert only(replies)["type"] == "stored"     # b"q" is not who the writer told
 
 
+def test_abort_of_a_result_being_written_waits_for_the_write_then_is_conflict():
+    """The writer tells the producer `stored` itself, a message that can reach the producer (and its
+    abort reach us) before the writer's answer reaches us: the abort waits for that answer."""
+    w = World()
+    w.send(result("R"))
+    assert w.abort("R", who=b"a") == []
+    write = w.pending.pop()
+    replies = w.send(lc.Durable("R", 0, "db", w.commit(write), 10, answered=b"p"))
+    assert only(replies)["code"] == "conflict" and w.lc.reqs["R"].status == ResultStatus.COMPLETE
+    assert w.statuses("R") == [] and w.db["R"]["status"] == ResultStatus.COMPLETE
+    assert [e.identity for e in w.effects if isinstance(e, lc.Reply)] == [b"a"]   # p heard the writer
+
+
+def test_abort_of_a_result_the_database_did_not_take_is_aborted_once_the_write_is_answered():
+    w = World()
+    w.send(result("R"))
+    assert w.abort("R", who=b"a") == []
+    write = w.pending.pop()
+    replies = w.send(lc.Rejected("R", write.seq, "unavailable", "the database is full", 5.0))
+    assert [r.get("code", r["type"]) for r in replies] == ["unavailable", "aborted"]
+    assert "R" not in w.lc.reqs
+
+
+def test_abort_waiting_for_a_write_the_restarted_writer_lost_is_told_to_retry():
+    w = World()
+    w.send(result("R"))
+    w.abort("R", who=b"a")
+    w.pending.clear()
+    replies = w.send(lc.Peers(True, False, lost=True))
+    assert [(r["code"], r["request_id"]) for r in replies] == [("busy", "R")]
+    assert w.lc.reqs["R"].abort_waiting is None
+
+
 def test_chunked_writes_carry_no_answer():
     w = World()
     w.begin("R", chunks=2, trades=20)
