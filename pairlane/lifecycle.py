@@ -574,6 +574,8 @@ class Lifecycle:
                 self.bulk_waiting = collections.deque(w for w in self.bulk_waiting if w.meta["request_id"] != rid)
             # chunks at the writer are released (and counted) when their answer comes: never credited
             self._err(req.identity, "unavailable", text, rid, CLAIM_RETRY_S)
+            if req.abort_waiting is not None:   # no answer of the writer's will reach it now
+                self._err(req.abort_waiting, "unavailable", text, rid, CLAIM_RETRY_S)
         _, queued = self.lookups.pop(rid, (None, []))
         for q in queued:
             self._release_ev(q)

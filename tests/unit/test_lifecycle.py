@@ -666,6 +666,17 @@ def test_abort_waiting_for_a_write_the_restarted_writer_lost_is_told_to_retry():
     assert w.lc.reqs["R"].abort_waiting is None
 
 
+def test_abort_waiting_for_a_write_is_answered_when_another_daemon_took_the_request():
+    w = World(claims=True)
+    w.send(result("R"))
+    w.abort("R", who=b"a")
+    w.mine.clear()
+    w.others.add("R")
+    replies = w.send(lc.LeasesLost())
+    assert sorted(r["code"] for r in replies) == ["unavailable", "unavailable"]   # the result's and the abort's
+    assert {e.identity for e in w.effects if isinstance(e, lc.Reply)} == {b"p", b"a"}
+
+
 def test_chunked_writes_carry_no_answer():
     w = World()
     w.begin("R", chunks=2, trades=20)
