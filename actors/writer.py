@@ -132,7 +132,7 @@ class Writer(PairlaneActor):
         """A chunk whose every effect waits for the batch's end (its answers go with WriterBatchDone)
         and that needs no status change of its own first."""
         return (isinstance(item, WriteChunk) and item.item_id is None and item.reply_to == sender
-                and (not item.record or getattr(self.store, "RECORDS_WITH_CHUNK", False)))
+                and (not item.record or self.store.RECORDS_WITH_CHUNK))
 
     def _write_group(self, run: tuple, sender) -> None:
         """Group commit: several chunks in one transaction, one COMMIT (one fsync). Each chunk's
@@ -164,7 +164,7 @@ class Writer(PairlaneActor):
 
     def _write_chunk(self, w: WriteChunk, sender, grouped: bool = False) -> None:
         t0 = time.perf_counter()
-        record = w.record and getattr(self.store, "RECORDS_WITH_CHUNK", False)
+        record = w.record and self.store.RECORDS_WITH_CHUNK
         if w.record and not record:   # this store records in a transaction of its own, first
             self._status_change(("begin", w.meta))
         try:

@@ -26,7 +26,7 @@ def one_round(d, trades: int, run: str) -> dict:
     from pairlane.client import Producer
     from pairlane.synthetic import result_columns
 
-    from .run import result_round_trips
+    from .run import _pct, result_round_trips
     small = result_columns(10, seed=3)
     big = result_columns(trades, seed=4)
     out: dict = {}
@@ -50,10 +50,8 @@ def one_round(d, trades: int, run: str) -> dict:
     th.join()
     if "error" in out:
         raise RuntimeError(f"the big result failed: {out['error']}")
-    lat.sort()
-    return {"small_results": len(lat), "p50_ms": 1000 * lat[len(lat) // 2],
-            "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], "max_ms": 1000 * lat[-1],
-            "big_tps": trades / out["s"]}
+    return {"small_results": len(lat), "p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99),
+            "max_ms": 1000 * max(lat), "big_tps": trades / out["s"]}
 
 
 def main(argv: list[str]) -> int:
@@ -63,22 +61,23 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--wait-s", type=float, default=None,
                     help="seconds to wait after start (default: the assembler's start grace plus 1 s)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     ns = ap.parse_args(argv)
     if ns.trades < 1 or ns.rounds < 1:
         ap.error("--trades and --rounds must be positive")
     from pairlane.entry.harness import Daemon
     from pairlane.lifecycle import LOCAL_LOOKUP_GRACE_S
+
+    from .run import progress
     wait_s = LOCAL_LOOKUP_GRACE_S + 1.0 if ns.wait_s is None else ns.wait_s
     tmp = Path(tempfile.mkdtemp(prefix="pairlane-bench-beside-"))
     d = Daemon(tmp / "d", {"pairs": {"interval_s": 3600.0}}, name="beside")
     rounds = []
     try:
         d.start()
-        started = time.monotonic()
-        while time.monotonic() - started < wait_s:
-            time.sleep(0.1)
+        time.sleep(wait_s)
         for i in range(ns.rounds):
-            print(f"round {i + 1}/{ns.rounds}: {ns.trades:,} trades with small results beside", file=sys.stderr)
+            progress(f"round {i + 1}/{ns.rounds}: {ns.trades:,} trades with small results beside", ns.quiet)
             rounds.append(one_round(d, ns.trades, f"{i}-{time.time_ns()}"))
     finally:
         d.close()

@@ -256,6 +256,7 @@ class PgStore(StatusRules):
 
     backend = "postgresql"
     PARAM = "%s"   # psycopg's placeholder, for the shared StatusRules
+    RECORDS_WITH_CHUNK = False   # a one-message result is recorded (`begin`) in a transaction of its own
 
     def __init__(self, url: str, *, busy_timeout_ms: int = 200, readonly: bool = False, **_ignored):
         self.url = url

@@ -17,10 +17,7 @@ STORED_AT_GATEWAY_S = 60.0   # the gateway answers `end` of a result stored this
 
 
 class StoredReplies:
-    """The gateway's memory of results stored in the last `keep_s` seconds (from the lifecycle's
-    `Stored` effects): an `end` for one of them is answered at once with its `stored` reply, which
-    is final. Bounded by age and by `cap` entries; a forgotten one's `end` goes to the assembler,
-    which gives the same answer."""
+    """Results stored in the last `keep_s` seconds, at most `cap` of them (see the module)."""
 
     def __init__(self, keep_s: float = STORED_AT_GATEWAY_S, cap: int = 4096,
                  clock: Callable[[], float] = time.monotonic) -> None:
