@@ -132,12 +132,14 @@ class Daemon:
 
     def start(self) -> None:
         from pairlane.actors.tree import build_tree
+        from pairlane.supervision import lanes
         from pairlane.supervision.root import RootSupervisor
         from pairlane.supervision.system import start_system
 
         run_dir = run_dir_for(self.cfg)
         os.makedirs(run_dir, exist_ok=True)
         self.run_dir = run_dir
+        lanes.remove_all_socket_files(run_dir)   # a killed tree's, left behind (we hold the store's lock)
         self.asys = start_system(self.cfg["daemon"]["actor_port"], thespian_log=thespian_log_path(run_dir))
         self.spec = build_tree(self.cfg)
         self.settings = TreeSettings.from_config(self.cfg["supervision"], log_level=self.cfg["daemon"]["log_level"],

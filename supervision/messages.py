@@ -17,7 +17,8 @@ class Init:
     spec: the child's ChildSpec. settings: TreeSettings. config: the daemon config
     (a plain dict). main_pid: the daemon's main process (every actor exits when it
     is gone). run_dir: where pidfiles live. directory: name -> address known so far.
-    supervisor_name: the name of the supervisor sending it.
+    supervisor_name: the name of the supervisor sending it. lanes: name -> lane endpoint
+    (supervision/lanes.py) known so far.
     """
 
     spec: Any
@@ -27,6 +28,7 @@ class Init:
     run_dir: str
     directory: dict
     supervisor_name: str
+    lanes: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -44,10 +46,12 @@ class Reload:
 
 @dataclass(frozen=True)
 class Started:
-    """Child -> supervisor: Init handled; pid is the child's process id."""
+    """Child -> supervisor: Init handled; pid is the child's process id; lane: the endpoint of its
+    lane ("" when it has none), from then on the way its ordered messages reach it."""
 
     name: str
     pid: int
+    lane: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class Register:
     name: str
     address: Any
     at: float = 0.0
+    lane: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,7 @@ class Directory:
 
     entries: dict
     at: float = 0.0
+    lanes: dict | None = None   # name -> lane endpoint, for the names that have one
 
 
 @dataclass(frozen=True)

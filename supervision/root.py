@@ -67,15 +67,18 @@ class RootSupervisor(Supervisor):
             self.table[row["name"]] = dict(row)
         self._check_ready()
 
-    def registered(self, name: str, address, at: float | None = None) -> None:
+    def registered(self, name: str, address, at: float | None = None, lane: str = "") -> None:
         at = at or time.monotonic()
         if at < self.registered_at.get(name, 0.0):
             return  # an older change delivered after a newer one
         self.registered_at[name] = at
+        self.lanes.pop(name, None)
         if address is None:
             self.directory.pop(name, None)
         else:
             self.directory[name] = address
+            if lane:
+                self.lanes[name] = lane
         self.directory_at = time.monotonic()
         self.on_directory()
 

@@ -23,7 +23,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from . import procs, stacks
+from . import lanes, procs, stacks
 from .intensity import RestartIntensity
 from .log import log
 from .messages import (Directory, Escalated, ExitingNormally, Heartbeat, Init, Register,
@@ -61,6 +61,7 @@ class Child:
     exited_normally: bool = False  # it said ExitingNormally before going
     hung: bool = False             # killed by the watchdog
     late_logged: bool = False      # heartbeat_late logged for the current silence
+    lane: str = ""                 # its lane's endpoint (supervision/lanes.py), "" if none
 
 
 @dataclass
@@ -143,7 +144,8 @@ class Supervisor(Worker):
         child.starts += 1
         self.send(child.address, Init(spec=child.spec, settings=self.settings, config=self.config,
                                       main_pid=self.main_pid, run_dir=self.run_dir,
-                                      directory=self.directory, supervisor_name=self.name))
+                                      directory=self.directory, supervisor_name=self.name,
+                                      lanes=self.lanes))
         self.after(self._hb_timeout(child), ("op_timeout", op.id))
         self._report()
 
@@ -230,7 +232,8 @@ class Supervisor(Worker):
             child.last_hb = time.monotonic()
             log("INFO", "child_started", actor=self.name, child=child.spec.name, child_pid=msg.pid,
                 restarts=child.restarts)
-            self.registered(child.spec.name, sender)
+            child.lane = msg.lane
+            self.registered(child.spec.name, sender, lane=msg.lane)
             self._report()
             if self.current is not None and self.current.kind == "start" and self.current.name == child.spec.name:
                 self._done(self.current)
@@ -246,7 +249,7 @@ class Supervisor(Worker):
         elif isinstance(msg, StatusRows):
             self.forward_rows(msg)
         elif isinstance(msg, Register):
-            self.registered(msg.name, msg.address, msg.at)
+            self.registered(msg.name, msg.address, msg.at, msg.lane)
         elif isinstance(msg, Escalated):
             log("ERROR", "child_escalated", actor=self.name, child=msg.name, reason=msg.reason)
             self.child_escalated(msg)
@@ -273,7 +276,7 @@ class Supervisor(Worker):
     def on_directory(self) -> None:
         for child in self.children.values():
             if child.address is not None:
-                self.send(child.address, Directory(self.directory, self.directory_at))
+                self.send(child.address, Directory(self.directory, self.directory_at, self.lanes))
 
     def on_child_exited(self, msg) -> None:
         child = self._by_address(msg.childAddress)
@@ -282,6 +285,8 @@ class Supervisor(Worker):
         child.address = None
         was_pid = child.pid
         child.pid = None
+        lanes.remove_socket_file(child.lane)   # a killed process leaves it behind
+        child.lane = ""
         child.started_at = None
         self.registered(child.spec.name, None)
         op = self.current
@@ -463,9 +468,9 @@ class Supervisor(Worker):
         if self.supervisor is not None:
             self.send(self.supervisor, msg)
 
-    def registered(self, name: str, address, at: float | None = None) -> None:
+    def registered(self, name: str, address, at: float | None = None, lane: str = "") -> None:
         if self.supervisor is not None:
-            self.send(self.supervisor, Register(name, address, at or time.monotonic()))
+            self.send(self.supervisor, Register(name, address, at or time.monotonic(), lane))
 
     def inspect(self) -> dict:
         return {"children": [dict(r) for r in self.rows()],

@@ -19,10 +19,12 @@ import signal
 import time
 import traceback
 
+from zmq import ZMQError
 from thespian.actors import (Actor, ActorExitRequest, ChildActorExited, ThespianWatch,
                              WakeupMessage, WatchMessage)
 
 from . import procs, stacks
+from .lanes import Lane
 from .log import configure as configure_log
 from .log import log, reopen, set_level
 from .messages import (Directory, ExitingNormally, Heartbeat, InjectFault, Init, InspectReply,
@@ -32,6 +34,7 @@ from .ordering import Numberer, Resequencer, Sequenced
 CRASH_EXIT_CODE = 70
 _TICK = "pl.tick"
 _RESEQ = "pl.reseq"
+_LANE = "pl.lane"
 REORDER_GAP_S = 5.0  # a message missing this long is given up on (delivered alone if it comes)
 TRIM_EVERY_S = 30.0  # how often a worker hands its C heap's free memory back (procs.trim_heap)
 
@@ -59,6 +62,8 @@ class Worker(Actor):
         self.config: dict = {}
         self.directory: dict = {}
         self.directory_at = 0.0  # Directory.at of the version in self.directory
+        self.lanes: dict = {}    # name -> lane endpoint, from the same Directory
+        self._lane: Lane | None = None
         self.supervisor = None
         self.main_pid = 0
         self.run_dir = ""
@@ -128,9 +133,14 @@ class Worker(Actor):
         return True
 
     def send_ordered(self, addr, msg) -> None:
-        """Send so that addr (a Worker) handles our messages in the order we sent them, which
-        Thespian alone does not promise (see supervision/ordering.py)."""
-        self.send(addr, self._numberer.wrap(addr, msg))
+        """Send so that addr (a Worker) handles our messages in the order we sent them: on its lane
+        when it has one (supervision/lanes.py), else through Thespian, numbered, since Thespian
+        alone does not promise order (see supervision/ordering.py)."""
+        endpoint = self._lane.endpoint_of(addr) if self._lane is not None else None
+        if endpoint is not None:
+            self._lane.send(endpoint, msg)
+        else:
+            self.send(addr, self._numberer.wrap(addr, msg))
 
     def log(self, level: str, event: str, **fields) -> None:
         log(level, event, actor=self.name, **fields)
@@ -148,6 +158,8 @@ class Worker(Actor):
         if self._stopping:
             return None
         fds = self.watch_fds()
+        if self._lane is not None and self._lane.sock is not None:
+            fds = fds + [self._lane.fd]
         return ThespianWatch(fds) if fds else None
 
     def _dispatch(self, msg, sender) -> None:
@@ -159,21 +171,33 @@ class Worker(Actor):
             elif msg.payload == _RESEQ:
                 self._reseq_timer = False
                 self._deliver(self._reseq.expire())
+            elif msg.payload == _LANE:
+                self._drain_lane()
             else:
                 self.on_timer(msg.payload)
         elif isinstance(msg, WatchMessage):
-            self.on_readable(msg.ready)
+            ready = msg.ready
+            if self._lane is not None and self._lane.fd in ready:
+                ready = [fd for fd in ready if fd != self._lane.fd]
+                self._drain_lane()
+            if ready:
+                self.on_readable(ready)
         elif isinstance(msg, Init):
             self._init(msg, sender)
         elif isinstance(msg, Directory):
             if msg.at >= self.directory_at:  # else: an older version delivered after a newer one
                 self.directory_at = msg.at
                 self.directory = dict(msg.entries)
+                self.lanes = dict(msg.lanes or {})
+                if self._lane is not None:
+                    self._lane.set_directory(self.directory, self.lanes)
                 self.on_directory()
         elif isinstance(msg, InspectRequest):
             state = dict(self.inspect())
             state.setdefault("pid", os.getpid())
             state.setdefault("delivery", dict(self._reseq.stats, held=self._reseq.held()))
+            if self._lane is not None:
+                state.setdefault("lane", self._lane.inspect())
             state.setdefault("uptime_s", round(time.time() - self._started_at, 3))
             self.send(sender, InspectReply(msg.token, self.name, state))
         elif isinstance(msg, Reload):
@@ -186,10 +210,43 @@ class Worker(Actor):
             if not self._stopping:
                 self._stopping = True
                 self.on_stop()
+                self._close_lane()
         elif isinstance(msg, ChildActorExited):
             self.on_child_exited(msg)
         else:
             self.on_message(msg, sender)
+
+    def _drain_lane(self) -> None:
+        """Handle what waits on our lane: a bounded batch, then Thespian's own mail (heartbeats,
+        timers) goes first and a wakeup brings us back for the rest."""
+        if self._lane is None or self._stopping:
+            return
+        items, more = self._lane.receive()
+        for msg, sender in items:
+            if self._stopping:
+                break
+            self.on_message(msg, sender)
+        if more and not self._stopping:
+            self.after(0, _LANE)
+
+    def _open_lane(self) -> None:
+        """Bind this incarnation's lane (workers only: supervisors fork children, and a forked
+        child must not inherit a ZeroMQ context in use)."""
+        if self.IS_SUPERVISOR:
+            return
+        try:
+            self._lane = Lane(self.run_dir, self.name, self.myAddress)
+        except (OSError, ZMQError) as exc:
+            self.log("WARNING", "lane_unavailable", error=exc)
+            self._lane = None
+            return
+        if self._lane.endpoint is None:
+            self.log("WARNING", "lane_unavailable", error="run directory path too long for an ipc socket")
+        self._lane.set_directory(self.directory, self.lanes)
+
+    def _close_lane(self) -> None:
+        if self._lane is not None:
+            self._lane.close()
 
     def _deliver(self, items: list) -> None:
         for msg, sender in items:
@@ -204,7 +261,7 @@ class Worker(Actor):
     def on_child_exited(self, msg) -> None:
         """Workers have no children; supervisors override this."""
 
-    def adopt(self, msg, supervisor, directory: dict) -> None:
+    def adopt(self, msg, supervisor, directory: dict, lanes: dict | None = None) -> None:
         """Take the identity a start message (Init, or the root's StartTree) gives: signals, fields,
         log level, pidfile."""
         procs.restore_fatal_signals()
@@ -216,6 +273,7 @@ class Worker(Actor):
         self.main_pid = msg.main_pid
         self.run_dir = msg.run_dir
         self.directory = dict(directory)
+        self.lanes = dict(lanes or {})
         self.supervisor = supervisor
         self._started_at = time.time()
         set_level(self.settings.log_level)
@@ -241,13 +299,15 @@ class Worker(Actor):
         self.on_reload(old, msg.config)
 
     def _init(self, msg: Init, sender) -> None:
-        self.adopt(msg, sender, msg.directory)
+        self.adopt(msg, sender, msg.directory, msg.lanes)
+        self._open_lane()
         self.on_start()
         if self._early_reload is not None:
             early, self._early_reload = self._early_reload, None
             self._reload(early)
         gc.freeze()  # what the fork inherited and on_start built is long-lived: keep it out of GC passes
-        self.send(sender, Started(self.name, os.getpid()))
+        lane = self._lane.endpoint if self._lane is not None else None
+        self.send(sender, Started(self.name, os.getpid(), lane or ""))
         self.after(self.settings.heartbeat_s, _TICK)
 
     def _loop_stall_s(self) -> float:
@@ -268,6 +328,7 @@ class Worker(Actor):
             self._trimmed_at = time.monotonic()
             procs.trim_heap()
         self._check_orphan()
+        self._drain_lane()   # the lane's socket signals edges: never leave a missed one waiting
         if self.supervisor is not None and not self._stopping:
             self.send(self.supervisor, Heartbeat(self.name, os.getpid()))
             procs.touch_pidfile(self.run_dir, self.name)
@@ -313,6 +374,7 @@ class Worker(Actor):
         try:
             self.on_stop()
         finally:
+            self._close_lane()
             if self.supervisor is not None:
                 self.send(self.supervisor, ExitingNormally(self.name))
             self.send(self.myAddress, ActorExitRequest())

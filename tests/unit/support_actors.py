@@ -169,3 +169,55 @@ class StubbornStop(Steady):
 
     def _graceful_exit(self, reason: str) -> None:
         self.log("INFO", "ignoring_shutdown", reason=reason)
+
+
+@dataclass(frozen=True)
+class Burst:
+    """Test -> a Relay: send `n` numbered `Seq`s to the actor registered as `to`, ordered."""
+
+    to: str
+    n: int
+    tag: str
+    size: int = 0     # bytes of padding in each Seq (big ones cross the lane in many packets)
+
+
+@dataclass(frozen=True)
+class Seq:
+    tag: str
+    i: int
+    pad: bytes = b""
+
+
+@dataclass(frozen=True)
+class SeqAck:
+    tag: str
+    i: int
+
+
+class Relay(Steady):
+    """Sends a Burst's Seqs with `tell` (send_ordered); a Seq it gets is recorded in
+    `<run_dir>/<name>.seq` as "tag i sender-lane-count": one line each, in the order handled,
+    and answered with a SeqAck to its sender (recorded as "ack tag i"). The count is how many
+    messages this incarnation took off its lane so far (0: they all came through Thespian)."""
+
+    def on_message(self, msg, sender) -> None:
+        if isinstance(msg, Burst):
+            for i in range(msg.n):
+                self.tell(msg.to, Seq(msg.tag, i, b"x" * msg.size))
+        elif isinstance(msg, (Seq, SeqAck)):
+            if isinstance(msg, Seq):
+                self.send_ordered(sender, SeqAck(msg.tag, msg.i))
+            received = self._lane.stats["received"] if self._lane is not None else 0
+            kind = "ack " if isinstance(msg, SeqAck) else ""
+            with open(os.path.join(self.run_dir, f"{self.name}.seq"), "a") as fh:
+                fh.write(f"{kind}{msg.tag} {msg.i} {received}\n")
+        else:
+            super().on_message(msg, sender)
+
+
+def read_seq(run_dir: str, name: str) -> list[list[str]]:
+    try:
+        with open(os.path.join(run_dir, f"{name}.seq")) as fh:
+            return [ln.split() for ln in fh if ln.strip()]
+    except FileNotFoundError:
+        return []

@@ -31,8 +31,9 @@ from pairlane.supervision.states import (RUNNING_STATES, STOPPED_STATES, TRANSIT
 from pairlane.supervision.supervisor import Supervisor
 from pairlane.supervision.system import start_system
 from tests.harness import free_port, group_pids
-from tests.unit.support_actors import (Crash, CrashLoop, Exit, Forward, Forwarded, ForwardingRoot, Muted,
-                                       Hang, Stall, Steady, StubbornStop, ThespianWarning, read_crashes, read_starts)
+from tests.unit.support_actors import (Burst, Crash, CrashLoop, Exit, Forward, Forwarded, ForwardingRoot, Muted,
+                                       Hang, Relay, Stall, Steady, StubbornStop, ThespianWarning, read_crashes,
+                                       read_seq, read_starts)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -756,3 +757,41 @@ def test_the_daemon_main_process_counts_root_deaths_with_the_same_intensity():
     clock.now += 60.0
     assert d._restart_root() is True             # long after: the window slid, it restarts again
     assert len(started) == 3
+
+
+# ----- lanes (supervision/lanes.py) -------------------------------------------------------------------
+def lane_files(run_dir: str) -> list[str]:
+    d = os.path.join(run_dir, "lanes")
+    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+def wait_lines(run_dir: str, name: str, n: int, timeout: float = 10.0) -> list[list[str]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = read_seq(run_dir, name)
+        if len(lines) >= n or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.02)
+
+
+def test_ordered_messages_between_workers_go_on_their_lanes_in_order_and_a_restart_gets_a_new_lane(make_tree):
+    t = make_tree(root_spec(ChildSpec("a", Relay, shutdown_s=2.0), ChildSpec("b", Relay, shutdown_s=2.0)))
+    pids = t.pids()
+    assert len(lane_files(t.run_dir)) == 2            # one socket per worker, none for the root supervisor
+    t.forward("a", Burst("b", 3000, "one", size=3000))
+    got = wait_lines(t.run_dir, "b", 3000)
+    assert [(tag, int(i)) for tag, i, _ in got] == [("one", i) for i in range(3000)]
+    assert int(got[-1][2]) >= 3000                    # every one was taken off b's lane, not Thespian's
+    acks = wait_lines(t.run_dir, "a", 3000)           # b answered each to its sender: on a's lane too
+    assert [(k, tag, int(i)) for k, tag, i, _ in acks] == [("ack", "one", i) for i in range(3000)]
+    assert int(acks[-1][3]) >= 3000
+
+    before = lane_files(t.run_dir)
+    os.kill(pids["b"], signal.SIGKILL)
+    t.wait_running("b", 1)
+    after = lane_files(t.run_dir)
+    assert len(after) == 2 and set(after) != set(before)  # the killed one's socket file is gone
+    t.forward("a", Burst("b", 500, "two"))
+    got = wait_lines(t.run_dir, "b", 3500)
+    assert [(tag, int(i)) for tag, i, _ in got[3000:]] == [("two", i) for i in range(500)]
+    assert int(got[-1][2]) == 500                     # the new incarnation's own lane, from its first message

@@ -1,0 +1,162 @@
+"""Lanes: ordered messages between a daemon's own actors on ZeroMQ ipc sockets, beside Thespian.
+
+Thespian's TCP transport sends one message per sender/receiver pair at a time and waits for the
+receiver's ACK before the next, and may reorder two sends (supervision/ordering.py). The data path
+(gateway -> assembler -> writer, and every answer back) pays that on each hop. A lane is one PULL
+socket per worker incarnation, bound at `ipc://<run_dir>/lanes/<name>-<pid>-<random>`: senders
+PUSH to it, ZeroMQ keeps each sender's messages in order and never waits for an answer.
+
+Owns: the endpoint of this incarnation (`Lane.endpoint`, announced in `Started` and spread in the
+`Directory`), the PUSH sockets to other incarnations, and the envelope. Thespian keeps everything
+else: lifecycle, supervision, heartbeats, admin messages, and any message to an actor without a
+lane (supervisors; anyone whose run_dir path is too long for an ipc endpoint).
+
+Promises, the same as Thespian's with `send_ordered`: a sender's messages to one incarnation
+arrive in the order sent; a message to an incarnation that died is lost with it (its endpoint is
+its own, so a restarted actor never gets its predecessor's mail). Never blocks: the queues are
+bounded by what the senders keep in flight (credit windows, in-flight caps), as with Thespian.
+Trust: the socket files are in the daemon's run directory, made 0700, and only the daemon's own
+processes connect; envelopes are pickled as Thespian's own messages are. No network input is read
+here.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import secrets
+
+import zmq
+
+MAX_IPC_PATH = 100        # sun_path is 108 bytes; libzmq refuses longer
+MAX_PEERS = 64            # PUSH sockets kept open to incarnations learned from envelopes
+DRAIN_MAX = 256           # lane messages handled per wakeup before Thespian's own mail is looked at
+
+
+def lane_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, "lanes")
+
+
+def endpoint_for(run_dir: str, name: str, pid: int, token: str) -> str | None:
+    """This incarnation's endpoint, or None when the path is too long for an ipc socket."""
+    path = os.path.join(lane_dir(run_dir), f"{name}-{pid}-{token}")
+    return f"ipc://{path}" if len(path.encode()) <= MAX_IPC_PATH else None
+
+
+def remove_socket_file(endpoint: str) -> None:
+    """Unlink a dead incarnation's socket file (a killed process cannot unlink its own)."""
+    if endpoint.startswith("ipc://"):
+        try:
+            os.unlink(endpoint[len("ipc://"):])
+        except OSError:
+            pass
+
+
+def remove_all_socket_files(run_dir: str) -> None:
+    """At a daemon's start: every socket file left in its run directory by a tree that was killed."""
+    d = lane_dir(run_dir)
+    for name in os.listdir(d) if os.path.isdir(d) else ():
+        remove_socket_file(f"ipc://{os.path.join(d, name)}")
+
+
+class Lane:
+    """One worker incarnation's lane: its bound PULL socket and its PUSH sockets to others."""
+
+    def __init__(self, run_dir: str, name: str, my_address):
+        self.endpoint = endpoint_for(run_dir, name, os.getpid(), secrets.token_hex(4))
+        self.sock = None
+        self.ctx = zmq.Context.instance()
+        self._me = pickle.dumps(my_address, protocol=pickle.HIGHEST_PROTOCOL)
+        self.peers: dict[str, str] = {}                        # str(address) -> endpoint (directory)
+        self.learned: collections.OrderedDict = collections.OrderedDict()  # the same, from envelopes
+        self.pushes: dict[str, zmq.Socket] = {}                # endpoint -> PUSH socket
+        self.senders: dict[bytes, tuple] = {}                  # pickled address -> (address, endpoint)
+        self.stats = collections.Counter()
+        if self.endpoint is None:
+            return
+        os.makedirs(lane_dir(run_dir), mode=0o700, exist_ok=True)
+        self.sock = self.ctx.socket(zmq.PULL)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.bind(self.endpoint)
+
+    @property
+    def fd(self):
+        return self.sock.FD if self.sock is not None else None
+
+    # ----- who has a lane ------------------------------------------------------------------------
+    def set_directory(self, entries: dict, lanes: dict) -> None:
+        """The directory's name -> address and name -> endpoint: senders to those addresses use
+        their lanes; PUSH sockets to endpoints no longer there are closed (their messages were
+        for an incarnation that is gone)."""
+        self.peers = {str(addr): lanes[name] for name, addr in entries.items()
+                      if addr is not None and lanes.get(name)}
+        self._close_unused()
+
+    def endpoint_of(self, addr) -> str | None:
+        if self.sock is None:
+            return None
+        key = str(addr)
+        return self.peers.get(key) or self.learned.get(key)
+
+    def _learn(self, addr, endpoint: str) -> None:
+        key = str(addr)
+        if self.peers.get(key) == endpoint:
+            return
+        self.learned.pop(key, None)
+        self.learned[key] = endpoint
+        if len(self.learned) > MAX_PEERS:
+            self.learned.popitem(last=False)
+            self.senders.clear()   # so a sender evicted here is learned again from its next envelope
+            self._close_unused()
+
+    def _close_unused(self) -> None:
+        live = set(self.peers.values()) | set(self.learned.values())
+        for endpoint in [e for e in self.pushes if e not in live]:
+            self.pushes.pop(endpoint).close(0)
+
+    # ----- sending and receiving -----------------------------------------------------------------
+    def send(self, endpoint: str, msg) -> None:
+        sock = self.pushes.get(endpoint)
+        if sock is None:
+            sock = self.pushes[endpoint] = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.connect(endpoint)
+        # NOBLOCK with no high-water mark cannot wait; zmq.Again would mean a broken invariant: crash
+        sock.send(pickle.dumps((self.endpoint, self._me, msg), protocol=pickle.HIGHEST_PROTOCOL),
+                  zmq.NOBLOCK, copy=False)
+        self.stats["sent"] += 1
+
+    def receive(self, limit: int = DRAIN_MAX) -> tuple[list, bool]:
+        """Up to `limit` (message, sender address) pairs waiting, and whether more may be waiting."""
+        out = []
+        if self.sock is None:
+            return out, False
+        while len(out) < limit:
+            try:
+                frame = self.sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return out, False
+            endpoint, who, msg = pickle.loads(frame.buffer)
+            known = self.senders.get(who)
+            if known is None or known[1] != endpoint:
+                if len(self.senders) > MAX_PEERS:
+                    self.senders.clear()
+                known = self.senders[who] = (pickle.loads(who), endpoint)
+                self._learn(known[0], endpoint)   # answers to it go back on its lane
+            out.append((msg, known[0]))
+            self.stats["received"] += 1
+        return out, True
+
+    def inspect(self) -> dict:
+        return dict(self.stats, endpoint=self.endpoint, peers=len(self.peers) + len(self.learned),
+                    sockets=len(self.pushes))
+
+    def close(self) -> None:
+        for sock in self.pushes.values():
+            sock.close(0)
+        self.pushes.clear()
+        if self.sock is not None:
+            self.sock.close(0)   # libzmq unlinks the socket file
+            self.sock = None
