@@ -30,7 +30,7 @@ import zmq
 
 MAX_IPC_PATH = 100        # sun_path is 108 bytes; libzmq refuses longer
 MAX_PEERS = 64            # PUSH sockets kept open to incarnations learned from envelopes
-DRAIN_MAX = 256           # lane messages handled per wakeup before Thespian's own mail is looked at
+DRAIN_MAX = 256           # lane messages taken off the socket by one `receive`
 
 
 def lane_dir(run_dir: str) -> str:
@@ -75,6 +75,7 @@ class Lane:
         if self.endpoint is None:
             return
         os.makedirs(lane_dir(run_dir), mode=0o700, exist_ok=True)
+        os.chmod(lane_dir(run_dir), 0o700)   # only this user's processes may connect
         self.sock = self.ctx.socket(zmq.PULL)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)

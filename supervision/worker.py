@@ -35,6 +35,8 @@ CRASH_EXIT_CODE = 70
 _TICK = "pl.tick"
 _RESEQ = "pl.reseq"
 _LANE = "pl.lane"
+LANE_SLICE_S = 0.05   # lane messages are handled in slices this long at most
+LANE_BATCH = 16       # taken off the lane at a time (a slice checks its clock between batches)
 REORDER_GAP_S = 5.0  # a message missing this long is given up on (delivered alone if it comes)
 TRIM_EVERY_S = 30.0  # how often a worker hands its C heap's free memory back (procs.trim_heap)
 
@@ -217,15 +219,16 @@ class Worker(Actor):
             self.on_message(msg, sender)
 
     def _drain_lane(self) -> None:
-        """Handle what waits on our lane: a bounded batch, then Thespian's own mail (heartbeats,
-        timers) goes first and a wakeup brings us back for the rest."""
-        if self._lane is None or self._stopping:
+        """Handle what waits on our lane for at most LANE_SLICE_S, then let Thespian's own mail
+        (heartbeats, timers, admin) go first; a wakeup brings us back for the rest."""
+        if self._lane is None:
             return
-        items, more = self._lane.receive()
-        for msg, sender in items:
-            if self._stopping:
-                break
-            self.on_message(msg, sender)
+        until = time.monotonic() + LANE_SLICE_S
+        more = True
+        while more and not self._stopping and time.monotonic() < until:
+            items, more = self._lane.receive(LANE_BATCH)
+            for msg, sender in items:
+                self.on_message(msg, sender)
         if more and not self._stopping:
             self.after(0, _LANE)
 
