@@ -33,6 +33,7 @@ BULK_ROWS = 1024             # chunks with more rows are "big": at most BULK_WIN
 BULK_WINDOW = 1
 INFLIGHT_TIMEOUT_S = 120.0   # no answer from writer/dlq for this long: the chunk is presumed lost
 MAX_MISSING = 1000           # `missing` lists at most this many seqs
+MAX_HELD = 64                # messages held for one one-message result being written (more: `busy`)
 CLAIM_RETRY_S = 2.0          # `busy` because another daemon holds the request's lease: retry after this
 
 
@@ -338,7 +339,10 @@ class Req:
     inflight: dict = field(default_factory=dict)       # seq -> (rows, sent_at)
     status: ResultStatus = ResultStatus.RECEIVING      # RECEIVING | COMPLETE | FAILED
     end_waiting: bytes | None = None
-    abort_waiting: bytes | None = None                 # an abort of a one-message result being written
+    # the producer's messages about a one-message result whose write is in flight, handled once it is
+    # answered: the writer tells the producer `stored` itself, so the producer's next message (an abort,
+    # a begin, the result again) can reach us before the writer's answer does
+    held: list = field(default_factory=list)
     answered: bytes | None = None                      # identity the writer told `stored` itself
 
     @property
@@ -461,6 +465,15 @@ class Lifecycle:
         if ev.request_id in self.lookups:
             self.lookups[ev.request_id][1].append(ev)
             return
+        req = self.reqs.get(ev.request_id)
+        if req is not None and req.kind == "result" and req.inflight and not isinstance(ev, Result):
+            # (the result itself again is a duplicate of the chunk in flight: `_result` merges it)
+            if len(req.held) >= MAX_HELD:
+                self._release_ev(ev)
+                return self._err(ev.identity, "busy", f"request {ev.request_id} is being written; retry",
+                                 ev.request_id, 0.5)
+            req.held.append(ev)   # answered once the write is (`_replay_held`)
+            return
         if isinstance(ev, Result):
             self._result(ev)
         elif isinstance(ev, Begin):
@@ -574,10 +587,8 @@ class Lifecycle:
                 self.bulk_waiting = collections.deque(w for w in self.bulk_waiting if w.meta["request_id"] != rid)
             # chunks at the writer are released (and counted) when their answer comes: never credited
             self._err(req.identity, "unavailable", text, rid, CLAIM_RETRY_S)
-            if req.abort_waiting is not None:   # no answer of the writer's will reach it now
-                self._err(req.abort_waiting, "unavailable", text, rid, CLAIM_RETRY_S)
         _, queued = self.lookups.pop(rid, (None, []))
-        for q in queued:
+        for q in (req.held if req is not None else []) + queued:   # no answer of the writer's reaches them now
             self._release_ev(q)
             self._err(q.identity, "unavailable", text, rid, CLAIM_RETRY_S)
         self._emit(Log("WARNING", "lease_taken_by_other", (("request_id", rid),
@@ -783,11 +794,6 @@ class Lifecycle:
         if req is None and not looked_up and self.writer_up:
             # not in memory (e.g. after a restart): it may be stored; ask the store before answering
             return self._start_lookup(ev)
-        if req is not None and req.kind == "result" and req.inflight:
-            # its write may be committed already, and the writer may have told the producer `stored`
-            # (a message that can overtake the writer's answer to us): answered once the write is
-            req.abort_waiting = ev.identity
-            return
         if req is not None:
             self.reqs.pop(rid)
             for seq in req.inflight:
@@ -813,7 +819,7 @@ class Lifecycle:
             self._metric("observe", "pairlane_chunk_assembly_seconds", self.clock() - sent[1])
         if ev.outcome != WriteOutcome.DISCARDED:
             self._durable_chunk(req, ev)
-        self._answer_abort(req)
+        self._replay_held(req)
 
     def _durable_chunk(self, req: Req, ev: Durable) -> None:
         req.durable[ev.seq] = (ev.nrows, ev.location)
@@ -894,14 +900,16 @@ class Lifecycle:
         if req is None:
             return
         self._err(req.identity, ev.code, ev.message, req.rid, ev.retry_after_s)
-        self._answer_abort(req)
+        self._replay_held(req)
 
-    def _answer_abort(self, req: Req) -> None:
-        """An abort that waited for req's write: answered as if it came now (`conflict` if the result
-        is stored, else `aborted`), once nothing of req is in flight any more."""
-        if req.abort_waiting is not None and not req.inflight:
-            identity, req.abort_waiting = req.abort_waiting, None
-            self._abort(Abort(req.rid, identity))
+    def _replay_held(self, req: Req) -> None:
+        """The messages held while req's write was in flight, handled in order as if they came now
+        (an abort gets `conflict` if the result is stored, `aborted` if not; a begin or the result
+        again gets `stored`), once nothing of req is in flight any more."""
+        if req.held and not req.inflight:
+            held, req.held = req.held, []
+            for ev in held:
+                self._dispatch(ev)
 
     def _live_done(self, ev: LiveDone) -> None:
         self._release(ev.batch_id, -1)
@@ -954,9 +962,10 @@ class Lifecycle:
                 for seq in req.inflight:
                     self._release(req.rid, seq)
                 req.inflight.clear()
-                if req.abort_waiting is not None:   # whether its write landed, only the store can say
-                    self._err(req.abort_waiting, "busy", "pairlane's writer restarted; retry", req.rid, 0.5)
-                    req.abort_waiting = None
+                for q in req.held:   # whether its write landed, only the store can say
+                    self._err(q.identity, "busy", "pairlane's writer restarted; retry", req.rid, 0.5)
+                    self._release_ev(q)
+                req.held = []
             for rid, (_, queued) in self.lookups.items():
                 for q in queued:
                     self._err(q.identity, "busy", "pairlane's writer restarted; retry", rid, 0.5)
@@ -989,7 +998,7 @@ class Lifecycle:
                     self._emit(Log("WARNING", "chunk_answer_lost", (("request_id", req.rid), ("seq", seq))))
                     lost.append(req)
         for req in lost:
-            self._answer_abort(req)
+            self._replay_held(req)
         for rid, req in list(self.reqs.items()):
             idle = now - req.last_activity
             if req.status == ResultStatus.RECEIVING and not req.inflight and idle > self.timeout_s:

@@ -672,12 +672,13 @@ def test_abort_drops_request(shared, dealer):
     assert result_row(shared, "ab-stored")["status"] == "complete" and rows_for(shared, "ab-stored") == 2
 
 
-def test_abort_right_after_a_one_message_results_stored_is_conflict(shared, dealer):
-    """The writer tells the producer `stored` itself; an abort sent at once can reach the assembler
-    before the writer's own answer does (they come from two actors). It must still be refused: the
-    result is stored. (It once answered `aborted` here, while the result stayed stored.) Another
-    producer keeps the assembler sending to the writer meanwhile, which is when the writer's answer
-    is most often late (two actors sending to each other at once)."""
+@pytest.mark.parametrize("then", ["abort", "begin"])
+def test_a_message_right_after_a_one_message_results_stored_sees_it_stored(shared, dealer, then):
+    """The writer tells the producer `stored` itself; a message sent at once can reach the assembler
+    before the writer's own answer does (they come from two actors). An abort must still be refused
+    (it once answered `aborted` here, while the result stayed stored) and a begin must get `stored`,
+    not a resume credit. Another producer keeps the assembler sending to the writer meanwhile, which
+    is when the writer's answer is most often late."""
     stop = threading.Event()
 
     def traffic():
@@ -685,23 +686,28 @@ def test_abort_right_after_a_one_message_results_stored_is_conflict(shared, deal
         with Producer(shared.gateway_endpoint, timeout_s=30, max_chunk_rows=50) as p:
             k = 0
             while not stop.is_set():
-                p.send_result(f"ab-traffic-{k}", "AbT", cols)
+                p.send_result(f"ab-traffic-{then}-{k}", "AbT", cols)
                 k += 1
 
     t = threading.Thread(target=traffic, daemon=True)
     t.start()
     try:
         for i in range(40):
-            rid = f"ab-race-{i}"
+            rid = f"ab-race-{then}-{i}"
             res = {"type": "result", "request_id": rid, "strategy_name": "S", "total_trades": 2,
                    "trades": rows2()}
             assert dealer.rt(res)["type"] == "stored"
-            check_error(dealer.rt({"type": "abort", "request_id": rid}), "conflict", rid)
+            if then == "abort":
+                check_error(dealer.rt({"type": "abort", "request_id": rid}), "conflict", rid)
+            else:
+                again = dealer.rt({"type": "begin", "request_id": rid, "strategy_name": "S", "total_trades": 2,
+                                   "total_chunks": 1})
+                assert again["type"] == "stored" and again["request_id"] == rid, again
     finally:
         stop.set()
         t.join(60)
     for i in range(40):
-        rid = f"ab-race-{i}"
+        rid = f"ab-race-{then}-{i}"
         assert result_row(shared, rid)["status"] == "complete" and rows_for(shared, rid) == 2
 
 

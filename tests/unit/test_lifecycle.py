@@ -663,7 +663,7 @@ def test_abort_waiting_for_a_write_the_restarted_writer_lost_is_told_to_retry():
     w.pending.clear()
     replies = w.send(lc.Peers(True, False, lost=True))
     assert [(r["code"], r["request_id"]) for r in replies] == [("busy", "R")]
-    assert w.lc.reqs["R"].abort_waiting is None
+    assert w.lc.reqs["R"].held == []
 
 
 def test_abort_waiting_for_a_write_is_answered_when_another_daemon_took_the_request():
@@ -675,6 +675,39 @@ def test_abort_waiting_for_a_write_is_answered_when_another_daemon_took_the_requ
     replies = w.send(lc.LeasesLost())
     assert sorted(r["code"] for r in replies) == ["unavailable", "unavailable"]   # the result's and the abort's
     assert {e.identity for e in w.effects if isinstance(e, lc.Reply)} == {b"p", b"a"}
+
+
+def test_a_begin_of_a_result_being_written_waits_for_the_write_then_is_stored():
+    """Not only an abort: any message of the producer's about the result can overtake the writer's
+    answer to us. A begin answered before it would have got a resume credit for a stored result."""
+    w = World()
+    w.send(result("R"))
+    assert w.send(lc.Begin("R", b"p", meta("R", 1, 10), None, "zmq")) == []
+    write = w.pending.pop()
+    replies = w.send(lc.Durable("R", 0, "db", w.commit(write), 10, answered=b"p"))
+    assert only(replies)["type"] == "stored"
+
+
+def test_messages_held_for_a_result_being_written_are_handled_in_order_after_a_rejection():
+    w = World()
+    w.send(result("R"))
+    w.send(lc.Begin("R", b"p", meta("R", 1, 10), None, "zmq"))   # a producer starting over
+    w.abort("R", who=b"p")                                       # and giving up
+    write = w.pending.pop()
+    replies = w.send(lc.Rejected("R", write.seq, "unavailable", "the database is full", 5.0))
+    assert [r.get("code", r["type"]) for r in replies] == ["unavailable", "credit", "aborted"]
+    assert "R" not in w.lc.reqs and w.statuses("R") == [ResultStatus.ABANDONED]
+
+
+def test_messages_held_for_one_result_are_capped():
+    w = World()
+    w.send(result("R"))
+    for _ in range(lc.MAX_HELD):
+        assert w.abort("R", who=b"a") == []
+    over = w.abort("R", who=b"b")
+    assert [(r["code"], r["retry_after_s"]) for r in over] == [("busy", 0.5)]
+    replies = w.send(lc.Durable("R", 0, "db", w.commit(w.pending.pop()), 10, answered=b"p"))
+    assert [r["code"] for r in replies] == ["conflict"] * lc.MAX_HELD
 
 
 def test_chunked_writes_carry_no_answer():
