@@ -100,7 +100,7 @@ class Assembler(PairlaneActor):
             self._feed(lc.Durable(msg.request_id, msg.seq, msg.location, msg.status, msg.nrows, msg.answered))
             if msg.answered is not None:
                 # the writer's answer released this chunk at the gateway: no message of ours crosses the
-                # producer's next one there (Thespian loses a round when two actors send at once)
+                # producer's next one there (on Thespian, before lanes, that lost a round of tens of ms)
                 key = (msg.request_id, msg.seq)
                 self.released[before:] = [k for k in self.released[before:] if k != key]
         elif isinstance(msg, ChunkRejected):

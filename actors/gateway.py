@@ -23,8 +23,8 @@ from .messages import Inbound, InboundBatch, Outbound
 from .zap import curve_server
 
 DRAIN_BATCH = 64
-# a frame forwarded this long ago and never released is presumed lost between the actors (Thespian can
-# drop a message under load; the assembler gives up on the gap): stop counting it against the caps. Later
+# a frame forwarded this long ago and never released is presumed lost between the actors (with its
+# receiver's restart; or on Thespian, for an actor without a lane, under load): stop counting it against the caps. Later
 # than the assembler's own safety net (INFLIGHT_TIMEOUT_S), which normally releases first.
 LOST_AFTER_S = INFLIGHT_TIMEOUT_S + 30.0
 SWEEP_EVERY_S = 5.0

@@ -47,7 +47,7 @@ from .base import PairlaneActor
 from .messages import Inbound, LegacyResult, LegacyWritten, Outbound
 from .zap import address_filter
 
-# Rows in one legacy chunk. Every chunk costs fixed Thespian hops and writer work, and the writer
+# Rows in one legacy chunk (measured before lanes). Every chunk costs fixed hops and writer work, and the writer
 # idles a round trip between big chunks (one at a time there); a small native result waits for at
 # most one. Measured with the faster parse, interleaved, 4 rounds of 5 messages each (busy 2-core
 # machine): 2560 rows 179k trades/s, small results alongside p50 27.7 ms, p99 67 ms; 3072 181k,

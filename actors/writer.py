@@ -73,8 +73,8 @@ class Writer(PairlaneActor):
             finally:
                 replies, self._batch_to, self._batch_replies = tuple(self._batch_replies), None, []
                 answers, self._batch_answers = self._batch_answers, []
-            # the assembler's answer first: the producer's next message makes the assembler send to us,
-            # and Thespian loses a round (tens of ms) when two actors send to each other at once
+            # the assembler's answer first: the producer's next message makes the assembler send to us
+            # (on Thespian, for actors without lanes, two actors sending to each other lose a round)
             self.send_ordered(sender, WriterBatchDone(replies))
             if answers:
                 self.tell("gateway", Outbound(tuple(a for a, _ in answers), tuple(k for _, k in answers)))

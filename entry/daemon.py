@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 
-from pairlane.supervision import procs
+from pairlane.supervision import lanes, procs
 from pairlane.supervision.intensity import RestartIntensity
 from pairlane.supervision.log import configure as configure_log
 from pairlane.supervision.log import log, reopen, set_level
@@ -92,6 +92,7 @@ class Daemon:
         self.cfg = cfg
         self.config_path = config_path
         self.stop_requested: str | None = None
+        self.run_dir = ""
         self.reload_requested = False
         self.asys = None
         self.root = None
@@ -132,7 +133,6 @@ class Daemon:
 
     def start(self) -> None:
         from pairlane.actors.tree import build_tree
-        from pairlane.supervision import lanes
         from pairlane.supervision.root import RootSupervisor
         from pairlane.supervision.system import start_system
 
@@ -265,6 +265,8 @@ class Daemon:
                 deadline = time.monotonic() + 3
                 while procs.group_pids(pgid) and time.monotonic() < deadline:
                     time.sleep(0.02)
+        if self.run_dir:
+            lanes.remove_lane_dir(self.run_dir)   # the tree is gone: so is every lane
         for lock in self.locks:
             lock.release()
 

@@ -22,25 +22,52 @@ here.
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
 import pickle
 import secrets
+import stat
+import tempfile
 
 import zmq
 
 MAX_IPC_PATH = 100        # sun_path is 108 bytes; libzmq refuses longer
+ENDPOINT_ROOM = 48        # "/<name>-<pid>-<token>" after the directory
 MAX_PEERS = 64            # PUSH sockets kept open to incarnations learned from envelopes
 DRAIN_MAX = 256           # lane messages taken off the socket by one `receive`
 
 
 def lane_dir(run_dir: str) -> str:
-    return os.path.join(run_dir, "lanes")
+    """Where a daemon's lane sockets live: `<run_dir>/lanes`, or, when that path leaves no room for
+    an ipc socket's name, `<tmp>/pairlane-<uid>/<hash of run_dir>` (a directory of this user's own)."""
+    run_dir = os.path.abspath(run_dir)
+    d = os.path.join(run_dir, "lanes")
+    if len(d.encode()) + ENDPOINT_ROOM <= MAX_IPC_PATH:
+        return d
+    digest = hashlib.sha256(run_dir.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"pairlane-{os.getuid()}", digest)
+
+
+def make_lane_dir(run_dir: str) -> str | None:
+    """lane_dir(run_dir), made private (0700, ours); None if it cannot be (someone else owns it,
+    or the path is still too long)."""
+    d = lane_dir(run_dir)
+    if len(d.encode()) + ENDPOINT_ROOM > MAX_IPC_PATH:
+        return None
+    in_run_dir = os.path.dirname(d) == os.path.abspath(run_dir)
+    for path in [d] if in_run_dir else [os.path.dirname(d), d]:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            return None   # not ours (a shared tmp): no lane rather than a socket others may reach
+        os.chmod(path, 0o700)   # only this user's processes may connect
+    return d
 
 
 def endpoint_for(run_dir: str, name: str, pid: int, token: str) -> str | None:
-    """This incarnation's endpoint, or None when the path is too long for an ipc socket."""
-    path = os.path.join(lane_dir(run_dir), f"{name}-{pid}-{token}")
-    return f"ipc://{path}" if len(path.encode()) <= MAX_IPC_PATH else None
+    """This incarnation's endpoint, or None when it can have none."""
+    d = make_lane_dir(run_dir)
+    return f"ipc://{os.path.join(d, f'{name}-{pid}-{token}')}" if d is not None else None
 
 
 def remove_socket_file(endpoint: str) -> None:
@@ -53,10 +80,23 @@ def remove_socket_file(endpoint: str) -> None:
 
 
 def remove_all_socket_files(run_dir: str) -> None:
-    """At a daemon's start: every socket file left in its run directory by a tree that was killed."""
+    """At a daemon's start: every socket file a tree that was killed left behind; at its stop: the
+    directory too, when it is not in the run directory."""
     d = lane_dir(run_dir)
-    for name in os.listdir(d) if os.path.isdir(d) else ():
+    for name in os.listdir(d) if os.path.isdir(d) and not os.path.islink(d) else ():
         remove_socket_file(f"ipc://{os.path.join(d, name)}")
+
+
+def remove_lane_dir(run_dir: str) -> None:
+    """At a daemon's stop (its tree is gone): what is left of its lane directory."""
+    remove_all_socket_files(run_dir)
+    d = lane_dir(run_dir)
+    in_run_dir = os.path.dirname(d) == os.path.abspath(run_dir)
+    for path in [d] if in_run_dir else [d, os.path.dirname(d)]:   # the shared parent only when empty
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
 
 
 class Lane:
@@ -71,11 +111,9 @@ class Lane:
         self.learned: collections.OrderedDict = collections.OrderedDict()  # the same, from envelopes
         self.pushes: dict[str, zmq.Socket] = {}                # endpoint -> PUSH socket
         self.senders: dict[bytes, tuple] = {}                  # pickled address -> (address, endpoint)
-        self.stats = collections.Counter()
+        self.stats = collections.Counter(sent=0, received=0)
         if self.endpoint is None:
             return
-        os.makedirs(lane_dir(run_dir), mode=0o700, exist_ok=True)
-        os.chmod(lane_dir(run_dir), 0o700)   # only this user's processes may connect
         self.sock = self.ctx.socket(zmq.PULL)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)

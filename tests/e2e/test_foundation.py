@@ -297,3 +297,56 @@ def test_a_second_daemon_on_the_same_store_or_spool_exits_2(make_daemon):
     out = refused(same_spool)
     assert "'dlq.path'" in out and "in use by another pairlane daemon" in out
     assert first.status()["ready"]  # the first daemon is unharmed
+
+
+# ----- lanes: the data path beside Thespian (supervision/lanes.py) -----------------------------------
+def lane_dir(d) -> str:
+    from pairlane.entry.daemon import run_dir_for
+    from pairlane.supervision.lanes import lane_dir
+    return lane_dir(str(d.tmp / run_dir_for(d.cfg)))
+
+
+def lane_files(d) -> set[str]:
+    path = lane_dir(d)
+    return set(os.listdir(path)) if os.path.isdir(path) else set()
+
+
+@pytest.mark.timeout(120)
+def test_the_data_path_goes_on_lanes_and_each_incarnation_has_its_own(make_daemon):
+    from pairlane.client import Producer, synthetic_columns
+    from tests.e2e.util import inspect, rows_for
+
+    d = make_daemon()
+    with Producer(d.gateway_endpoint, timeout_s=10, max_chunk_rows=1000) as p:
+        assert p.send_result("lane-1", "L", synthetic_columns(5000, seed=1))["type"] == "stored"
+    lanes = {name: inspect(d, name)["lane"] for name in ("gateway", "assembler", "writer")}
+    for name, lane in lanes.items():   # every hop of the result went on a lane, not through Thespian
+        assert lane["received"] > 0 and lane["sent"] > 0, (name, lane)
+    assert lanes["assembler"]["received"] >= 6     # begin, five chunks (end may be answered at the gateway)
+    files = lane_files(d)
+    assert {os.path.basename(l["endpoint"]) for l in lanes.values()} <= files
+    assert all(f.split("-")[0] in {a["name"] for a in d.status()["actors"]} for f in files)
+    assert os.stat(lane_dir(d)).st_mode & 0o077 == 0
+
+    writer = d.actor("writer")
+    os.kill(writer["pid"], signal.SIGKILL)
+    d.wait_running("writer", restarts=1, timeout=15)
+    new = inspect(d, "writer")["lane"]
+    assert new["endpoint"] != lanes["writer"]["endpoint"] and new["received"] == 0
+    assert os.path.basename(lanes["writer"]["endpoint"]) not in lane_files(d)   # the killed one's is removed
+    with Producer(d.gateway_endpoint, timeout_s=10, retries=10, max_chunk_rows=1000) as p:
+        assert p.send_result("lane-2", "L", synthetic_columns(3000, seed=2))["type"] == "stored"
+    assert rows_for(d, "lane-1") == 5000 and rows_for(d, "lane-2") == 3000
+    assert inspect(d, "writer")["lane"]["received"] > 0
+
+    # a tree killed outright leaves its socket files; the next daemon on the store clears them
+    d.proc.kill()
+    d.proc.wait(5)
+    assert wait_no_process(d, d.all_pids(), 10.0) == []
+    stale = lane_files(d)
+    assert stale
+    again = make_daemon({"store": {"path": d.db_path}, "dlq": {"path": d.cfg["dlq"]["path"]}})
+    assert again.status()["ready"]
+    assert not stale & lane_files(again)
+    again.stop(20)
+    assert not os.path.exists(lane_dir(again))   # a graceful stop closes every lane, and removes the rest

@@ -6,6 +6,7 @@ socket file removed) is tested on a real actor system in test_supervision.py.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -25,6 +26,7 @@ def pair(tmp_path):
     yield make
     for lane in made:
         lane.close()
+    lanes.remove_lane_dir(str(tmp_path))
 
 
 def take(lane: Lane, n: int, limit: int = lanes.DRAIN_MAX) -> list:
@@ -108,21 +110,50 @@ def test_incarnations_learned_from_envelopes_are_bounded(pair, monkeypatch):
     assert hub.endpoint_of("S6") == late.endpoint
 
 
-def test_a_run_dir_too_long_for_an_ipc_socket_gives_no_lane(tmp_path):
-    deep = tmp_path / ("d" * 120)
-    lane = Lane(str(deep), "writer", "A")
+def test_lanes_live_in_the_run_dir_when_it_is_short_else_in_a_private_tmp_directory(tmp_path):
+    short = "/tmp/pl-" + os.urandom(3).hex()
     try:
-        assert lane.endpoint is None and lane.sock is None and lane.fd is None
-        assert lane.endpoint_of("anyone") is None
-        assert lane.receive() == ([], False)
-        assert not deep.exists()
+        assert lanes.lane_dir(short) == short + "/lanes"
+        ep = lanes.endpoint_for(short, "writer", 123, "abcd")
+        assert ep == f"ipc://{short}/lanes/writer-123-abcd"
+        assert os.stat(short + "/lanes").st_mode & 0o777 == 0o700
+    finally:
+        lanes.remove_lane_dir(short)
+        os.rmdir(short)
+    deep = str(tmp_path / ("d" * 120))
+    d = lanes.lane_dir(deep)
+    assert d.startswith(os.path.join(tempfile.gettempdir(), f"pairlane-{os.getuid()}") + os.sep)
+    assert d != lanes.lane_dir(deep + "x") and len(d) + lanes.ENDPOINT_ROOM <= lanes.MAX_IPC_PATH
+    lane = Lane(deep, "writer-with-a-long-name", "A")
+    try:
+        assert lane.endpoint.startswith(f"ipc://{d}/writer-with-a-long-name-{os.getpid()}-")
+        lane.send(lane.endpoint, "to myself")
+        assert lane.sock.poll(5000) and lane.receive()[0] == [("to myself", "A")]
+        assert os.stat(d).st_mode & 0o777 == 0o700 and not os.path.exists(deep)
     finally:
         lane.close()
+        lanes.remove_lane_dir(deep)
+    assert not os.path.exists(d)
+
+
+def test_a_lane_directory_someone_else_owns_gives_no_lane(tmp_path, monkeypatch):
+    run_dir, uid = str(tmp_path / ("e" * 120)), os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: uid + 4242)   # as if another user had made the directory
+    d = lanes.lane_dir(run_dir)
+    try:
+        lane = Lane(run_dir, "writer", "A")
+        assert lane.endpoint is None and lane.sock is None and lane.fd is None
+        assert lane.endpoint_of("anyone") is None and lane.receive() == ([], False)
+        lane.close()
+    finally:
+        monkeypatch.undo()
+        for path in (d, os.path.dirname(d)):
+            if os.path.isdir(path):
+                os.rmdir(path)
 
 
 def test_remove_socket_file_removes_a_dead_incarnations_file(tmp_path):
-    path = tmp_path / "lanes" / "gone"
-    path.parent.mkdir()
+    path = tmp_path / "gone"
     path.write_bytes(b"")
     lanes.remove_socket_file(f"ipc://{path}")
     assert not path.exists()
@@ -130,15 +161,19 @@ def test_remove_socket_file_removes_a_dead_incarnations_file(tmp_path):
     lanes.remove_socket_file("")                         # never had a lane
 
 
-def test_remove_all_socket_files_empties_the_lane_directory(tmp_path):
-    (tmp_path / "lanes").mkdir()
+def test_remove_all_socket_files_empties_the_lane_directory_and_remove_lane_dir_removes_it(tmp_path):
+    d = lanes.make_lane_dir(str(tmp_path))
     for name in ("writer-1-ab", "gateway-2-cd"):
-        (tmp_path / "lanes" / name).write_bytes(b"")
+        with open(os.path.join(d, name), "wb"):
+            pass
     lanes.remove_all_socket_files(str(tmp_path))
-    assert os.listdir(tmp_path / "lanes") == []
+    assert os.listdir(d) == []
+    lanes.remove_lane_dir(str(tmp_path))
+    assert not os.path.exists(d)
     lanes.remove_all_socket_files(str(tmp_path / "never-made"))
+    lanes.remove_lane_dir(str(tmp_path / "never-made"))
 
 
 def test_the_lane_directory_is_private(pair, tmp_path):
     pair("a", "A")
-    assert os.stat(tmp_path / "lanes").st_mode & 0o077 == 0
+    assert os.stat(lanes.lane_dir(str(tmp_path))).st_mode & 0o077 == 0

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from pairlane import config as cfgmod
-from pairlane.supervision import procs
+from pairlane.supervision import lanes, procs
 from pairlane.supervision.messages import (InspectReply, InspectRequest, RestartChild, StartTree, StatusReply,
                                   StatusRequest, StopDaemon, TreeStarted, TreeStopped)
 from pairlane.supervision.intensity import RestartIntensity
@@ -227,6 +227,7 @@ def make_tree(tmp_path):
     for t in trees:
         left += t.close()
         info.update(getattr(t, "survivor_info", {}))
+        lanes.remove_lane_dir(t.run_dir)   # what the daemon's main process does at its stop
     assert not left, f"actor processes left behind (killed now): {info}"
 
 
@@ -761,7 +762,7 @@ def test_the_daemon_main_process_counts_root_deaths_with_the_same_intensity():
 
 # ----- lanes (supervision/lanes.py) -------------------------------------------------------------------
 def lane_files(run_dir: str) -> list[str]:
-    d = os.path.join(run_dir, "lanes")
+    d = lanes.lane_dir(run_dir)
     return sorted(os.listdir(d)) if os.path.isdir(d) else []
 
 
