@@ -188,6 +188,10 @@ class Lane:
             self.stats["received"] += 1
         return out, True
 
+    def waiting(self) -> bool:
+        """Whether a message waits on the socket (reading this takes the FD's edge: drain after)."""
+        return self.sock is not None and bool(self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
     def inspect(self) -> dict:
         return dict(self.stats, endpoint=self.endpoint, peers=len(self.peers) + len(self.learned),
                     sockets=len(self.pushes))

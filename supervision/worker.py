@@ -12,8 +12,9 @@ retry and PoisonMessage are never used. Never contains application logic.
 """
 from __future__ import annotations
 
-import multiprocessing
+import collections
 import gc
+import multiprocessing
 import os
 import signal
 import time
@@ -36,7 +37,9 @@ _TICK = "pl.tick"
 _RESEQ = "pl.reseq"
 _LANE = "pl.lane"
 LANE_SLICE_S = 0.05   # lane messages are handled in slices this long at most
-LANE_BATCH = 16       # taken off the lane at a time (a slice checks its clock between batches)
+LANE_BATCH = 16       # taken off the lane at a time
+LANE_YIELD_S = 0.001  # how long a worker that used up its slice lets Thespian's mail go first
+LANE_YIELD_LONG_S = 0.02   # the same after a slice that ran long
 REORDER_GAP_S = 5.0  # a message missing this long is given up on (delivered alone if it comes)
 TRIM_EVERY_S = 30.0  # how often a worker hands its C heap's free memory back (procs.trim_heap)
 
@@ -66,6 +69,9 @@ class Worker(Actor):
         self.directory_at = 0.0  # Directory.at of the version in self.directory
         self.lanes: dict = {}    # name -> lane endpoint, from the same Directory
         self._lane: Lane | None = None
+        self._lane_backlog: collections.deque = collections.deque()   # taken off the lane, not yet handled
+        self._lane_wakeup = False      # a _LANE wakeup is scheduled
+        self._ticked_at = time.monotonic()   # when the heartbeat tick last ran
         self.supervisor = None
         self.main_pid = 0
         self.run_dir = ""
@@ -174,6 +180,7 @@ class Worker(Actor):
                 self._reseq_timer = False
                 self._deliver(self._reseq.expire())
             elif msg.payload == _LANE:
+                self._lane_wakeup = False
                 self._drain_lane()
             else:
                 self.on_timer(msg.payload)
@@ -181,7 +188,7 @@ class Worker(Actor):
             ready = msg.ready
             if self._lane is not None and self._lane.fd in ready:
                 ready = [fd for fd in ready if fd != self._lane.fd]
-                self._drain_lane()
+                self._lane_readable()
             if ready:
                 self.on_readable(ready)
         elif isinstance(msg, Init):
@@ -219,18 +226,55 @@ class Worker(Actor):
             self.on_message(msg, sender)
 
     def _drain_lane(self) -> None:
-        """Handle what waits on our lane for at most LANE_SLICE_S, then let Thespian's own mail
-        (heartbeats, timers, admin) go first; a wakeup brings us back for the rest."""
+        """Handle what waits on our lane until LANE_SLICE_S have passed (checked after every message:
+        one write may take seconds), then let Thespian's own mail (heartbeats, timers, admin) go
+        first; a wakeup brings us back for the rest, which waits in order in `_lane_backlog`."""
         if self._lane is None:
             return
+        if self._tick_overdue():
+            # Thespian delivers wakeups that expired together last-first, and sends our heartbeat only
+            # when its transport runs between them: let the tick, and the transport, go first
+            self._take_lane()
+            return self._lane_later()
         until = time.monotonic() + LANE_SLICE_S
         more = True
-        while more and not self._stopping and time.monotonic() < until:
-            items, more = self._lane.receive(LANE_BATCH)
-            for msg, sender in items:
-                self.on_message(msg, sender)
-        if more and not self._stopping:
-            self.after(0, _LANE)
+        while not self._stopping and time.monotonic() < until:
+            if not self._lane_backlog:
+                items, more = self._lane.receive(LANE_BATCH)
+                if not items:
+                    break
+                self._lane_backlog.extend(items)
+            msg, sender = self._lane_backlog.popleft()
+            self.on_message(msg, sender)
+        if self._lane_backlog or more:
+            # a slice that ran long (one slow write) leaves Thespian's transport time to get our
+            # heartbeat out and its ACK back: a send to an actor waits for the previous one's ACK
+            self._lane_later(LANE_YIELD_LONG_S if time.monotonic() > until + LANE_SLICE_S else LANE_YIELD_S)
+
+    def _lane_readable(self) -> None:
+        """The lane's FD fired. While we are yielding to Thespian's mail (a _LANE wakeup pending),
+        only take what waits off the socket (so the edge is consumed and the FD stops firing):
+        Thespian hands us watched FDs before due timers, and handling here would starve them."""
+        if not self._lane_wakeup:
+            return self._drain_lane()
+        self._take_lane()
+
+    def _take_lane(self) -> None:
+        """Everything waiting on the socket into the backlog, in order (this consumes the FD's edge)."""
+        more = True
+        while more:
+            items, more = self._lane.receive()
+            self._lane_backlog.extend(items)
+
+    def _tick_overdue(self) -> bool:
+        return self.settings is not None and time.monotonic() - self._ticked_at > self.settings.heartbeat_s
+
+    def _lane_later(self, delay_s: float = LANE_YIELD_S) -> None:
+        """Come back to the lane once Thespian's due mail (a heartbeat tick first) and its transport
+        (which sends the heartbeat) have had their turn."""
+        if not self._stopping and not self._lane_wakeup:
+            self._lane_wakeup = True
+            self.after(delay_s, _LANE)
 
     def _open_lane(self) -> None:
         """Bind this incarnation's lane (workers only: supervisors fork children, and a forked
@@ -326,15 +370,17 @@ class Worker(Actor):
         self._loop_watch.tick()
 
     def _tick(self) -> None:
+        self._ticked_at = time.monotonic()
         self._watch_own_loop()
         if time.monotonic() - self._trimmed_at > TRIM_EVERY_S:
             self._trimmed_at = time.monotonic()
             procs.trim_heap()
         self._check_orphan()
-        self._drain_lane()   # the lane's socket signals edges: never leave a missed one waiting
         if self.supervisor is not None and not self._stopping:
             self.send(self.supervisor, Heartbeat(self.name, os.getpid()))
             procs.touch_pidfile(self.run_dir, self.name)
+        if self._lane is not None and (self._lane_backlog or self._lane.waiting()):
+            self._lane_later()   # the lane's socket signals edges: never leave a missed one waiting
         self.on_tick()
         self.after(self.settings.heartbeat_s, _TICK)
 

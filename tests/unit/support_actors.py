@@ -179,6 +179,7 @@ class Burst:
     n: int
     tag: str
     size: int = 0     # bytes of padding in each Seq (big ones cross the lane in many packets)
+    work_s: float = 0.0   # how long the receiver works on each Seq
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,7 @@ class Seq:
     tag: str
     i: int
     pad: bytes = b""
+    work_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -203,9 +205,10 @@ class Relay(Steady):
     def on_message(self, msg, sender) -> None:
         if isinstance(msg, Burst):
             for i in range(msg.n):
-                self.tell(msg.to, Seq(msg.tag, i, b"x" * msg.size))
+                self.tell(msg.to, Seq(msg.tag, i, b"x" * msg.size, msg.work_s))
         elif isinstance(msg, (Seq, SeqAck)):
             if isinstance(msg, Seq):
+                time.sleep(msg.work_s)
                 self.send_ordered(sender, SeqAck(msg.tag, msg.i))
             received = self._lane.stats["received"] if self._lane is not None else 0
             kind = "ack " if isinstance(msg, SeqAck) else ""

@@ -796,3 +796,15 @@ def test_ordered_messages_between_workers_go_on_their_lanes_in_order_and_a_resta
     got = wait_lines(t.run_dir, "b", 3500)
     assert [(tag, int(i)) for tag, i, _ in got[3000:]] == [("two", i) for i in range(500)]
     assert int(got[-1][2]) == 500                     # the new incarnation's own lane, from its first message
+
+
+def test_a_worker_busy_with_slow_lane_messages_still_heartbeats_between_them(make_tree):
+    """Each message takes most of the heartbeat deadline (a database write that hits its statement
+    timeout): the worker must let its heartbeat out between two of them, not handle a whole batch
+    taken off the lane and be killed by the watchdog."""
+    t = make_tree(root_spec(ChildSpec("a", Relay, shutdown_s=2.0), ChildSpec("b", Relay, shutdown_s=2.0)))
+    t.forward("a", Burst("b", 6, "slow", work_s=0.6))    # FAST: heartbeat deadline 1.0 s
+    got = wait_lines(t.run_dir, "b", 6, timeout=15.0)
+    assert [(tag, int(i)) for tag, i, _ in got] == [("slow", i) for i in range(6)]
+    rows = t.status()
+    assert rows["b"]["restarts"] == 0 and rows["b"]["state"] == "RUNNING", rows["b"]
