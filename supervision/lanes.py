@@ -3,20 +3,20 @@
 Thespian's TCP transport sends one message per sender/receiver pair at a time and waits for the
 receiver's ACK before the next, and may reorder two sends (supervision/ordering.py). The data path
 (gateway -> assembler -> writer, and every answer back) pays that on each hop. A lane is one PULL
-socket per worker incarnation, bound at `ipc://<run_dir>/lanes/<name>-<pid>-<random>`: senders
+socket per worker incarnation, bound at `<lane_dir>/<name>-<pid>-<random>` (`lane_dir`): senders
 PUSH to it, ZeroMQ keeps each sender's messages in order and never waits for an answer.
 
 Owns: the endpoint of this incarnation (`Lane.endpoint`, announced in `Started` and spread in the
 `Directory`), the PUSH sockets to other incarnations, and the envelope. Thespian keeps everything
 else: lifecycle, supervision, heartbeats, admin messages, and any message to an actor without a
-lane (supervisors; anyone whose run_dir path is too long for an ipc endpoint).
+lane (supervisors; any worker when the lane directory is not this user's).
 
 Promises, the same as Thespian's with `send_ordered`: a sender's messages to one incarnation
 arrive in the order sent; a message to an incarnation that died is lost with it (its endpoint is
 its own, so a restarted actor never gets its predecessor's mail). Never blocks: the queues are
 bounded by what the senders keep in flight (credit windows, in-flight caps), as with Thespian.
-Trust: the socket files are in the daemon's run directory, made 0700, and only the daemon's own
-processes connect; envelopes are pickled as Thespian's own messages are. No network input is read
+Trust: the socket files are in a directory of this user's own, made 0700, and only the daemon's
+own processes connect; envelopes are pickled as Thespian's own messages are. No network input is read
 here.
 """
 from __future__ import annotations
@@ -80,8 +80,7 @@ def remove_socket_file(endpoint: str) -> None:
 
 
 def remove_all_socket_files(run_dir: str) -> None:
-    """At a daemon's start: every socket file a tree that was killed left behind; at its stop: the
-    directory too, when it is not in the run directory."""
+    """At a daemon's start: every socket file a tree that was killed left behind."""
     d = lane_dir(run_dir)
     for name in os.listdir(d) if os.path.isdir(d) and not os.path.islink(d) else ():
         remove_socket_file(f"ipc://{os.path.join(d, name)}")
