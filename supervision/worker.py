@@ -288,7 +288,8 @@ class Worker(Actor):
             self._lane = None
             return
         if self._lane.endpoint is None:
-            self.log("WARNING", "lane_unavailable", error="run directory path too long for an ipc socket")
+            self.log("WARNING", "lane_unavailable", error="no lane directory of this user's own "
+                     "(supervision/lanes.py lane_dir): messages to this actor go through Thespian")
         self._lane.set_directory(self.directory, self.lanes)
 
     def _close_lane(self) -> None:
