@@ -295,6 +295,11 @@ class Daemon:
                 pass
         if getattr(self, "_log", None):
             self._log.close()
+        if self.proc is not None:   # ours (not attached), and gone: a daemon killed outright leaves its
+            # lanes' directory behind (the next daemon on its store would reuse it)
+            from pairlane.entry.daemon import run_dir_for
+            from pairlane.supervision.lanes import remove_lane_dir
+            remove_lane_dir(str(self.tmp / run_dir_for(self.cfg)))
         return leftover
 
     # ----- admin --------------------------------------------------------------------------------
