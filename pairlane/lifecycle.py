@@ -442,6 +442,12 @@ class Lifecycle:
         if key is not None:
             self._emit(Release(*key))
 
+    def _refuse(self, events: list, code: str, message: str, rid: str, retry: float) -> None:
+        """Answer each of events (producer messages held or queued) with an error, and release it."""
+        for ev in events:
+            self._release_ev(ev)
+            self._err(ev.identity, code, message, rid, retry)
+
     def _metric(self, op: str, name: str, value: float = 1.0, **labels) -> None:
         self._emit(Metric(op, name, value, tuple(labels.items())))
 
@@ -547,9 +553,7 @@ class Lifecycle:
             self.stats["claims_lost"] += 1
             code, retry = "busy", CLAIM_RETRY_S
             text = f"request {rid} is being assembled by another pairlane daemon; retry"
-        for q in queued:
-            self._release_ev(q)
-            self._err(q.identity, code, text, rid, retry)
+        self._refuse(queued, code, text, rid, retry)
 
     def _leases_lost(self, ev: LeasesLost) -> None:
         """Every lease went with its session: claim each again before anything else of ours needs it."""
@@ -588,9 +592,8 @@ class Lifecycle:
             # chunks at the writer are released (and counted) when their answer comes: never credited
             self._err(req.identity, "unavailable", text, rid, CLAIM_RETRY_S)
         _, queued = self.lookups.pop(rid, (None, []))
-        for q in (req.held if req is not None else []) + queued:   # no answer of the writer's reaches them now
-            self._release_ev(q)
-            self._err(q.identity, "unavailable", text, rid, CLAIM_RETRY_S)
+        # no answer of the writer's reaches them now
+        self._refuse((req.held if req is not None else []) + queued, "unavailable", text, rid, CLAIM_RETRY_S)
         self._emit(Log("WARNING", "lease_taken_by_other", (("request_id", rid),
                                                              ("durable", len(req.durable) if req else 0))))
 
@@ -926,10 +929,7 @@ class Lifecycle:
             return
         queued = entry[1]
         if ev.failed:
-            for q in queued:
-                self._release_ev(q)
-                self._err(q.identity, "unavailable", "pairlane's writer is restarting", ev.request_id, 1.0)
-            return
+            return self._refuse(queued, "unavailable", "pairlane's writer is restarting", ev.request_id, 1.0)
         first, rest = queued[0], queued[1:]
         if isinstance(first, Result):
             self._result(first, ev.row, True)
@@ -962,14 +962,11 @@ class Lifecycle:
                 for seq in req.inflight:
                     self._release(req.rid, seq)
                 req.inflight.clear()
-                for q in req.held:   # whether its write landed, only the store can say
-                    self._err(q.identity, "busy", "pairlane's writer restarted; retry", req.rid, 0.5)
-                    self._release_ev(q)
+                # whether its write landed, only the store can say
+                self._refuse(req.held, "busy", "pairlane's writer restarted; retry", req.rid, 0.5)
                 req.held = []
             for rid, (_, queued) in self.lookups.items():
-                for q in queued:
-                    self._err(q.identity, "busy", "pairlane's writer restarted; retry", rid, 0.5)
-                    self._release_ev(q)
+                self._refuse(queued, "busy", "pairlane's writer restarted; retry", rid, 0.5)
             self.lookups.clear()
             self.claiming.clear()
             for batch_id, identity in self.live.items():
@@ -1016,9 +1013,7 @@ class Lifecycle:
             if now - asked_at > LOOKUP_TIMEOUT_S:
                 self.lookups.pop(rid)
                 self.claiming.discard(rid)
-                for q in queued:
-                    self._release_ev(q)
-                    self._err(q.identity, "busy", "the database did not answer in time; retry", rid, 1.0)
+                self._refuse(queued, "busy", "the database did not answer in time; retry", rid, 1.0)
         if now - self.last_sweep > max(1.0, self.timeout_s / 2) and self.writer_up:
             self.last_sweep = now
             # a request with chunks waiting in the dlq is stored, never stale (PROTOCOL section 1)

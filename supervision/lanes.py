@@ -48,14 +48,20 @@ def lane_dir(run_dir: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"pairlane-{os.getuid()}", digest)
 
 
+def _own_dirs(run_dir: str) -> list[str]:
+    """The directories the lanes of run_dir's daemon own, outermost first: the lane directory, and in
+    tmp also its parent (`pairlane-<uid>`, shared by this user's daemons)."""
+    d = lane_dir(run_dir)
+    return [d] if os.path.dirname(d) == os.path.abspath(run_dir) else [os.path.dirname(d), d]
+
+
 def make_lane_dir(run_dir: str) -> str | None:
     """lane_dir(run_dir), made private (0700, ours); None if it cannot be (someone else owns it,
     or the path is still too long)."""
     d = lane_dir(run_dir)
     if len(d.encode()) + ENDPOINT_ROOM > MAX_IPC_PATH:
         return None
-    in_run_dir = os.path.dirname(d) == os.path.abspath(run_dir)
-    for path in [d] if in_run_dir else [os.path.dirname(d), d]:
+    for path in _own_dirs(run_dir):
         os.makedirs(path, mode=0o700, exist_ok=True)
         st = os.lstat(path)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
@@ -89,9 +95,7 @@ def remove_all_socket_files(run_dir: str) -> None:
 def remove_lane_dir(run_dir: str) -> None:
     """At a daemon's stop (its tree is gone): what is left of its lane directory."""
     remove_all_socket_files(run_dir)
-    d = lane_dir(run_dir)
-    in_run_dir = os.path.dirname(d) == os.path.abspath(run_dir)
-    for path in [d] if in_run_dir else [d, os.path.dirname(d)]:   # the shared parent only when empty
+    for path in reversed(_own_dirs(run_dir)):   # the shared parent only when empty
         try:
             os.rmdir(path)
         except OSError:
