@@ -20,7 +20,6 @@ import signal
 import time
 import traceback
 
-from zmq import ZMQError
 from thespian.actors import (Actor, ActorExitRequest, ChildActorExited, ThespianWatch,
                              WakeupMessage, WatchMessage)
 
@@ -167,7 +166,7 @@ class Worker(Actor):
             return None
         fds = self.watch_fds()
         if self._lane is not None and self._lane.sock is not None:
-            fds = fds + [self._lane.fd]
+            fds = fds + self._lane.fds
         return ThespianWatch(fds) if fds else None
 
     def _dispatch(self, msg, sender) -> None:
@@ -186,8 +185,9 @@ class Worker(Actor):
                 self.on_timer(msg.payload)
         elif isinstance(msg, WatchMessage):
             ready = msg.ready
-            if self._lane is not None and self._lane.fd in ready:
-                ready = [fd for fd in ready if fd != self._lane.fd]
+            mine = set(self._lane.fds) if self._lane is not None else ()
+            if mine and not mine.isdisjoint(ready):
+                ready = [fd for fd in ready if fd not in mine]
                 self._lane_readable()
             if ready:
                 self.on_readable(ready)
@@ -253,14 +253,14 @@ class Worker(Actor):
 
     def _lane_readable(self) -> None:
         """The lane's FD fired. While we are yielding to Thespian's mail (a _LANE wakeup pending),
-        only take what waits off the socket (so the edge is consumed and the FD stops firing):
+        only take what waits off the sockets (so they stop firing in Thespian's select):
         Thespian hands us watched FDs before due timers, and handling here would starve them."""
         if not self._lane_wakeup:
             return self._drain_lane()
         self._take_lane()
 
     def _take_lane(self) -> None:
-        """Everything waiting on the socket into the backlog, in order (this consumes the FD's edge)."""
+        """Everything waiting on the lane into the backlog, in order (its sockets stop firing)."""
         more = True
         while more:
             items, more = self._lane.receive()
@@ -283,7 +283,7 @@ class Worker(Actor):
             return
         try:
             self._lane = Lane(self.run_dir, self.name, self.myAddress)
-        except (OSError, ZMQError) as exc:
+        except OSError as exc:
             self.log("WARNING", "lane_unavailable", error=exc)
             self._lane = None
             return
@@ -381,7 +381,7 @@ class Worker(Actor):
             self.send(self.supervisor, Heartbeat(self.name, os.getpid()))
             procs.touch_pidfile(self.run_dir, self.name)
         if self._lane is not None and (self._lane_backlog or self._lane.waiting()):
-            self._lane_later()   # the lane's socket signals edges: never leave a missed one waiting
+            self._lane_later()   # never leave lane mail waiting (a wakeup may have been missed)
         self.on_tick()
         self.after(self.settings.heartbeat_s, _TICK)
 

@@ -321,7 +321,7 @@ def test_the_data_path_goes_on_lanes_and_each_incarnation_has_its_own(make_daemo
         assert p.send_result("lane-1", "L", synthetic_columns(5000, seed=1))["type"] == "stored"
     lanes = {name: inspect(d, name)["lane"] for name in ("gateway", "assembler", "writer")}
     for name, lane in lanes.items():   # every hop of the result went on a lane, not through Thespian
-        assert lane["received"] > 0 and lane["sent"] > 0, (name, lane)
+        assert lane["received"] > 0 and lane["sent"] > 0 and lane["lost"] == 0, (name, lane)
     assert lanes["assembler"]["received"] >= 6     # begin, five chunks (end may be answered at the gateway)
     files = lane_files(d)
     assert {os.path.basename(l["endpoint"]) for l in lanes.values()} <= files

@@ -6,7 +6,12 @@ socket file removed) is tested on a real actor system in test_supervision.py.
 from __future__ import annotations
 
 import os
+import pickle
+import select
+import socket
 import tempfile
+import threading
+import time
 
 import pytest
 
@@ -30,14 +35,14 @@ def pair(tmp_path):
 
 
 def take(lane: Lane, n: int, limit: int = lanes.DRAIN_MAX) -> list:
-    """Everything up to n messages, waiting for the ipc socket as long as it takes (at most 5 s)."""
-    import zmq
+    """Everything up to n messages, waiting for the lane's sockets as long as it takes (at most 5 s)."""
     got = []
-    poller = zmq.Poller()
-    poller.register(lane.sock, zmq.POLLIN)
-    while len(got) < n and poller.poll(5000):
+    deadline = time.monotonic() + 5
+    while len(got) < n and time.monotonic() < deadline:
         items, _ = lane.receive(limit)
         got += items
+        if len(got) < n and not items:
+            select.select(lane.fds, [], [], 0.05)
     return got
 
 
@@ -88,7 +93,7 @@ def test_a_directory_without_an_incarnation_closes_the_socket_to_it(pair):
     a.set_directory({"b": "B2"}, {})                     # b restarted, its new one has no lane yet
     assert a.endpoint_of("B") is None and a.endpoint_of("B2") is None
     assert a.pushes == {}
-    a.set_directory({"b": "B"}, {"b": b.endpoint, "c": "ipc:///nowhere"})   # a name not in entries
+    a.set_directory({"b": "B"}, {"b": b.endpoint, "c": "unix:///nowhere"})   # a name not in entries
     assert a.peers == {"B": b.endpoint}
 
 
@@ -115,7 +120,7 @@ def test_lanes_live_in_the_run_dir_when_it_is_short_else_in_a_private_tmp_direct
     try:
         assert lanes.lane_dir(short) == short + "/lanes"
         ep = lanes.endpoint_for(short, "writer", 123, "abcd")
-        assert ep == f"ipc://{short}/lanes/writer-123-abcd"
+        assert ep == f"unix://{short}/lanes/writer-123-abcd"
         assert os.stat(short + "/lanes").st_mode & 0o777 == 0o700
     finally:
         lanes.remove_lane_dir(short)
@@ -126,9 +131,9 @@ def test_lanes_live_in_the_run_dir_when_it_is_short_else_in_a_private_tmp_direct
     assert d != lanes.lane_dir(deep + "x") and len(d) + lanes.ENDPOINT_ROOM <= lanes.MAX_IPC_PATH
     lane = Lane(deep, "writer-with-a-long-name", "A")
     try:
-        assert lane.endpoint.startswith(f"ipc://{d}/writer-with-a-long-name-{os.getpid()}-")
+        assert lane.endpoint.startswith(f"unix://{d}/writer-with-a-long-name-{os.getpid()}-")
         lane.send(lane.endpoint, "to myself")
-        assert lane.sock.poll(5000) and lane.receive()[0] == [("to myself", "A")]
+        assert take(lane, 1) == [("to myself", "A")]
         assert os.stat(d).st_mode & 0o777 == 0o700 and not os.path.exists(deep)
     finally:
         lane.close()
@@ -142,7 +147,7 @@ def test_a_lane_directory_someone_else_owns_gives_no_lane(tmp_path, monkeypatch)
     d = lanes.lane_dir(run_dir)
     try:
         lane = Lane(run_dir, "writer", "A")
-        assert lane.endpoint is None and lane.sock is None and lane.fd is None
+        assert lane.endpoint is None and lane.sock is None and lane.fds == []
         assert lane.endpoint_of("anyone") is None and lane.receive() == ([], False)
         lane.close()
     finally:
@@ -155,9 +160,9 @@ def test_a_lane_directory_someone_else_owns_gives_no_lane(tmp_path, monkeypatch)
 def test_remove_socket_file_removes_a_dead_incarnations_file(tmp_path):
     path = tmp_path / "gone"
     path.write_bytes(b"")
-    lanes.remove_socket_file(f"ipc://{path}")
+    lanes.remove_socket_file(f"unix://{path}")
     assert not path.exists()
-    lanes.remove_socket_file(f"ipc://{path}")            # already gone: nothing to do
+    lanes.remove_socket_file(f"unix://{path}")            # already gone: nothing to do
     lanes.remove_socket_file("")                         # never had a lane
 
 
@@ -177,3 +182,91 @@ def test_remove_all_socket_files_empties_the_lane_directory_and_remove_lane_dir_
 def test_the_lane_directory_is_private(pair, tmp_path):
     pair("a", "A")
     assert os.stat(lanes.lane_dir(str(tmp_path))).st_mode & 0o077 == 0
+
+
+def test_a_message_bigger_than_the_socket_buffer_goes_in_order_without_blocking_the_sender(pair):
+    a, b = pair("a", "A"), pair("b", "B")
+    big = os.urandom(24 << 20)                          # three times SEND_BUFFER: the kernel takes part
+    t = time.monotonic()
+    a.send(b.endpoint, ("big", big))
+    for i in range(100):
+        a.send(b.endpoint, ("small", i))
+    assert time.monotonic() - t < 2.0                    # the rest waits in a's queue, a goes on
+    assert a.inspect()["queued_bytes"] > 0 and a.stats["queued"] >= 1
+    got = take(b, 101)
+    assert got[0] == (("big", big), "A") and [m[1] for m, _ in got[1:]] == list(range(100))
+    deadline = time.monotonic() + 5
+    while a.inspect()["queued_bytes"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert a.inspect()["queued_bytes"] == 0
+
+
+def test_mail_for_an_incarnation_that_is_gone_is_lost_and_counted_never_raised(pair):
+    a, b = pair("a", "A"), pair("b", "B")
+    a.send(b.endpoint, "first")
+    assert take(b, 1) == [("first", "A")]
+    b.close()                                             # b's process ended: its socket file is gone
+    for i in range(3):
+        a.send(b.endpoint, f"lost {i}")                   # the broken connection, then no listener
+    assert a.stats["lost"] == 3 and a.stats["sent"] == 1 and b.endpoint not in a.pushes
+    a.send("unix:///nowhere/at-all", "lost too")
+    assert a.stats["lost"] == 4
+
+
+def raw_sender(lane: Lane, who) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(lane.endpoint[len(lanes.SCHEME):])
+    hello = pickle.dumps(("unix:///x", who))
+    s.sendall(lanes.HEADER.pack(len(hello)) + hello)
+    return s
+
+
+def frame(msg) -> bytes:
+    data = pickle.dumps(msg)
+    return lanes.HEADER.pack(len(data)) + data
+
+
+def test_a_sender_that_dies_mid_frame_or_sends_an_oversized_one_loses_only_its_own_connection(pair):
+    b, good = pair("b", "B"), pair("g", "G")
+    dying = raw_sender(b, "D")
+    whole = frame("whole")
+    dying.sendall(whole + frame(b"x" * 200_000)[:1000])   # one whole frame, then half of a big one
+    dying.close()
+    liar = raw_sender(b, "L")
+    liar.sendall(lanes.HEADER.pack(lanes.MAX_FRAME + 1) + b"junk")
+    good.send(b.endpoint, "still here")
+    got = take(b, 2)
+    assert sorted(got) == [("still here", "G"), ("whole", "D")]
+    deadline = time.monotonic() + 5
+    while len(b.conns) > 1 and time.monotonic() < deadline:
+        b.receive()
+    assert len(b.conns) == 1                              # the dead and the oversized ones are closed
+    good.send(b.endpoint, "again")
+    assert take(b, 1) == [("again", "G")]
+    liar.close()
+
+
+def test_order_holds_while_some_messages_wait_for_the_flusher_and_later_ones_queue_behind_them(pair):
+    """The flusher thread and the sender's own thread share a connection: order holds across both."""
+    a, b = pair("a", "A"), pair("b", "B")
+    stop = threading.Event()
+    got: list = []
+
+    def reader():
+        while not stop.is_set():
+            items, _ = b.receive()
+            got.extend(items)
+            if not items:
+                select.select(b.fds, [], [], 0.01)
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(300):
+            a.send(b.endpoint, (i, b"y" * (1 << 18 if i % 7 == 0 else 10)))   # some must wait for the flusher
+        deadline = time.monotonic() + 10
+        while len(got) < 300 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        t.join()
+    assert [m[0] for m, _ in got] == list(range(300))
