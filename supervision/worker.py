@@ -16,6 +16,7 @@ import collections
 import gc
 import multiprocessing
 import os
+import select
 import signal
 import time
 import traceback
@@ -37,6 +38,8 @@ _RESEQ = "pl.reseq"
 _LANE = "pl.lane"
 LANE_SLICE_S = 0.05   # lane messages are handled in slices this long at most
 LANE_BATCH = 16       # taken off the lane at a time
+LANE_LINGER_S = 0.003  # after the lane runs dry, wait this long for more in our own select (see _linger)
+LANE_LINGER_BUDGET_S = 0.01   # ... and no longer than this after a drain began
 LANE_YIELD_S = 0.001  # how long a worker that used up its slice lets Thespian's mail go first
 LANE_YIELD_LONG_S = 0.02   # the same after a slice that ran long
 REORDER_GAP_S = 5.0  # a message missing this long is given up on (delivered alone if it comes)
@@ -191,6 +194,8 @@ class Worker(Actor):
                 self._lane_readable()
             if ready:
                 self.on_readable(ready)
+                if self._lane is not None and not self._lane_wakeup:
+                    self._drain_lane()   # its answers come on our lane: wait for them in our own select
         elif isinstance(msg, Init):
             self._init(msg, sender)
         elif isinstance(msg, Directory):
@@ -236,12 +241,15 @@ class Worker(Actor):
             # when its transport runs between them: let the tick, and the transport, go first
             self._take_lane()
             return self._lane_later()
-        until = time.monotonic() + LANE_SLICE_S
+        start = time.monotonic()
+        until = start + LANE_SLICE_S
         more = True
         while not self._stopping and time.monotonic() < until:
             if not self._lane_backlog:
                 items, more = self._lane.receive(LANE_BATCH)
                 if not items:
+                    if self._linger(min(until, start + LANE_LINGER_BUDGET_S)):
+                        continue
                     break
                 self._lane_backlog.extend(items)
             msg, sender = self._lane_backlog.popleft()
@@ -250,6 +258,26 @@ class Worker(Actor):
             # a slice that ran long (one slow write) leaves Thespian's transport time to get our
             # heartbeat out and its ACK back: a send to an actor waits for the previous one's ACK
             self._lane_later(LANE_YIELD_LONG_S if time.monotonic() > until + LANE_SLICE_S else LANE_YIELD_S)
+
+    def _linger(self, until: float) -> bool:
+        """The lane ran dry: wait up to LANE_LINGER_S (and not past `until`) for more on it or on our
+        own sockets (`watch_fds`, handed to `on_readable`) in our own select; True if any came.
+        An answer on the data path comes within a millisecond or two, and each return to Thespian's
+        loop costs about 0.1 ms before the next message is ours (it builds a selector per pass).
+        Thespian's own mail (ticks, timers, admin) waits for us meanwhile: LANE_LINGER_BUDGET_S
+        bounds that, and an overdue heartbeat tick ends it."""
+        wait = min(LANE_LINGER_S, until - time.monotonic())
+        if wait <= 0 or self._tick_overdue():
+            return False
+        lane_fds = self._lane.fds
+        ready, _, _ = select.select(lane_fds + self.watch_fds(), [], [], wait)
+        if not ready:
+            return False
+        self._lane.stats["lingered"] += 1   # a wakeup that did not go through Thespian's loop
+        other = [fd for fd in ready if fd not in lane_fds]
+        if other:
+            self.on_readable(other)
+        return True
 
     def _lane_readable(self) -> None:
         """The lane's FD fired. While we are yielding to Thespian's mail (a _LANE wakeup pending),

@@ -10,6 +10,7 @@ when an older instance of the same name was still alive at that moment: the
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -196,6 +197,20 @@ class SeqAck:
     i: int
 
 
+@dataclass(frozen=True)
+class Rally:
+    """Test -> a Relay: `n` Seq/SeqAck round trips with the actor registered as `to`, one at a time
+    (each answer comes at once, so both keep finding more on their lanes)."""
+
+    to: str
+    n: int
+
+
+@dataclass(frozen=True)
+class Report:
+    """Test -> a Relay: write its lane's figures (Lane.inspect) to `<run_dir>/<name>.lane` as JSON."""
+
+
 class Relay(Steady):
     """Sends a Burst's Seqs with `tell` (send_ordered); a Seq it gets is recorded in
     `<run_dir>/<name>.seq` as "tag i sender-lane-count": one line each, in the order handled,
@@ -206,10 +221,18 @@ class Relay(Steady):
         if isinstance(msg, Burst):
             for i in range(msg.n):
                 self.tell(msg.to, Seq(msg.tag, i, b"x" * msg.size, msg.work_s))
+        elif isinstance(msg, Rally):
+            self._rally = msg.n
+            self.tell(msg.to, Seq("rally", 0))
+        elif isinstance(msg, Report):
+            with open(os.path.join(self.run_dir, f"{self.name}.lane"), "w") as fh:
+                json.dump(self._lane.inspect() if self._lane is not None else {}, fh)
         elif isinstance(msg, (Seq, SeqAck)):
             if isinstance(msg, Seq):
                 time.sleep(msg.work_s)
                 self.send_ordered(sender, SeqAck(msg.tag, msg.i))
+            elif msg.tag == "rally" and msg.i + 1 < getattr(self, "_rally", 0):
+                self.send_ordered(sender, Seq("rally", msg.i + 1))
             received = self._lane.stats["received"] if self._lane is not None else 0
             kind = "ack " if isinstance(msg, SeqAck) else ""
             with open(os.path.join(self.run_dir, f"{self.name}.seq"), "a") as fh:

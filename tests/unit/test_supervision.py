@@ -11,6 +11,7 @@ kills what is left of its process group, then fails the test if anything was.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -31,7 +32,7 @@ from pairlane.supervision.states import (RUNNING_STATES, STOPPED_STATES, TRANSIT
 from pairlane.supervision.supervisor import Supervisor
 from pairlane.supervision.system import start_system
 from tests.harness import free_port, group_pids
-from tests.unit.support_actors import (Burst, Crash, CrashLoop, Exit, Forward, Forwarded, ForwardingRoot, Muted,
+from tests.unit.support_actors import (Burst, Crash, CrashLoop, Exit, Forward, Forwarded, ForwardingRoot, Muted, Rally, Report,
                                        Hang, Relay, Stall, Steady, StubbornStop, ThespianWarning, read_crashes,
                                        read_seq, read_starts)
 
@@ -796,6 +797,29 @@ def test_ordered_messages_between_workers_go_on_their_lanes_in_order_and_a_resta
     got = wait_lines(t.run_dir, "b", 3500)
     assert [(tag, int(i)) for tag, i, _ in got[3000:]] == [("two", i) for i in range(500)]
     assert int(got[-1][2]) == 500                     # the new incarnation's own lane, from its first message
+
+
+def test_workers_trading_lane_messages_nonstop_still_take_thespian_mail_and_heartbeat(make_tree):
+    """Every answer comes at once, so both workers keep waiting for the next in their own select
+    (Worker._linger) instead of Thespian's loop: Thespian's mail must still get through, at once
+    (a forwarded Burst, a Report), and so must their heartbeats (FAST: 1 s deadline)."""
+    t = make_tree(root_spec(ChildSpec("a", Relay, shutdown_s=2.0), ChildSpec("b", Relay, shutdown_s=2.0)))
+    t.forward("a", Rally("b", 4000))
+    wait_lines(t.run_dir, "b", 200)
+    t.forward("a", Burst("b", 1, "mid"))                   # Thespian mail to a, mid-rally
+    got = wait_lines(t.run_dir, "b", 4001, timeout=60.0)
+    assert [int(i) for tag, i, _ in got if tag == "rally"] == list(range(4000))
+    at = [k for k, (tag, _, _) in enumerate(got) if tag == "mid"]
+    assert at and at[0] < 3000, at                        # handled while the rally went on
+    t.forward("b", Report())
+    deadline = time.monotonic() + 5
+    while not os.path.exists(os.path.join(t.run_dir, "b.lane")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with open(os.path.join(t.run_dir, "b.lane")) as fh:
+        lane = json.load(fh)
+    assert lane["lingered"] > 1000 and lane["lost"] == 0, lane   # most came without Thespian's loop
+    rows = t.status()
+    assert all(rows[n]["restarts"] == 0 and rows[n]["state"] == "RUNNING" for n in "ab"), rows
 
 
 def test_a_worker_busy_with_slow_lane_messages_still_heartbeats_between_them(make_tree):
