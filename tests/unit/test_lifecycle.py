@@ -42,6 +42,12 @@ class Probe(lc.Lifecycle):
                                   frozenset(req.durable) if req else frozenset()))
         super()._emit(eff)
 
+    def handle(self, ev) -> list:
+        out = super().handle(ev)
+        # the count the busy check reads is kept, not scanned: it must always equal the scan
+        assert self.reqs.receiving == sum(r.status == lc.ResultStatus.RECEIVING for r in self.reqs.values())
+        return out
+
 
 class World:
     def __init__(self, credit=4, max_requests=4, timeout=60.0, writer_up=True, dlq_up=False, auto_lookup=True,
