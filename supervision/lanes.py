@@ -166,7 +166,8 @@ class Lane:
         self.pushes: dict[str, _Out] = {}                      # endpoint -> connection to it
         self.conns: dict[int, _In] = {}                        # fd -> connection from a sender
         self.inbox: collections.deque = collections.deque()   # (message, sender address) read, not taken
-        self.stats = collections.Counter(sent=0, received=0, queued=0, lost=0)
+        # `lingered`: wakeups the worker took in its own select (Worker._linger), not Thespian's loop
+        self.stats = collections.Counter(sent=0, received=0, queued=0, lost=0, lingered=0)
         self._cv = threading.Condition()   # guards pushes and their queues (the flusher thread)
         self._flusher = None
         self._closing = False
@@ -254,7 +255,7 @@ class Lane:
             return False
         if not out.queue:
             try:
-                n = out.sock.sendmsg(parts)
+                n = out.sock.sendmsg(parts, [], socket.MSG_NOSIGNAL)
             except BlockingIOError:
                 n = 0
             except OSError:
@@ -292,7 +293,7 @@ class Lane:
     def _flush(self, out: _Out) -> None:
         while out.queue and not out.closed:
             try:
-                n = out.sock.sendmsg(list(out.queue)[:64])
+                n = out.sock.sendmsg(list(out.queue)[:64], [], socket.MSG_NOSIGNAL)
             except BlockingIOError:
                 return
             except OSError:
