@@ -306,7 +306,7 @@ class Worker(Actor):
 
     def _open_lane(self) -> None:
         """Bind this incarnation's lane (workers only: supervisors fork children, and a forked
-        child must not inherit a ZeroMQ context in use)."""
+        child must not inherit a lane's sockets and flusher thread)."""
         if self.IS_SUPERVISOR:
             return
         try:
