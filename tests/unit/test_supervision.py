@@ -32,9 +32,9 @@ from pairlane.supervision.states import (RUNNING_STATES, STOPPED_STATES, TRANSIT
 from pairlane.supervision.supervisor import Supervisor
 from pairlane.supervision.system import start_system
 from tests.harness import free_port, group_pids
-from tests.unit.support_actors import (Burst, Crash, CrashLoop, Exit, Forward, Forwarded, ForwardingRoot, Muted, Rally, Report,
-                                       Hang, Relay, Stall, Steady, StubbornStop, ThespianWarning, read_crashes,
-                                       read_seq, read_starts)
+from tests.unit.support_actors import (Burst, Crash, CrashLoop, Exit, Forward, Forwarded, ForwardingRoot, Muted,
+                                       Hang, Rally, Relay, Report, Stall, Steady, StubbornStop, ThespianWarning,
+                                       read_crashes, read_seq, read_starts)
 
 pytestmark = pytest.mark.timeout(60)
 
