@@ -16,7 +16,17 @@ silently drops any *other* child that died meanwhile, reaping it without a
 dying close together (a one_for_all restart, a crash during a SIGKILL) thus
 lost one exit: the supervisor never restarted it and could not shut down.
 `patch_child_exit` makes `_childExited` report every dead child, as the
-SIGCHLD path does. Never used for anything but these two.
+SIGCHLD path does.
+
+A third: Thespian's TCP loop bounds its select by the next timer's
+`remaining()`, a timedelta, after dropping falsy delays (`filter(None, ...)`).
+A timer less than half a microsecond from its deadline rounds to timedelta(0),
+is dropped, and the select waits with no timeout: the timer (a heartbeat tick,
+a lane wakeup) fires only when some socket wakes the actor. A worker waiting for
+its own lane wakeup, whose peer waited for it, was silent until the watchdog
+killed it (about one run in 25 of the nonstop lane exchange test).
+`patch_timer_remaining` makes a timer that has not expired report at least
+1 us. Never used for anything but these three.
 """
 from __future__ import annotations
 
@@ -57,6 +67,27 @@ def patch_child_exit() -> None:
     cls._pairlane_child_exit = True
 
 
+def patch_timer_remaining() -> None:
+    from datetime import timedelta
+
+    from thespian.system import timing
+
+    cls = timing.ExpirationTimerView
+    if getattr(cls, "_pairlane_remaining", False):
+        return
+    orig = cls.remaining
+
+    def remaining(self, forever=None):
+        # never a falsy timedelta(0) before the deadline: the select would drop it and wait forever
+        left = orig(self, forever)
+        if left is not forever and not left and not self.expired():
+            return timedelta(microseconds=1)
+        return left
+
+    cls.remaining = remaining
+    cls._pairlane_remaining = True
+
+
 THESPIAN_LOG_DEFS = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -78,6 +109,7 @@ def start_system(admin_port: int, thespian_log: str = ""):
     a daemon gives its own file here, kept large enough to read after a long run."""
     patch_loopback()
     patch_child_exit()
+    patch_timer_remaining()
     if thespian_log:
         import logging
 

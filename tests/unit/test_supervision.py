@@ -30,7 +30,7 @@ from pairlane.supervision.spec import ChildSpec, Restart, Strategy, TreeSettings
 from pairlane.supervision.states import (RUNNING_STATES, STOPPED_STATES, TRANSITIONS, IllegalTransition, State,
                                 allowed, transition)
 from pairlane.supervision.supervisor import Supervisor
-from pairlane.supervision.system import start_system
+from pairlane.supervision.system import patch_timer_remaining, start_system
 from tests.harness import free_port, group_pids
 from tests.unit.support_actors import (Burst, Crash, CrashLoop, Exit, Forward, Forwarded, ForwardingRoot, Muted,
                                        Hang, Rally, Relay, Report, Stall, Steady, StubbornStop, ThespianWarning,
@@ -799,6 +799,32 @@ def test_ordered_messages_between_workers_go_on_their_lanes_in_order_and_a_resta
     assert int(got[-1][2]) == 500                     # the new incarnation's own lane, from its first message
 
 
+def read_json_when_written(path: str, timeout: float = 5.0):
+    """The JSON an actor writes to path, once it is all there (the file exists before it is written)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path) as fh:
+                return json.load(fh)
+        except (OSError, ValueError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def test_a_thespian_timer_a_fraction_of_a_microsecond_from_its_deadline_still_bounds_the_select():
+    """Thespian's TCP loop drops falsy delays before its select: a timer 0.3 us from its deadline
+    reported timedelta(0), and the select waited with no timeout (a lost heartbeat tick, then a
+    watchdog kill; the nonstop lane test below hit it about one run in 25)."""
+    from thespian.system.timing import ExpirationTimerView
+    patch_timer_remaining()
+    close = ExpirationTimerView(None, 100.0, 100.0 - 3e-7)
+    assert not close.expired() and list(filter(None, [close.remaining()]))
+    assert not ExpirationTimerView(None, 100.0, 100.0).remaining()             # expired: 0, as before
+    assert ExpirationTimerView(None, 100.0, 99.5).remaining().total_seconds() == 0.5
+    assert ExpirationTimerView(None, None, 99.5).remaining("forever") == "forever"
+
+
 def test_workers_trading_lane_messages_nonstop_still_take_thespian_mail_and_heartbeat(make_tree):
     """Every answer comes at once, so both workers keep waiting for the next in their own select
     (Worker._linger) instead of Thespian's loop: Thespian's mail must still get through, at once
@@ -812,11 +838,7 @@ def test_workers_trading_lane_messages_nonstop_still_take_thespian_mail_and_hear
     at = [k for k, (tag, _, _) in enumerate(got) if tag == "mid"]
     assert at and at[0] < 3000, at                        # handled while the rally went on
     t.forward("b", Report())
-    deadline = time.monotonic() + 5
-    while not os.path.exists(os.path.join(t.run_dir, "b.lane")) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    with open(os.path.join(t.run_dir, "b.lane")) as fh:
-        lane = json.load(fh)
+    lane = read_json_when_written(os.path.join(t.run_dir, "b.lane"))
     assert lane["lingered"] > 1000 and lane["lost"] == 0, lane   # most came without Thespian's loop
     rows = t.status()
     assert all(rows[n]["restarts"] == 0 and rows[n]["state"] == "RUNNING" for n in "ab"), rows
