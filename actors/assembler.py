@@ -28,18 +28,23 @@ from .messages import (BeginRequest, ChunkDurable, ChunkRejected, Inbound, Inbou
 MAX_REPLY_TARGETS = 1000
 MAX_REPLY_ACTORS = 16           # addresses of the actors legacy producers speak through (restarts make new ones)
 WRITER_WINDOW = 2               # WriterBatches at the writer at once: one handled, the next one waiting
+                                # (one more while a big chunk waits there: _send_batches)
 BATCH_MAX_ITEMS = 32            # writer messages in one WriterBatch
 
 
 def batch_length(outbox: list, max_items: int, max_bytes: int) -> int:
     """How many of outbox's first messages go in the next WriterBatch: at most max_items, and no more
-    chunk bytes (`raw`) than max_bytes, except that the first message always goes."""
+    chunk bytes (`raw`) than max_bytes, except that the first message always goes. A big chunk goes
+    alone, so that what follows it is free to pass it at the writer (Writer.lane_pick)."""
     n, size = 0, 0
     for msg in outbox:
+        big = getattr(msg, "big", False)
         size += len(getattr(msg, "raw", b"") or b"")
-        if n and (n >= max_items or size > max_bytes):
+        if n and (n >= max_items or size > max_bytes or big):
             break
         n += 1
+        if big:
+            break
     return n
 
 
@@ -216,7 +221,10 @@ class Assembler(PairlaneActor):
             self.outbox.append(msg)
 
     def _send_batches(self) -> None:
-        while self.outbox and self.batches_out < WRITER_WINDOW and self.writer is not None:
+        # with a big chunk waiting at the writer behind the one it writes, one batch more: small work
+        # sent now is there to pass the waiting one when the first is done (Writer.lane_pick)
+        window = WRITER_WINDOW + (self.life.bulk_at_writer >= lc.BULK_WINDOW)
+        while self.outbox and self.batches_out < window and self.writer is not None:
             n = batch_length(self.outbox, BATCH_MAX_ITEMS, self.batch_max_bytes)
             items, self.outbox = tuple(self.outbox[:n]), self.outbox[n:]
             self.send_ordered(self.writer, WriterBatch(items))

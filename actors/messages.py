@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pairlane.lifecycle import BULK_ROWS
 from pairlane.vocab import AlertName, AlertState
 
 
@@ -115,6 +116,12 @@ class WriteChunk:
     item_id: str | None = None
     record: bool = False
     answer: tuple | None = None
+
+    @property
+    def big(self) -> bool:
+        """More than BULK_ROWS rows: at most BULK_WINDOW at the writer, each alone in its WriterBatch,
+        and small work may pass one waiting there (Writer.lane_pick)."""
+        return self.nrows > BULK_ROWS
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,46 @@ from .messages import (BeginRequest, ChunkDurable, ChunkRejected, LegacyResult, 
 MAX_DEFERRED = 10000
 
 
+def carries_big(msg) -> bool:
+    """A big chunk (WriteChunk.big), alone or in a WriterBatch."""
+    items = msg.items if isinstance(msg, WriterBatch) else (msg,)
+    return any(getattr(item, "big", False) for item in items)
+
+
+def touches(msg) -> frozenset | None:
+    """The requests (and live batches) a writer message reads or writes; None when it may touch any
+    (a sweep, pair slots, anything else)."""
+    keys = set()
+    for item in (msg.items if isinstance(msg, WriterBatch) else (msg,)):
+        if isinstance(item, (WriteChunk, BeginRequest, LegacyResult)):
+            keys.add(item.meta["request_id"])
+        elif isinstance(item, (SetStatus, Lookup)):
+            keys.add(item.request_id)
+        elif isinstance(item, WriteLive):
+            keys.add(("live", item.batch_id))
+        else:
+            return None
+    return frozenset(keys)
+
+
+def small_first(backlog) -> int:
+    """Which of the writer's backlog of (message, sender), in arrival order, goes next when the first
+    carries a big chunk: the first later message without a big chunk that may pass every message
+    it would pass, else the first. A message may pass another sender's (no order was ever promised
+    between senders) and its own sender's when the two touch different requests; a message that may
+    touch any request (`touches` None) neither passes nor is passed by its sender's."""
+    if not backlog or not carries_big(backlog[0][0]):
+        return 0
+    passed: list = []   # (sender, touches) of the messages left waiting
+    for i, (msg, sender) in enumerate(backlog):
+        keys = touches(msg)
+        if i and keys is not None and not carries_big(msg) and all(
+                s != sender or (k is not None and not k & keys) for s, k in passed):
+            return i
+        passed.append((sender, keys))
+    return 0
+
+
 class Writer(PairlaneActor):
     _batch_to = None              # the WriterBatch's sender while one is handled
     _batch_replies: list = []     # what send_ordered held back for it meanwhile
@@ -38,6 +78,7 @@ class Writer(PairlaneActor):
         self.deferred: list = []       # status changes that failed: retried every tick
         self.spooled = 0
         self.rejected = 0
+        self.passed_big = 0            # times small work went before a big chunk waiting here
         self.failures = 0
         self.group_commits = 0      # transactions that committed several chunks (`_write_group`)
         self.grouped_chunks = 0
@@ -57,13 +98,27 @@ class Writer(PairlaneActor):
                 "rejected_batches": self.rejected, "deferred_status_changes": len(self.deferred),
                 "db_bytes": st.file_sizes(), "path": st.path, "max_bytes": st.max_bytes,
                 "backend": backend(self.config), "group_commits": self.group_commits,
-                "grouped_chunks": self.grouped_chunks, "group_failures": self.group_failures}
+                "grouped_chunks": self.grouped_chunks, "group_failures": self.group_failures,
+                "passed_big_chunks": self.passed_big}
 
     def send_ordered(self, addr, msg) -> None:
         if self._batch_to is not None and addr == self._batch_to:
             self._batch_replies.append(msg)   # answered together once the batch is handled
         else:
             super().send_ordered(addr, msg)
+
+    def lane_defers(self, msg) -> bool:
+        return carries_big(msg)
+
+    def lane_pick(self, backlog) -> int:
+        """Small work first: a big chunk waiting here (the assembler sends BULK_WINDOW of them, one
+        written, the next waiting) is passed by what came after it and may go first (small_first),
+        so a small result waits for at most the big chunk being written, and the writer never idles
+        between big ones for a round trip through the assembler."""
+        i = small_first(backlog)
+        if i:
+            self.passed_big += 1
+        return i
 
     def on_message(self, msg, sender) -> None:
         if isinstance(msg, WriterBatch):

@@ -30,7 +30,7 @@ STATUS_SENT_SLOTS = 4 * RECENT_DONE  # a request sends 1-3 status changes: room 
 LOOKUP_TIMEOUT_S = 10.0      # the store did not answer a lookup: `busy`
 LOCAL_LOOKUP_GRACE_S = 10.0  # after start, lookups go through the writer (a predecessor's changes may be queued)
 BULK_ROWS = 1024             # chunks with more rows are "big": at most BULK_WINDOW of them at the writer
-BULK_WINDOW = 1
+BULK_WINDOW = 2              # one written, one waiting there: small work passes it (Writer.lane_pick)
 INFLIGHT_TIMEOUT_S = 120.0   # no answer from writer/dlq for this long: the chunk is presumed lost
 MAX_MISSING = 1000           # `missing` lists at most this many seqs
 MAX_HELD = 64                # messages held for one one-message result being written (more: `busy`)
@@ -760,8 +760,8 @@ class Lifecycle:
             answer = (ev.identity, stored_reply(rid, req.meta["total_trades"], "db"))
         work = Write(req.meta, seq, ev.raw, ev.nrows, record, answer)
         if ev.nrows > BULK_ROWS:
-            # the writer handles our messages in order, one per turn of its loop: a small result's
-            # chunk must never queue behind more than BULK_WINDOW big ones
+            # a small result's chunk must never wait at the writer for more than the big one being
+            # written: the writer lets small work pass the one waiting (BULK_WINDOW - 1 of them)
             self.bulk_waiting.append(work)
             self._feed_bulk()
         else:

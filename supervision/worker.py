@@ -252,12 +252,35 @@ class Worker(Actor):
                         continue
                     break
                 self._lane_backlog.extend(items)
-            msg, sender = self._lane_backlog.popleft()
+            msg, sender = self._lane_next()
             self.on_message(msg, sender)
         if self._lane_backlog or more:
             # a slice that ran long (one slow write) leaves Thespian's transport time to get our
             # heartbeat out and its ACK back: a send to an actor waits for the previous one's ACK
             self._lane_later(LANE_YIELD_LONG_S if time.monotonic() > until + LANE_SLICE_S else LANE_YIELD_S)
+
+    def _lane_next(self) -> tuple:
+        """The backlog's next (message, sender): its first, unless `lane_defers` lets that one wait;
+        then whatever else waits on the lane joins the backlog and `lane_pick` chooses."""
+        backlog = self._lane_backlog
+        if self.lane_defers(backlog[0][0]):
+            self._take_lane()
+            i = self.lane_pick(backlog)
+            if i:
+                entry = backlog[i]
+                del backlog[i]
+                return entry
+        return backlog.popleft()
+
+    def lane_defers(self, msg) -> bool:
+        """May `msg`, first in the lane backlog, wait while a later message goes first? Never, unless
+        a subclass says so (the writer: a big chunk, for small work)."""
+        return False
+
+    def lane_pick(self, backlog) -> int:
+        """Index of the (message, sender) in `backlog` (arrival order) to handle next, asked only when
+        lane_defers let the first wait. A subclass must keep each sender's order wherever it matters."""
+        return 0
 
     def _linger(self, until: float) -> bool:
         """The lane ran dry: wait up to LANE_LINGER_S (and not past `until`) for more on it or on our

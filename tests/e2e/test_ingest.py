@@ -577,6 +577,41 @@ def test_chunks_waiting_together_share_one_commit_and_each_credit_still_follows_
 
 
 @on_both_stores
+def test_small_results_pass_a_big_chunk_waiting_at_the_writer(shared, dealer):
+    """Two big chunks at the writer at once (one written, the next waiting), and small work sent
+    meanwhile goes before the waiting one (Writer.lane_pick): the writer counts each time, and
+    every row of both kinds lands exactly once."""
+    rid, n = f"deck-{time.monotonic_ns()}", 60_000
+    cols = synthetic_columns(n, seed=11)
+    cols = {"timestamp": cols["timestamp"], "pnl": cols["pnl"]}      # 12 chunks of 5,000 rows: big
+    before = inspect(shared, "writer")
+    out: dict = {}
+
+    def big_result():
+        try:
+            with Producer(shared.gateway_endpoint, timeout_s=60, max_chunk_rows=5000) as p:
+                out["reply"] = p.send_result(rid, "S", cols)
+        except BaseException as exc:   # seen by the assertion below
+            out["reply"] = exc
+
+    t = threading.Thread(target=big_result)
+    t.start()
+    small = []
+    while t.is_alive() or not small:
+        sid = f"{rid}-small-{len(small)}"
+        r = dealer.rt({"type": "result", "request_id": sid, "strategy_name": "S", "total_trades": 2,
+                       "trades": rows2(len(small))})
+        assert r["type"] == "stored", r
+        small.append(sid)
+    t.join()
+    assert isinstance(out["reply"], dict) and out["reply"]["type"] == "stored", out
+    assert rows_for(shared, rid) == n and duplicate_groups(shared, rid) == 0
+    assert all(rows_for(shared, sid) == 2 for sid in small)
+    after = inspect(shared, "writer")
+    assert after["passed_big_chunks"] > before["passed_big_chunks"], (len(small), before, after)
+
+
+@on_both_stores
 def test_resend_after_stored_is_idempotent(shared):
     rid, n = "rs-after", 30_000
     cols = synthetic_columns(n, seed=5, strategy="Rs")

@@ -1,12 +1,20 @@
-"""How the assembler cuts its writer outbox into WriterBatches (actors.assembler.batch_length)."""
+"""How the assembler cuts its writer outbox into WriterBatches (actors.assembler.batch_length), and
+which of them the writer may handle before a big chunk waiting there (actors.writer.small_first)."""
 from __future__ import annotations
 
 from pairlane.actors.assembler import batch_length
-from pairlane.actors.messages import Lookup, SetStatus, WriteChunk
+from pairlane.actors.messages import (BeginRequest, LegacyResult, Lookup, ReplaceSlots, SetStatus, SweepStale,
+                                      WriteChunk, WriteLive, WriterBatch)
+from pairlane.actors.writer import carries_big, small_first, touches
+from pairlane.lifecycle import BULK_ROWS
 
 
-def chunk(nbytes: int) -> WriteChunk:
-    return WriteChunk({"request_id": "R"}, 0, b"x" * nbytes, 1)
+def chunk(nbytes: int, rid: str = "R", rows: int = 1) -> WriteChunk:
+    return WriteChunk({"request_id": rid}, 0, b"x" * nbytes, rows)
+
+
+def big(rid: str = "B") -> WriteChunk:
+    return chunk(10, rid, BULK_ROWS + 1)
 
 
 def test_small_messages_go_together_up_to_max_items():
@@ -24,3 +32,62 @@ def test_chunk_bytes_bound_a_batch_but_the_first_message_always_goes():
 
 def test_empty_outbox_makes_no_batch():
     assert batch_length([], 32, 1000) == 0
+
+
+def test_a_big_chunk_goes_alone_so_what_follows_can_pass_it_at_the_writer():
+    assert not chunk(10, rows=BULK_ROWS).big and big().big
+    assert batch_length([big(), chunk(10), Lookup("A")], 32, 1000) == 1
+    assert batch_length([Lookup("A"), chunk(10), big(), chunk(10)], 32, 1000) == 2
+    assert batch_length([big(), big()], 32, 1000) == 1
+
+
+A, L, D = "assembler", "legacy", "dlq"   # senders (the writer compares addresses with ==)
+
+
+def batch(*items) -> WriterBatch:
+    return WriterBatch(tuple(items))
+
+
+def test_what_a_writer_message_touches():
+    assert touches(batch(chunk(1, "X"), BeginRequest({"request_id": "Y"}), SetStatus("Z", "failed"),
+                         Lookup("X"))) == {"X", "Y", "Z"}
+    assert touches(WriteLive("b1", b"", 1)) == {("live", "b1")}
+    assert touches(LegacyResult({"request_id": "L"}, "complete")) == {"L"}
+    assert touches(batch(chunk(1, "X"), SweepStale(0.0, frozenset()))) is None     # may touch any
+    assert touches(ReplaceSlots((), 0.0)) is None
+    assert carries_big(batch(Lookup("X"), big())) and carries_big(big()) and not carries_big(batch(chunk(1)))
+
+
+def test_small_work_of_other_requests_passes_a_big_chunk_waiting_at_the_writer():
+    assert small_first([(batch(big("B")), A), (batch(chunk(1, "S")), A)]) == 1
+    assert small_first([(batch(big("B")), A), (batch(Lookup("B")), A), (batch(chunk(1, "S")), A)]) == 2
+    # a later big chunk does not pass; the small work behind it may (it touches neither)
+    assert small_first([(batch(big("B")), A), (batch(big("C")), A), (batch(Lookup("S")), A)]) == 2
+
+
+def test_nothing_passes_its_own_senders_message_about_the_same_request():
+    assert small_first([(batch(big("B")), A), (batch(SetStatus("B", "abandoned")), A)]) == 0
+    # passing a message about B to reach one about C would still put C's before B's: only if disjoint
+    assert small_first([(batch(big("B")), A), (batch(Lookup("C"), SetStatus("B", "failed")), A),
+                        (batch(Lookup("C")), A)]) == 0
+    assert small_first([(batch(big("B")), A), (batch(SetStatus("C", "failed")), A),
+                        (batch(Lookup("C")), A)]) == 1
+
+
+def test_a_message_that_may_touch_any_request_neither_passes_nor_is_passed_by_its_sender():
+    sweep = batch(SweepStale(0.0, frozenset()))
+    assert small_first([(batch(big("B")), A), (sweep, A), (batch(chunk(1, "S")), A)]) == 0
+    assert small_first([(batch(big("B"), SweepStale(0.0, frozenset())), A), (batch(chunk(1, "S")), A)]) == 0
+
+
+def test_another_senders_message_may_pass_as_no_order_holds_between_senders():
+    assert small_first([(batch(big("B")), A), (LegacyResult({"request_id": "B"}, "complete"), L)]) == 1
+    assert small_first([(batch(big("B")), A), (ReplaceSlots((), 0.0), L)]) == 0   # touches any: waits
+    # ... but never past an earlier message of its own about the same request
+    assert small_first([(big("B"), D), (batch(big("C")), A), (chunk(1, "B"), D)]) == 0
+    assert small_first([(big("B"), D), (batch(big("C")), A), (chunk(1, "X"), D)]) == 2
+
+
+def test_a_small_first_message_keeps_the_backlog_as_it_was():
+    assert small_first([(batch(chunk(1, "S")), A), (batch(chunk(1, "T")), A)]) == 0
+    assert small_first([(batch(big("B")), A)]) == 0
