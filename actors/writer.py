@@ -24,6 +24,7 @@ from .messages import (BeginRequest, ChunkDurable, ChunkRejected, LegacyResult, 
                        WriterBatchDone)
 
 MAX_DEFERRED = 10000
+MAX_PASSES = 16     # messages that may pass one waiting big chunk; then it goes (never starved by small work)
 
 
 def carries_big(msg) -> bool:
@@ -79,6 +80,8 @@ class Writer(PairlaneActor):
         self.spooled = 0
         self.rejected = 0
         self.passed_big = 0            # times small work went before a big chunk waiting here
+        self._waiting_big = None       # the big chunk small work is passing, and how many passed it
+        self._passes = 0
         self.failures = 0
         self.group_commits = 0      # transactions that committed several chunks (`_write_group`)
         self.grouped_chunks = 0
@@ -114,10 +117,17 @@ class Writer(PairlaneActor):
         """Small work first: a big chunk waiting here (the assembler sends BULK_WINDOW of them, one
         written, the next waiting) is passed by what came after it and may go first (small_first),
         so a small result waits for at most the big chunk being written, and the writer never idles
-        between big ones for a round trip through the assembler."""
-        i = small_first(backlog)
+        between big ones for a round trip through the assembler. At most MAX_PASSES messages pass
+        one big chunk: a steady stream of small chunks must not hold a big transfer back for good."""
+        head = backlog[0][0]
+        if head is not self._waiting_big:
+            self._waiting_big, self._passes = head, 0
+        i = small_first(backlog) if self._passes < MAX_PASSES else 0
         if i:
+            self._passes += 1
             self.passed_big += 1
+        else:
+            self._waiting_big = None   # it goes now
         return i
 
     def on_message(self, msg, sender) -> None:

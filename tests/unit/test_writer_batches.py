@@ -2,10 +2,12 @@
 which of them the writer may handle before a big chunk waiting there (actors.writer.small_first)."""
 from __future__ import annotations
 
+import collections
+
 from pairlane.actors.assembler import batch_length
 from pairlane.actors.messages import (BeginRequest, LegacyResult, Lookup, ReplaceSlots, SetStatus, SweepStale,
                                       WriteChunk, WriteLive, WriterBatch)
-from pairlane.actors.writer import carries_big, small_first, touches
+from pairlane.actors.writer import MAX_PASSES, Writer, carries_big, small_first, touches
 from pairlane.lifecycle import BULK_ROWS
 
 
@@ -91,3 +93,23 @@ def test_another_senders_message_may_pass_as_no_order_holds_between_senders():
 def test_a_small_first_message_keeps_the_backlog_as_it_was():
     assert small_first([(batch(chunk(1, "S")), A), (batch(chunk(1, "T")), A)]) == 0
     assert small_first([(batch(big("B")), A)]) == 0
+
+
+def test_a_steady_stream_of_small_work_passes_a_big_chunk_at_most_max_passes_times():
+    """The writer's own pick (Writer.lane_pick) over a backlog where small work keeps coming: the big
+    chunk goes after MAX_PASSES of it, and the count starts again for the next big chunk."""
+    w = Writer()
+    w.passed_big, w._waiting_big, w._passes = 0, None, 0
+    backlog = collections.deque([(batch(big("B1")), A)] + [(batch(chunk(1, f"S{k}")), A) for k in range(40)]
+                                + [(batch(big("B2")), A)] + [(batch(chunk(1, f"T{k}")), A) for k in range(40)])
+    order = []
+    while backlog:
+        i = w.lane_pick(backlog) if carries_big(backlog[0][0]) else 0
+        msg, _ = backlog[i]
+        del backlog[i]
+        order.append(next(iter(touches(msg))))
+    assert order.index("B1") == MAX_PASSES
+    # the rest of the S-work was ahead of B2 anyway; then B2 waits first in line and T-work passes it
+    assert order.index("B2") == 1 + 40 + MAX_PASSES
+    assert sorted(order) == sorted(["B1", "B2"] + [f"S{k}" for k in range(40)] + [f"T{k}" for k in range(40)])
+    assert w.passed_big == 2 * MAX_PASSES
