@@ -304,7 +304,22 @@ class Writer(PairlaneActor):
         else:
             self.send_ordered(w.reply_to, LiveDone(w.batch_id, w.nrows, "", "", "unavailable", msg, 5.0))
 
-    def _status_change(self, change: tuple, retrying: bool = False) -> bool:
+    def _status_change(self, change: tuple) -> None:
+        """Apply a status change now or, when it fails or earlier ones still wait, in order after
+        them (retried every tick), never before them: a `spooled` applied while its request's
+        `begin` waited changed nothing, and the begin then left the row `receiving`, for a sweep
+        (another daemon's, on a shared store) to abandon a result already answered `stored`."""
+        waiting = bool(self.deferred)
+        if waiting or not self._apply_status(change):
+            if waiting:
+                self.log("WARNING", "status_change_deferred", change=change[0], reason="behind_deferred",
+                         waiting=len(self.deferred))
+            if len(self.deferred) < MAX_DEFERRED:
+                self.deferred.append(change)
+        if waiting:
+            self._retry_deferred()
+
+    def _apply_status(self, change: tuple, retrying: bool = False) -> bool:
         try:
             if change[0] == "begin":
                 self.store.begin(change[1])
@@ -318,17 +333,19 @@ class Writer(PairlaneActor):
         except StoreError as exc:
             if not retrying:
                 self.log("WARNING", "status_change_deferred", change=change[0], reason=exc.reason, error=exc)
-                if len(self.deferred) < MAX_DEFERRED:
-                    self.deferred.append(change)
             return False
+
+    def _retry_deferred(self) -> None:
+        """The deferred status changes, in order, until one fails again."""
+        pending, self.deferred = self.deferred, []
+        for i, change in enumerate(pending):
+            if not self._apply_status(change, retrying=True):
+                self.deferred = pending[i:] + self.deferred
+                break
 
     def tick(self) -> None:
         if self.deferred:
-            pending, self.deferred = self.deferred, []
-            for i, change in enumerate(pending):
-                if not self._status_change(change, retrying=True):
-                    self.deferred = pending[i:] + self.deferred
-                    break
+            self._retry_deferred()
         if self.store.conn is None:
             try:
                 self.store.open()

@@ -113,3 +113,44 @@ def test_a_steady_stream_of_small_work_passes_a_big_chunk_at_most_max_passes_tim
     assert order.index("B2") == 1 + 40 + MAX_PASSES
     assert sorted(order) == sorted(["B1", "B2"] + [f"S{k}" for k in range(40)] + [f"T{k}" for k in range(40)])
     assert w.passed_big == 2 * MAX_PASSES
+
+
+class FlakyStore:
+    """A store whose status writes fail while `down`; records what it applied, in order."""
+
+    def __init__(self):
+        self.down, self.applied, self.conn = True, [], object()
+
+    def _do(self, what):
+        if self.down:
+            from pairlane.store import StoreError
+            raise StoreError("connection", "the server is starting up")
+        self.applied.append(what)
+
+    def begin(self, meta):
+        self._do(("begin", meta["request_id"]))
+
+    def set_status(self, rid, status, error=None):
+        self._do(("status", rid, status))
+
+
+def test_a_status_change_never_overtakes_a_deferred_one():
+    """The store failed a request's `begin` (deferred); it is back when its `spooled` comes: that
+    must wait for the begin (applied first it changed nothing, and the begin then left the row
+    `receiving` for another daemon's sweep to abandon: a multi-daemon chaos run lost a result so)."""
+    w = Writer()
+    w.name, w.deferred, w.store = "writer", [], FlakyStore()
+    w._status_change(("begin", {"request_id": "R"}))
+    assert w.store.applied == [] and len(w.deferred) == 1
+    w.store.down = False
+    w._status_change(("status", "R", "spooled", None))
+    assert w.store.applied == [("begin", "R"), ("status", "R", "spooled")] and w.deferred == []
+    w._status_change(("status", "S", "abandoned", None))       # nothing waits: applied at once
+    assert w.store.applied[-1] == ("status", "S", "abandoned")
+    w.store.down = True
+    w._status_change(("begin", {"request_id": "T"}))
+    w._status_change(("status", "T", "spooled", None))
+    assert len(w.deferred) == 2
+    w.store.down = False
+    w.tick()
+    assert w.store.applied[-2:] == [("begin", "T"), ("status", "T", "spooled")] and w.deferred == []
