@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import os
 import pickle
 import secrets
@@ -38,6 +39,8 @@ import struct
 import tempfile
 import threading
 
+from thespian.actors import ActorAddress
+
 
 MAX_IPC_PATH = 100        # sun_path is 108 bytes
 ENDPOINT_ROOM = 48        # "/<name>-<pid>-<token>" after the directory
@@ -47,8 +50,49 @@ SCHEME = "unix://"
 HEADER = struct.Struct("<I")
 MAX_FRAME = 1 << 30       # a longer frame is corruption: its connection is closed
 SEND_BUFFER = 8 << 20     # asked of the kernel for each connection (capped by net.core.wmem_max)
-READ_BYTES = 256 << 10    # one recv of small frames
+READ_BYTES = 256 << 10    # one recv of small frames, into the lane's one read buffer (`recv` of this many
+                          # bytes would allocate, and free, a buffer that size for every read: about
+                          # 15 us, on every hop of the data path)
 BIG_FRAME = 64 << 10      # a frame this long is read straight into its own buffer
+ADDRESSES = 256           # actor addresses whose pickled form each process keeps (both directions)
+
+
+_address_bytes: dict[str, bytes] = {}      # str(address) -> its pickle (sending side)
+_addresses: dict[bytes, ActorAddress] = {}  # that pickle -> the address, unpickled once (receiving side)
+
+
+def _address(blob: bytes) -> ActorAddress:
+    """The address pickled as blob (by `_reduce_address`), unpickled once per process: every message
+    that carries an address gets the same object, as Thespian's own delivery would give equal ones."""
+    addr = _addresses.get(blob)
+    if addr is None:
+        if len(_addresses) >= ADDRESSES:
+            _addresses.clear()
+        addr = _addresses[blob] = pickle.loads(blob)
+    return addr
+
+
+def _reduce_address(addr: ActorAddress) -> tuple:
+    key = str(addr)
+    blob = _address_bytes.get(key)
+    if blob is None:
+        if len(_address_bytes) >= ADDRESSES:
+            _address_bytes.clear()
+        blob = _address_bytes[key] = pickle.dumps(addr, protocol=pickle.HIGHEST_PROTOCOL)
+    return _address, (blob,)
+
+
+def dumps(msg) -> bytes:
+    """msg pickled for a lane. An actor address (a WriteChunk's reply_to, say) is about 1 KB of
+    objects (enums, tuples): pickled and unpickled anew it cost 10-40 us on each hop that carries
+    one; here it goes as its pickle, made once per process, and is unpickled once per process."""
+    f = io.BytesIO()
+    _Pickler(f, pickle.HIGHEST_PROTOCOL).dump(msg)
+    return f.getvalue()
+
+
+class _Pickler(pickle.Pickler):
+    dispatch_table = {ActorAddress: _reduce_address}
 
 
 def lane_dir(run_dir: str) -> str:
@@ -166,6 +210,7 @@ class Lane:
         self.pushes: dict[str, _Out] = {}                      # endpoint -> connection to it
         self.conns: dict[int, _In] = {}                        # fd -> connection from a sender
         self.inbox: collections.deque = collections.deque()   # (message, sender address) read, not taken
+        self._scratch = memoryview(bytearray(READ_BYTES))   # what one read of small frames takes
         # `lingered`: wakeups the worker took in its own select (Worker._linger), not Thespian's loop
         self.stats = collections.Counter(sent=0, received=0, queued=0, lost=0, lingered=0)
         self._cv = threading.Condition()   # guards pushes and their queues (the flusher thread)
@@ -222,7 +267,7 @@ class Lane:
     def send(self, endpoint: str, msg) -> None:
         """Send msg to the lane at endpoint, in order after what we sent there before. Never waits:
         what the kernel does not take now, the flusher sends. A lane that is gone loses it."""
-        payload = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        payload = dumps(msg)
         if len(payload) > MAX_FRAME:
             raise ValueError(f"a lane message of {len(payload)} bytes is over MAX_FRAME")
         with self._cv:
@@ -349,8 +394,8 @@ class Lane:
                 n = c.sock.recv_into(memoryview(c.body)[c.got:])
             else:
                 want = READ_BYTES
-                data = c.sock.recv(READ_BYTES)
-                n = len(data)
+                n = c.sock.recv_into(self._scratch)
+                data = self._scratch[:n]
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:

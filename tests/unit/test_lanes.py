@@ -270,3 +270,35 @@ def test_order_holds_while_some_messages_wait_for_the_flusher_and_later_ones_que
         stop.set()
         t.join()
     assert [m[0] for m, _ in got] == list(range(300))
+
+
+def test_actor_addresses_in_messages_arrive_equal_and_are_unpickled_once_per_process(pair, monkeypatch):
+    """An address (a WriteChunk's reply_to) goes as its pickle, made once per process, and comes out
+    as one object per process: equal to what was sent, whatever else the message holds."""
+    from thespian.actors import ActorAddress
+    from thespian.system.transport.TCPTransport import TCPv4ActorAddress
+    monkeypatch.setattr(lanes, "_address_bytes", {})
+    monkeypatch.setattr(lanes, "_addresses", {})
+    a, b = pair("a", ("addr", "a")), pair("b", ("addr", "b"))
+    x = ActorAddress(TCPv4ActorAddress("127.0.0.1", 40001, external=True))
+    y = ActorAddress(TCPv4ActorAddress("127.0.0.1", 40002, external=True))
+    for i in range(6):
+        a.send(b.endpoint, {"i": i, "reply_to": (x, y)[i % 2], "both": [x, y]})
+    got = [m for m, _ in take(b, 6)]
+    assert [m["i"] for m in got] == list(range(6))
+    assert all(m["reply_to"] == (x, y)[m["i"] % 2] and str(m["reply_to"]) == str((x, y)[m["i"] % 2]) for m in got)
+    assert got[0]["reply_to"] is got[2]["reply_to"] is got[5]["both"][0]
+    assert got[1]["reply_to"] is got[3]["both"][1] and got[0]["reply_to"] != got[1]["reply_to"]
+    assert len(lanes._address_bytes) == 2 and len(lanes._addresses) == 2
+
+
+def test_the_address_caches_are_bounded(monkeypatch):
+    from thespian.actors import ActorAddress
+    from thespian.system.transport.TCPTransport import TCPv4ActorAddress
+    monkeypatch.setattr(lanes, "ADDRESSES", 4)
+    monkeypatch.setattr(lanes, "_address_bytes", {})
+    monkeypatch.setattr(lanes, "_addresses", {})
+    addrs = [ActorAddress(TCPv4ActorAddress("127.0.0.1", 41000 + i, external=True)) for i in range(10)]
+    for addr in addrs:
+        assert pickle.loads(lanes.dumps(addr)) == addr
+        assert len(lanes._address_bytes) <= 4 and len(lanes._addresses) <= 4
