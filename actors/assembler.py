@@ -101,13 +101,7 @@ class Assembler(PairlaneActor):
         if isinstance(msg, Inbound):
             self._feed(self._event(msg))
         elif isinstance(msg, ChunkDurable):
-            before = len(self.released)
             self._feed(lc.Durable(msg.request_id, msg.seq, msg.location, msg.status, msg.nrows, msg.answered))
-            if msg.answered is not None:
-                # the writer's answer released this chunk at the gateway: no message of ours crosses the
-                # producer's next one there (on Thespian, before lanes, that lost a round of tens of ms)
-                key = (msg.request_id, msg.seq)
-                self.released[before:] = [k for k in self.released[before:] if k != key]
         elif isinstance(msg, ChunkRejected):
             self._feed(lc.Rejected(msg.request_id, msg.seq, msg.code, msg.message, msg.retry_after_s))
         elif isinstance(msg, LookupReply):

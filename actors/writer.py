@@ -138,11 +138,12 @@ class Writer(PairlaneActor):
             finally:
                 replies, self._batch_to, self._batch_replies = tuple(self._batch_replies), None, []
                 answers, self._batch_answers = self._batch_answers, []
-            # the assembler's answer first: the producer's next message makes the assembler send to us
-            # (on Thespian, for actors without lanes, two actors sending to each other lose a round)
-            self.send_ordered(sender, WriterBatchDone(replies))
+            # the producers' answers first: they wait on them (a one-message result's round trip), the
+            # assembler's bookkeeping does not. Nothing orders the two for the assembler anyway: the
+            # producer's next message reaches it from the gateway, on another connection
             if answers:
                 self.tell("gateway", Outbound(tuple(a for a, _ in answers), tuple(k for _, k in answers)))
+            self.send_ordered(sender, WriterBatchDone(replies))
         elif isinstance(msg, WriteChunk):
             self._write_chunk(msg, sender)
         elif isinstance(msg, WriteLive):

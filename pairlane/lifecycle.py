@@ -502,8 +502,9 @@ class Lifecycle:
             self.lookups[ev.request_id][1].append(ev)
             return
         req = self.reqs.get(ev.request_id)
-        if req is not None and req.kind == "result" and req.inflight and not isinstance(ev, Result):
-            # (the result itself again is a duplicate of the chunk in flight: `_result` merges it)
+        if req is not None and req.kind == "result" and req.inflight:
+            # the result itself again too: its producer may have been told `stored` by the writer
+            # already and sent it again, and it must hear `stored` for that message as well
             if len(req.held) >= MAX_HELD:
                 self._release_ev(ev)
                 return self._err(ev.identity, "busy", f"request {ev.request_id} is being written; retry",
@@ -658,6 +659,7 @@ class Lifecycle:
             req.identity = ev.identity
             req.last_activity = self.clock()
             if req.status == ResultStatus.COMPLETE:
+                self._release_ev(ev)   # a `result` frame again: the gateway counted it in flight
                 return self._reply(ev.identity, stored_reply(rid, meta["total_trades"], req.location()))
             if req.status == ResultStatus.FAILED:
                 self.reqs.pop(rid)  # start over
@@ -669,6 +671,7 @@ class Lifecycle:
                 return self._conflict(ev)
             if ev.bad is not None:
                 return self._err(ev.identity, ev.bad[0], ev.bad[1], rid)
+            self._release_ev(ev)
             return self._reply(ev.identity, stored_reply(rid, trades, loc))
         if not looked_up:
             if ev.bad is None and self._busy(ev):
@@ -681,6 +684,7 @@ class Lifecycle:
             return self._err(ev.identity, ev.bad[0], ev.bad[1], rid)
         if visible and row["status"] == ResultStatus.COMPLETE:
             self._remember(rid, meta, "db")
+            self._release_ev(ev)
             return self._reply(ev.identity, stored_reply(rid, row["total_trades"], "db"))
         now = self.clock()
         req = Req(meta=meta, identity=ev.identity, window=min(self.credit, meta["total_chunks"]),
@@ -716,8 +720,8 @@ class Lifecycle:
             if same and ev.bad is not None:
                 return self._err(ev.identity, ev.bad[0], ev.bad[1], rid)
             if same and req.status == ResultStatus.RECEIVING:
-                # the same one-message result again while the first is being written (a producer
-                # resending after a timeout): a duplicate of its only chunk, answered once durable
+                # the same one-message result again, its write not in flight (the writer could not
+                # take it; one in flight holds it in `_dispatch`): its only chunk, written now
                 return self._chunk(Chunk(rid, ev.identity, 0, ev.raw, ev.nrows, None))
             self._release_ev(ev)
             return self._err(ev.identity, "conflict", f"request {rid} is in progress (as a chunked request "
@@ -840,7 +844,8 @@ class Lifecycle:
 
     # ----- answers from the writer, the dlq and the store ------------------------------------------
     def _durable(self, ev: Durable) -> None:
-        self._release(ev.request_id, ev.seq)
+        if ev.answered is None:   # else the writer's answer released it at the gateway
+            self._release(ev.request_id, ev.seq)
         req = self.reqs.get(ev.request_id)
         if ev.location == "dlq":  # whose chunk it is, unknown once the request left memory: never counted
             self.inventory.setdefault(ev.request_id, {})[ev.seq] = (ev.nrows, totals(req.meta) if req else None)

@@ -598,11 +598,39 @@ def test_result_happy_path():
     assert only(w.send(result("R")))["type"] == "stored"
 
 
-def test_result_resent_while_written_is_answered_once():
+def test_result_resent_while_written_waits_for_the_write_then_each_message_is_answered():
+    """PROTOCOL.md: a `result` is answered `stored` or with an error. The resend is written once
+    and answered after the first, not dropped silently as an in-flight chunk is."""
     w = World()
     w.send(result("R"))
     assert w.send(result("R")) == [] and len(w.pending) == 1
-    assert only(w.durable())["type"] == "stored"
+    assert [r["type"] for r in w.durable()] == ["stored", "stored"] and not w.pending
+    assert w.released.count(("R", 0)) == 2
+
+
+def test_result_resent_after_the_writers_answer_but_before_its_durable_is_answered():
+    """The writer answers the producer before it tells us (the producer is waiting; we are not), so
+    the producer can send the result again before we learn it is stored: it must hear `stored`."""
+    w = World()
+    w.send(result("R"))
+    write = w.pending.pop()
+    assert w.send(result("R")) == []                     # sent after the writer's answer reached b"p"
+    replies = w.send(lc.Durable("R", 0, "db", w.commit(write), 10, answered=b"p"))
+    assert only(replies)["type"] == "stored" and not w.pending
+    # the first frame was released at the gateway by the writer's answer; the second by ours
+    assert w.released == [("R", 0)]
+
+
+def test_result_resent_after_it_is_stored_is_answered_and_released():
+    w = World()
+    w.send(result("R"))
+    w.durable()
+    w.released.clear()
+    assert only(w.send(result("R")))["type"] == "stored" and w.released == [("R", 0)]
+    w.lc.reqs.clear()                                    # answered from `recent`
+    assert only(w.send(result("R")))["type"] == "stored" and w.released == [("R", 0)] * 2
+    w.lc.recent.clear()                                  # answered from the database
+    assert only(w.send(result("R")))["type"] == "stored" and w.released == [("R", 0)] * 3
 
 
 def test_small_result_is_recorded_in_its_chunk_write_big_one_at_once():
