@@ -358,13 +358,15 @@ class Lane:
                 del self.pushes[endpoint]
 
     # ----- receiving -----------------------------------------------------------------------------
-    def receive(self, limit: int = DRAIN_MAX) -> tuple[list, bool]:
-        """Up to `limit` (message, sender address) pairs waiting, and whether more may be waiting."""
+    def receive(self, limit: int = DRAIN_MAX, ready: list | None = None) -> tuple[list, bool]:
+        """Up to `limit` (message, sender address) pairs waiting, and whether more may be waiting.
+        ready: which of `fds` a select just found readable (else one is made here)."""
         if self.sock is None:
             return [], False
         active: list = []
         if len(self.inbox) < limit:
-            ready = select.select(self.fds, [], [], 0)[0]   # one call, not a read of every connection
+            if ready is None:
+                ready = select.select(self.fds, [], [], 0)[0]   # one call, not a read of every connection
             active = [self.conns[fd] for fd in ready if fd in self.conns]
             if self.sock.fileno() in ready:
                 active += self._accept()

@@ -72,6 +72,7 @@ class Worker(Actor):
         self.lanes: dict = {}    # name -> lane endpoint, from the same Directory
         self._lane: Lane | None = None
         self._lane_backlog: collections.deque = collections.deque()   # taken off the lane, not yet handled
+        self._lane_ready = None    # the lane's FDs `_linger`'s select found readable, for the next receive
         self._lane_wakeup = False      # a _LANE wakeup is scheduled
         self._ticked_at = time.monotonic()   # when the heartbeat tick last ran
         self.supervisor = None
@@ -244,9 +245,11 @@ class Worker(Actor):
         start = time.monotonic()
         until = start + LANE_SLICE_S
         more = True
+        self._lane_ready = None
         while not self._stopping and time.monotonic() < until:
             if not self._lane_backlog:
-                items, more = self._lane.receive(LANE_BATCH)
+                items, more = self._lane.receive(LANE_BATCH, self._lane_ready)
+                self._lane_ready = None
                 if not items:
                     if self._linger(min(until, start + LANE_LINGER_BUDGET_S)):
                         continue
@@ -298,6 +301,7 @@ class Worker(Actor):
             return False
         self._lane.stats["lingered"] += 1   # a wakeup that did not go through Thespian's loop
         other = [fd for fd in ready if fd not in lane_fds]
+        self._lane_ready = [fd for fd in ready if fd in lane_fds]   # no second select to find them
         if other:
             self.on_readable(other)
         return True
