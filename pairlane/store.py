@@ -297,17 +297,19 @@ class Store(StatusRules):
 
     # ----- results -------------------------------------------------------------------------
     @staticmethod
-    def _insert_result(conn, meta: dict, now: float) -> None:
+    def _insert_result(conn, meta: dict, now: float, complete: bool = False) -> None:
+        """The results row, `receiving` (or `complete`, for `_write_whole`), unless it exists."""
         conn.execute(
             "INSERT OR IGNORE INTO backtest_results(request_id, strategy_name, status, total_trades, "
             "total_chunks, sharpe, profit_factor, win_rate, max_dd, reported_trades, symbol, timeframe, "
-            "rank, oos_kind, truncated, error, source, received_at, updated_at) "
-            "VALUES (?, ?, 'receiving', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (meta["request_id"], meta["strategy_name"], meta["total_trades"], meta["total_chunks"],
+            "rank, oos_kind, truncated, error, source, received_at, updated_at, completed_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (meta["request_id"], meta["strategy_name"], "complete" if complete else "receiving",
+             meta["total_trades"], meta["total_chunks"],
              meta.get("sharpe"), meta.get("profit_factor"), meta.get("win_rate"), meta.get("max_dd"),
              meta.get("reported_trades"), meta.get("symbol"), meta.get("timeframe"), meta.get("rank"),
              meta.get("oos_kind"), meta.get("truncated", 0), meta.get("error"), meta.get("source", "zmq"),
-             now, now))
+             now, now, now if complete else None))
 
     def lookup(self, request_id: str) -> dict | None:
         """The result row (as a dict) plus `durable`: {seq: rows} committed in the database."""
@@ -329,13 +331,18 @@ class Store(StatusRules):
         """Record a new (or restarted) request as `receiving`. A failed or abandoned one starts over."""
         self._tx(self._begin_in_tx, meta)
 
-    def _begin_in_tx(self, conn, meta: dict) -> None:
+    def _begin_in_tx(self, conn, meta: dict, insert: bool = True) -> bool:
+        """Whether the request is new: it has no results row (or one abandoned or failed, removed here
+        with its rows). Then its row is inserted `receiving`, unless `insert` is False."""
         row = conn.execute("SELECT status FROM backtest_results WHERE request_id = ?",
                            (meta["request_id"],)).fetchone()
         if row is not None and ResultStatus(row[0]).final_without_rows:
             self._drop_rows(conn, meta["request_id"])
             conn.execute("DELETE FROM backtest_results WHERE request_id = ?", (meta["request_id"],))
-        self._insert_result(conn, meta, time.time())
+            row = None
+        if insert:
+            self._insert_result(conn, meta, time.time())
+        return row is None
 
     @staticmethod
     def _drop_rows(conn, request_id: str) -> None:
@@ -351,10 +358,17 @@ class Store(StatusRules):
         rid = meta["request_id"]
 
         def tx(conn):
+            if record:
+                # a new one-message result whose rows add up (`settle`, the one completion rule) is
+                # written complete at once: one read, three writes, as a receiver without a lifecycle
+                whole = (meta["total_chunks"] == 1 and seq == 0
+                         and settle(1, meta["total_trades"], 1, nrows) == WriteOutcome.COMPLETE)
+                if self._begin_in_tx(conn, meta, insert=not whole) and whole:
+                    done = self._write_whole(conn, meta, trades, nrows)
+                    if done is not None:
+                        return done
             # per chunk: one read of the results row, the chunk record (which is also the duplicate
             # check), the rows, then completion; the results row is written only when it is missing
-            if record:
-                self._begin_in_tx(conn, meta)
             now = time.time()
             row = conn.execute("SELECT status, strategy_name, total_trades, total_chunks FROM backtest_results "
                                "WHERE request_id = ?", (rid,)).fetchone()
@@ -376,6 +390,20 @@ class Store(StatusRules):
         if out not in (WriteOutcome.DUPLICATE, WriteOutcome.DISCARDED):
             self.rows_written += nrows
         return out
+
+    def _write_whole(self, conn, meta: dict, trades: dict, nrows: int) -> WriteOutcome | None:
+        """A new one-message result whose rows add up: its chunk, its row `complete`, its rows.
+        None, having written nothing, if a chunk of it is there already (a results row's chunks
+        never outlive it, so never: the caller then goes the general way)."""
+        rid, now = meta["request_id"], time.time()
+        if conn.execute("INSERT OR IGNORE INTO backtest_chunks(request_id, seq, rows, committed_at) "
+                        "VALUES (?, 0, ?, ?)", (rid, nrows, now)).rowcount == 0:
+            return None
+        self._insert_result(conn, meta, now, complete=True)
+        if nrows:
+            columns, rows = codec.trade_log_rows(trades, rid, meta["strategy_name"], 0, nrows)
+            conn.executemany(insert_trades_sql(columns), rows)
+        return WriteOutcome.COMPLETE
 
     def set_status(self, request_id: str, status: ResultStatus | str, error: str | None = None) -> None:
         """`abandoned`/`failed` also remove the result's rows; `spooled` only from `receiving`."""

@@ -150,6 +150,38 @@ def test_result_completes_in_the_transaction_of_its_last_chunk(store):
     assert store.lookup("r")["status"] == "complete" and rows(store) == 5
 
 
+def test_a_one_message_result_recorded_with_its_chunk_is_the_same_row_as_begin_then_chunk(store):
+    """write_chunk(record=True) of a new one-message result writes its row `complete` at once
+    (Store._write_whole): the same row, chunk and trades as `begin` and then the chunk."""
+    m1, m2 = meta("a", 5, 1), meta("b", 5, 1)
+    for m in (m1, m2):
+        m.update(sharpe=1.5, symbol="USDJPY", truncated=0)
+    assert store.write_chunk(m1, 0, chunk(5), 5, record=True) == "complete"
+    store.begin(m2)
+    assert store.write_chunk(m2, 0, chunk(5), 5) == "complete"
+    a, b = store.lookup("a"), store.lookup("b")
+    times = ("received_at", "updated_at", "completed_at")
+    assert all(a[k] for k in times) and a["completed_at"] >= a["received_at"]
+    assert {k: v for k, v in a.items() if k not in times + ("request_id",)} == \
+        {k: v for k, v in b.items() if k not in times + ("request_id",)}
+    assert a["durable"] == {0: 5} and rows(store, "a") == rows(store, "b") == 5
+
+
+def test_a_one_message_result_recorded_again_or_over_an_old_row_keeps_every_rule(store):
+    assert store.write_chunk(meta("r", 5, 1), 0, chunk(5), 5, record=True) == "complete"
+    assert store.write_chunk(meta("r", 5, 1), 0, chunk(5), 5, record=True) == "duplicate"
+    assert store.write_chunk(meta("r", 6, 1), 0, chunk(6), 6, record=True) == "discarded"   # other totals
+    assert rows(store, "r") == 5 and store.lookup("r")["status"] == "complete"
+    store.begin(meta("x", 5, 1))
+    store.set_status("x", "abandoned")
+    assert store.write_chunk(meta("x", 5, 1), 0, chunk(5), 5, record=True) == "complete"     # starts over
+    assert rows(store, "x") == 5
+    assert store.write_chunk(meta("f", 5, 1), 0, chunk(3), 3, record=True) == "failed"      # do not add up
+    assert rows(store, "f") == 0 and store.lookup("f")["status"] == "failed"
+    assert store.write_chunk(meta("f", 3, 1), 0, chunk(3), 3, record=True) == "complete"    # a failed one: again
+    assert store.write_chunk(meta("e", 0, 1), 0, {}, 0, record=True) == "complete" and rows(store, "e") == 0
+
+
 def test_chunks_with_different_column_sets_store_exactly_what_they_carry(store):
     m = meta(total=4)
     two = {"timestamp": np.array([10, 11], "<i8").tobytes(), "pnl": [0.25, -1.5]}
