@@ -70,7 +70,7 @@ def small_first(backlog) -> int:
 class Writer(PairlaneActor):
     _batch_to = None              # the WriterBatch's sender while one is handled
     _batch_replies: list = []     # what send_ordered held back for it meanwhile
-    _batch_answers: list = []     # producer answers for the gateway, sent right after WriterBatchDone
+    _batch_answers: list = []     # producer answers of grouped chunks, sent once the batch is handled
 
     def on_start(self) -> None:
         self._batch_replies = []
@@ -245,7 +245,20 @@ class Writer(PairlaneActor):
             if record:   # as if the BeginRequest had come first: recorded now, or deferred and retried
                 self._status_change(("begin", w.meta))
             return self._failed(w, sender, exc)
-        self.metrics.observe("pairlane_sqlite_write_seconds", time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        answered = None
+        if w.answer is not None and w.reply_to is not None and status == WriteOutcome.COMPLETE \
+                and self.peer("gateway") is not None:
+            # a one-message result is complete and durable: its producer hears it now, one hop sooner
+            # (a group's answers wait for the group's commit: the batch's end)
+            identity, reply = w.answer
+            answer = ((identity, reply), (w.meta["request_id"], w.seq))
+            if grouped:
+                self._batch_answers.append(answer)
+            else:
+                self.tell("gateway", Outbound((answer[0],), (answer[1],)))
+            answered = identity
+        self.metrics.observe("pairlane_sqlite_write_seconds", elapsed)
         wrote = status not in (WriteOutcome.DUPLICATE, WriteOutcome.DISCARDED)
         if wrote:
             self.metrics.inc("pairlane_sqlite_rows_written_total", w.nrows)
@@ -256,17 +269,6 @@ class Writer(PairlaneActor):
             self.send_ordered(sender, RetryDone(w.item_id, True, reason))
             if status == WriteOutcome.COMPLETE:
                 self.log("INFO", "result_complete_from_dlq", request_id=w.meta["request_id"])
-        answered = None
-        if w.answer is not None and w.reply_to is not None and status == WriteOutcome.COMPLETE \
-                and self.peer("gateway") is not None:
-            # a one-message result is complete and durable: its producer hears it now, one hop sooner
-            identity, reply = w.answer
-            answer = ((identity, reply), (w.meta["request_id"], w.seq))
-            if self._batch_to is not None:
-                self._batch_answers.append(answer)
-            else:
-                self.tell("gateway", Outbound((answer[0],), (answer[1],)))
-            answered = identity
         if w.reply_to is not None:
             self.send_ordered(w.reply_to, ChunkDurable(w.meta["request_id"], w.seq, "db", status, w.nrows,
                                                        answered))
