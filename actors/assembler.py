@@ -23,7 +23,7 @@ from pairlane.stores import backend, open_store
 from .base import PairlaneActor
 from .messages import (BeginRequest, ChunkDurable, ChunkRejected, Inbound, InboundBatch, Inventory,
                        InventoryRequest, LiveDone, Lookup, LookupReply, Outbound, SetStatus, SweepDone, SweepStale,
-                       WriteChunk, WriteLive, WriterBatch, WriterBatchDone)
+                       WriteChunk, WriteLive, WriterBatch, WriterBatchDone, WriteSkipped)
 
 MAX_REPLY_TARGETS = 1000
 MAX_REPLY_ACTORS = 16           # addresses of the actors legacy producers speak through (restarts make new ones)
@@ -59,7 +59,7 @@ class Assembler(PairlaneActor):
             self.leases = PgLeases(self.config["store"]["url"], "pairlane-leases " + self.config["daemon"]["name"])
         self.life = lc.Lifecycle(g["credit"], g["max_requests"], g["assembly_timeout_s"],
                                  clock=time.monotonic, wall=time.time, writer_up=self.writer is not None,
-                                 claims=self.leases is not None)
+                                 claims=self.leases is not None, checked_writes=backend(self.config) == "sqlite")
         self.replies: list = []
         self.released: list = []
         self.stored: list = []     # (request_id, stored reply) for the gateway (lc.Stored)
@@ -102,6 +102,8 @@ class Assembler(PairlaneActor):
             self._feed(self._event(msg))
         elif isinstance(msg, ChunkDurable):
             self._feed(lc.Durable(msg.request_id, msg.seq, msg.location, msg.status, msg.nrows, msg.answered))
+        elif isinstance(msg, WriteSkipped):
+            self._feed(lc.Skipped(msg.request_id, msg.row, failed=msg.row is None))
         elif isinstance(msg, ChunkRejected):
             self._feed(lc.Rejected(msg.request_id, msg.seq, msg.code, msg.message, msg.retry_after_s))
         elif isinstance(msg, LookupReply):
@@ -173,7 +175,7 @@ class Assembler(PairlaneActor):
             # a producer speaking through another actor (legacy) is answered by us, never by the writer
             answer = eff.answer if eff.answer is not None and eff.answer[0] not in self.reply_targets else None
             self._to_writer(WriteChunk(eff.meta, eff.seq, eff.raw, eff.nrows, reply_to=self.myAddress,
-                                       record=eff.record, answer=answer))
+                                       record=eff.record, answer=answer, new_only=eff.new_only))
         elif isinstance(eff, lc.WriteLive):
             self._to_writer(WriteLive(eff.batch_id, eff.raw, eff.nrows, reply_to=self.myAddress))
         elif isinstance(eff, lc.Record):

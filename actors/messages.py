@@ -106,6 +106,9 @@ class WriteChunk:
     answer: (identity, reply) of a one-message result: when the commit completes the result, the
     writer sends it to the gateway itself (saving the trip through the assembler) and says so in
     ChunkDurable.answered; never for anything else, never before the commit.
+    new_only: a checked write (with record, a new one-message result): written only if the store
+    does not hold the request, checked in the write's own transaction; else, or when the store fails,
+    nothing is written (never spooled) and the writer answers WriteSkipped instead of ChunkDurable.
     """
 
     meta: dict
@@ -116,6 +119,7 @@ class WriteChunk:
     item_id: str | None = None
     record: bool = False
     answer: tuple | None = None
+    new_only: bool = False
 
     @property
     def big(self) -> bool:
@@ -216,6 +220,16 @@ class SweepStale:
 @dataclass(frozen=True)
 class SweepDone:
     """Writer -> assembler: the SweepStale it sent is applied (or failed and changed nothing)."""
+
+
+@dataclass(frozen=True)
+class WriteSkipped:
+    """Writer -> assembler: a checked write (WriteChunk.new_only) was not done: the store holds the
+    request (row: what a Lookup answers), or could not tell (row None, error)."""
+
+    request_id: str
+    row: dict | None
+    error: str | None = None
 
 
 @dataclass(frozen=True)

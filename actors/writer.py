@@ -21,7 +21,7 @@ from .base import PairlaneActor
 from .messages import (BeginRequest, ChunkDurable, ChunkRejected, LegacyResult, LegacyWritten,
                        LiveDone, Lookup, LookupReply, Outbound, ReplaceSlots, RetryDone, SetStatus, SlotsWritten,
                        SpoolBatch, SweepDone, SweepStale, WriteChunk, WriteLive, WriterBatch,
-                       WriterBatchDone)
+                       WriterBatchDone, WriteSkipped)
 
 MAX_DEFERRED = 10000
 MAX_PASSES = 16     # messages that may pass one waiting big chunk; then it goes (never starved by small work)
@@ -231,21 +231,32 @@ class Writer(PairlaneActor):
     def _write_chunk(self, w: WriteChunk, sender, grouped: bool = False) -> None:
         t0 = time.perf_counter()
         record = w.record and self.store.RECORDS_WITH_CHUNK
+        if w.new_only and not record:   # the check needs the write's own transaction
+            return self.send_ordered(w.reply_to, WriteSkipped(w.meta["request_id"], None,
+                                                              "this store cannot check and write at once"))
         if w.record and not record:   # this store records in a transaction of its own, first
             self._status_change(("begin", w.meta))
         try:
             trades = codec.decode_chunk_payload(w.raw)
             if record:
-                status = self.store.write_chunk(w.meta, w.seq, trades, w.nrows, record=True)
+                status = self.store.write_chunk(w.meta, w.seq, trades, w.nrows, record=True, new_only=w.new_only)
             else:
                 status = self.store.write_chunk(w.meta, w.seq, trades, w.nrows)
         except StoreError as exc:
             if grouped:   # the whole group is rolled back and its chunks written one by one
                 raise
+            if w.new_only:   # not known to be new: never spooled; the lifecycle takes the usual way
+                return self.send_ordered(w.reply_to, WriteSkipped(w.meta["request_id"], None, str(exc)))
             if record:   # as if the BeginRequest had come first: recorded now, or deferred and retried
                 self._status_change(("begin", w.meta))
             return self._failed(w, sender, exc)
         elapsed = time.perf_counter() - t0
+        if status == WriteOutcome.EXISTS:   # a checked write: the request is there, nothing was written
+            try:
+                row, error = self.store.lookup(w.meta["request_id"]), None
+            except StoreError as exc:
+                row, error = None, str(exc)
+            return self.send_ordered(w.reply_to, WriteSkipped(w.meta["request_id"], row, error))
         answered = None
         if w.answer is not None and w.reply_to is not None and status == WriteOutcome.COMPLETE \
                 and self.peer("gateway") is not None:

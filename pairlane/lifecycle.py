@@ -17,7 +17,7 @@ import collections
 
 import numpy as np
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 from .codec import error_reply
 from .vocab import VISIBLE_STATUSES, ResultStatus, WriteOutcome
@@ -173,6 +173,15 @@ class LiveDone:
 
 
 @dataclass(frozen=True)
+class Skipped:
+    """The writer did not do a checked write (Write.new_only): the store holds the request already
+    (row: what `Lookup` would have answered), or it could not tell (failed: row None)."""
+    request_id: str
+    row: dict | None
+    failed: bool = False
+
+
+@dataclass(frozen=True)
 class LookupAnswer:
     """The store's row for request_id (plus `durable` {seq: rows}) or None; failed: nobody could read it."""
     request_id: str
@@ -256,6 +265,8 @@ class Write:
     record: bool = False
     answer: tuple | None = None    # (identity, reply): a one-message result's `stored` reply, for the
                                    # writer to send itself right after the commit that completes it
+    new_only: bool = False         # a checked write: done only if the store does not hold the request
+                                   # (the lookup happens in the write's transaction), else Skipped
 
 
 @dataclass(frozen=True)
@@ -344,6 +355,9 @@ class Req:
     # a begin, the result again) can reach us before the writer's answer does
     held: list = field(default_factory=list)
     answered: bytes | None = None                      # identity the writer told `stored` itself
+    # the result whose checked write (Write.new_only) is in flight: the request may still turn out to
+    # be in the store, and then this Req was never real (`_skipped`)
+    checking: Any = None
 
     @property
     def rid(self) -> str:
@@ -407,7 +421,8 @@ def _release_key(ev) -> tuple | None:
 class Lifecycle:
     def __init__(self, credit: int, max_requests: int, assembly_timeout_s: float, *,
                  clock: Callable[[], float], wall: Callable[[], float],
-                 writer_up: bool = True, dlq_up: bool = False, claims: bool = False):
+                 writer_up: bool = True, dlq_up: bool = False, claims: bool = False,
+                 checked_writes: bool = False):
         self.credit = credit
         self.max_requests = max_requests
         self.timeout_s = assembly_timeout_s
@@ -416,6 +431,9 @@ class Lifecycle:
         self.writer_up = writer_up
         self.dlq_up = dlq_up
         self.claims = claims          # several daemons may share the store: a request needs its lease
+        # the writer can look a request up in the transaction that writes it (SQLite): a new small
+        # one-message result is written at once instead of after a lookup (`_may_check`)
+        self.checked_writes = checked_writes
         self.claiming: set = set()    # rids whose Claim is unanswered (their events wait in `lookups`)
         self.leases: set = set()      # rids whose lease this daemon holds
         self.reclaiming: set = set()  # leases lost with their session, to be re-taken (claimed at each Tick)
@@ -645,7 +663,16 @@ class Lifecycle:
         self._err(ev.identity, "conflict", f"request {ev.request_id} exists with another strategy_name or "
                   "totals; use a new request_id", ev.request_id)
 
-    def _begin(self, ev: Begin, row: dict | None = None, looked_up: bool = False) -> None:
+    def _may_check(self, ev) -> bool:
+        """Whether ev may skip the lookup: a valid small one-message result, nothing of it in the dlq,
+        written by a writer that checks in the write's transaction that the store does not hold it
+        (ordered after every status change we sent, like a lookup through the writer)."""
+        return (self.checked_writes and isinstance(ev, Result) and ev.bad is None and ev.raw is not None
+                and ev.nrows <= BULK_ROWS and self.writer_up and not self.claims
+                and ev.request_id not in self.inventory)
+
+    def _begin(self, ev: Begin, row: dict | None = None, looked_up: bool = False,
+               checking: bool = False) -> None:
         rid = ev.request_id
         meta = dict(ev.meta)
         if ev.origin != "legacy":
@@ -676,6 +703,8 @@ class Lifecycle:
         if not looked_up:
             if ev.bad is None and self._busy(ev):
                 return
+            if self._may_check(ev):
+                return self._begin(ev, None, looked_up=True, checking=True)
             return self._start_lookup(ev)
         visible = row is not None and row["status"] in VISIBLE_STATUSES
         if visible and totals(row) != totals(meta):
@@ -706,7 +735,10 @@ class Lifecycle:
                       and 0 not in req.durable)
             if not visible and not record:
                 self._to_writer(Record(meta))
-            return self._chunk(Chunk(rid, ev.identity, 0, ev.raw, ev.nrows, ev.bad), record)
+            if checking:
+                req.checking = ev
+                self.stats["checked_writes"] += 1
+            return self._chunk(Chunk(rid, ev.identity, 0, ev.raw, ev.nrows, ev.bad), record, checking)
         if not visible:
             self._to_writer(Record(meta))  # visible as `receiving` at once (or starts over)
         self._reply(ev.identity, credit_reply(rid, req.window))
@@ -728,7 +760,7 @@ class Lifecycle:
                              "or with another strategy_name or totals)", rid)
         self._begin(ev, row, looked_up)
 
-    def _chunk(self, ev: Chunk, record: bool = False) -> None:
+    def _chunk(self, ev: Chunk, record: bool = False, new_only: bool = False) -> None:
         rid, seq = ev.request_id, ev.seq
         req = self.reqs.get(rid)
         if req is None:
@@ -762,7 +794,7 @@ class Lifecycle:
         answer = None
         if req.kind == "result":   # the only reply a commit that completes it can lead to (see _settle)
             answer = (ev.identity, stored_reply(rid, req.meta["total_trades"], "db"))
-        work = Write(req.meta, seq, ev.raw, ev.nrows, record, answer)
+        work = Write(req.meta, seq, ev.raw, ev.nrows, record, answer, new_only)
         if ev.nrows > BULK_ROWS:
             # a small result's chunk must never wait at the writer for more than the big one being
             # written: the writer lets small work pass the one waiting (BULK_WINDOW - 1 of them)
@@ -853,6 +885,7 @@ class Lifecycle:
         self._bulk_done(sent, ev.nrows)
         if req is None:
             return
+        req.checking = None   # written: the request was new
         if sent is not None:
             self._metric("observe", "pairlane_chunk_assembly_seconds", self.clock() - sent[1])
         if ev.outcome != WriteOutcome.DISCARDED:
@@ -930,6 +963,27 @@ class Lifecycle:
         while self.recent and next(iter(self.recent.values()))[3] < horizon:
             self.recent.popitem(last=False)
 
+    def _skipped(self, ev: Skipped) -> None:
+        """A checked write the writer did not do: this Req was never real. Its result goes the usual
+        way now: with the row the writer read (conflict, stored, or resume), or, when the store could
+        not tell, through a lookup and a write that spools if it must. Then what was held for it."""
+        req = self.reqs.get(ev.request_id)
+        if req is None or req.checking is None:
+            return   # given up meanwhile (writer lost, answer timed out): the producer resends
+        self._unmake(req)
+        self.stats["checked_writes_skipped"] += 1
+        if ev.failed:
+            self._start_lookup(req.checking)
+        else:
+            self._result(req.checking, ev.row, looked_up=True)
+        for held in req.held:
+            self._dispatch(held)
+
+    def _unmake(self, req: Req) -> None:
+        """Forget a Req made for a checked write the writer did not (or may not have) done."""
+        self.reqs.pop(req.rid, None)
+        req.inflight.clear()
+
     def _rejected(self, ev: Rejected) -> None:
         self._release(ev.request_id, ev.seq)
         req = self.reqs.get(ev.request_id)
@@ -993,13 +1047,15 @@ class Lifecycle:
             self.sweep_pending = False
             self.bulk_waiting.clear()   # their seqs are in req.inflight: released just below
             self.bulk_at_writer = 0
-            for req in self.reqs.values():
+            for req in list(self.reqs.values()):
                 for seq in req.inflight:
                     self._release(req.rid, seq)
                 req.inflight.clear()
                 # whether its write landed, only the store can say
                 self._refuse(req.held, "busy", "pairlane's writer restarted; retry", req.rid, 0.5)
                 req.held = []
+                if req.checking is not None:   # never known to be new: its resend starts over
+                    self._unmake(req)
             for rid, (_, queued) in self.lookups.items():
                 self._refuse(queued, "busy", "pairlane's writer restarted; retry", rid, 0.5)
             self.lookups.clear()
@@ -1030,7 +1086,13 @@ class Lifecycle:
                     self._emit(Log("WARNING", "chunk_answer_lost", (("request_id", req.rid), ("seq", seq))))
                     lost.append(req)
         for req in lost:
-            self._replay_held(req)
+            if req.checking is not None:   # never known to be new: what was held starts over
+                self._unmake(req)
+                held, req.held = req.held, []
+                for ev in held:
+                    self._dispatch(ev)
+            else:
+                self._replay_held(req)
         for rid, req in list(self.reqs.items()):
             idle = now - req.last_activity
             if req.status == ResultStatus.RECEIVING and not req.inflight and idle > self.timeout_s:
@@ -1061,6 +1123,6 @@ class Lifecycle:
     _HANDLERS: ClassVar[dict] = {
         Begin: _inbound, Result: _inbound, Chunk: _inbound, End: _inbound, Abort: _inbound,
         LiveTrades: _live_trades, Durable: _durable, Rejected: _rejected, LiveDone: _live_done,
-        LookupAnswer: _looked_up, Claimed: _claimed, LeasesLost: _leases_lost, Inventory: _inventory,
+        LookupAnswer: _looked_up, Skipped: _skipped, Claimed: _claimed, LeasesLost: _leases_lost, Inventory: _inventory,
         SweepDone: _sweep_done, Peers: _peers, Tick: _tick,
     }

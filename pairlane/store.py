@@ -349,12 +349,15 @@ class Store(StatusRules):
         conn.execute("DELETE FROM backtest_trade_logs WHERE request_id = ?", (request_id,))
         conn.execute("DELETE FROM backtest_chunks WHERE request_id = ?", (request_id,))
 
-    def write_chunk(self, meta: dict, seq: int, trades: dict, nrows: int, record: bool = False) -> WriteOutcome:
+    def write_chunk(self, meta: dict, seq: int, trades: dict, nrows: int, record: bool = False,
+                    new_only: bool = False) -> WriteOutcome:
         """Commit one chunk. Returns the result's status after the commit: receiving | complete |
         failed, or `duplicate` (seq already committed), or `discarded` (result abandoned/failed, or
         the chunk belongs to an earlier request under this request_id with other totals, e.g. a dlq
         item of an aborted request retried after the id was begun again). record: do what `begin`
-        does first, in the same transaction (a one-message result: one commit, not two)."""
+        does first, in the same transaction (a one-message result: one commit, not two). new_only
+        (with record): write nothing, and return `exists`, if the request is there (any status but
+        failed or abandoned: what a lookup would show), checked in this transaction."""
         rid = meta["request_id"]
 
         def tx(conn):
@@ -363,7 +366,10 @@ class Store(StatusRules):
                 # written complete at once: one read, three writes, as a receiver without a lifecycle
                 whole = (meta["total_chunks"] == 1 and seq == 0
                          and settle(1, meta["total_trades"], 1, nrows) == WriteOutcome.COMPLETE)
-                if self._begin_in_tx(conn, meta, insert=not whole) and whole:
+                new = self._begin_in_tx(conn, meta, insert=not whole)
+                if new_only and not new:
+                    return WriteOutcome.EXISTS
+                if new and whole:
                     done = self._write_whole(conn, meta, trades, nrows)
                     if done is not None:
                         return done
@@ -387,7 +393,7 @@ class Store(StatusRules):
             return self._settle(conn, rid, now, tuple(row_totals[1:]))
 
         out = self._tx(tx)
-        if out not in (WriteOutcome.DUPLICATE, WriteOutcome.DISCARDED):
+        if out not in (WriteOutcome.DUPLICATE, WriteOutcome.DISCARDED, WriteOutcome.EXISTS):
             self.rows_written += nrows
         return out
 

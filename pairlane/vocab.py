@@ -40,6 +40,7 @@ class WriteOutcome(StrEnum):
     FAILED = "failed"            # committed the last chunk, but the rows do not add up: rows removed
     DUPLICATE = "duplicate"      # that seq was already committed: nothing written
     DISCARDED = "discarded"      # the result is failed or abandoned: nothing written
+    EXISTS = "exists"            # a checked write (new_only) found the request in the store: nothing written
 
 
 class AlertName(StrEnum):

@@ -182,6 +182,20 @@ def test_a_one_message_result_recorded_again_or_over_an_old_row_keeps_every_rule
     assert store.write_chunk(meta("e", 0, 1), 0, {}, 0, record=True) == "complete" and rows(store, "e") == 0
 
 
+def test_a_checked_write_writes_only_a_request_the_store_does_not_hold(store):
+    assert store.write_chunk(meta("r", 5, 1), 0, chunk(5), 5, record=True, new_only=True) == "complete"
+    written = store.rows_written
+    for m in (meta("r", 5, 1), meta("r", 6, 1)):   # stored: the same result, or another under its id
+        assert store.write_chunk(m, 0, chunk(m["total_trades"]), m["total_trades"], record=True,
+                                 new_only=True) == "exists"
+    store.begin(meta("q", 5, 1))                    # receiving
+    assert store.write_chunk(meta("q", 5, 1), 0, chunk(5), 5, record=True, new_only=True) == "exists"
+    assert store.rows_written == written and rows(store, "r") == 5 and rows(store, "q") == 0
+    assert store.lookup("q")["status"] == "receiving" and store.lookup("q")["durable"] == {}
+    store.set_status("q", "abandoned")              # an abandoned (or failed) one is not held: written anew
+    assert store.write_chunk(meta("q", 5, 1), 0, chunk(5), 5, record=True, new_only=True) == "complete"
+
+
 def test_chunks_with_different_column_sets_store_exactly_what_they_carry(store):
     m = meta(total=4)
     two = {"timestamp": np.array([10, 11], "<i8").tobytes(), "pnl": [0.25, -1.5]}

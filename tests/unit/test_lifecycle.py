@@ -51,10 +51,10 @@ class Probe(lc.Lifecycle):
 
 class World:
     def __init__(self, credit=4, max_requests=4, timeout=60.0, writer_up=True, dlq_up=False, auto_lookup=True,
-                 claims=False):
+                 claims=False, checked=False):
         self.clock = Clock()
         self.lc = Probe(credit, max_requests, timeout, clock=self.clock, wall=self.clock,
-                        writer_up=writer_up, dlq_up=dlq_up, claims=claims)
+                        writer_up=writer_up, dlq_up=dlq_up, claims=claims, checked_writes=checked)
         self.others: set = set()     # request leases other daemons hold (claims=True)
         self.mine: set = set()       # request leases this daemon holds, as the store sees them
         self.store_down = False      # claims fail: nobody can tell who holds a lease
@@ -157,6 +157,13 @@ class World:
 
     def durable(self, i=0, location="db"):
         w = self.pending.pop(i)
+        if w.new_only:   # a checked write: done only if the store does not hold the request, never spooled
+            rid = w.meta["request_id"]
+            r = self.db.get(rid)
+            if location != "db":
+                return self.send(lc.Skipped(rid, None, failed=True))
+            if r is not None and not r["status"].final_without_rows:
+                return self.send(lc.Skipped(rid, self.row(rid)))
         if location == "db":
             outcome = self.commit(w)
         else:
@@ -631,6 +638,86 @@ def test_result_resent_after_it_is_stored_is_answered_and_released():
     assert only(w.send(result("R")))["type"] == "stored" and w.released == [("R", 0)] * 2
     w.lc.recent.clear()                                  # answered from the database
     assert only(w.send(result("R")))["type"] == "stored" and w.released == [("R", 0)] * 3
+
+
+# ----- checked writes (SQLite): a new one-message result is written without a lookup first ---------
+def test_checked_write_of_a_new_result_skips_the_lookup_and_is_stored():
+    w = World(checked=True)
+    assert w.send(result("R")) == []
+    assert not any(isinstance(e, lc.Lookup) for e in w.effects)
+    assert [(x.seq, x.record, x.new_only) for x in w.writes()] == [(0, True, True)]
+    assert only(w.durable())["type"] == "stored" and w.db["R"]["status"] == ResultStatus.COMPLETE
+    assert w.lc.reqs["R"].checking is None and w.lc.stats["checked_writes"] == 1
+
+
+def test_checked_write_finding_the_result_stored_answers_stored_or_conflict_without_writing():
+    w = World(checked=True)
+    w.db["R"] = {"meta": meta("R", 1, 10), "status": ResultStatus.COMPLETE, "chunks": {0: 10}}
+    w.db["X"] = {"meta": meta("X", 1, 10, "other"), "status": ResultStatus.COMPLETE, "chunks": {0: 10}}
+    w.send(result("R"))
+    w.send(result("X"))
+    replies = w.durable() + w.durable()
+    assert [r["type"] for r in replies] == ["stored", "error"] and replies[1]["code"] == "conflict"
+    assert not w.pending and "R" not in w.lc.reqs and "X" not in w.lc.reqs
+    assert sorted(w.released) == [("R", 0), ("X", 0)]          # both frames released at the gateway
+    assert w.lc.stats["checked_writes_skipped"] == 2
+
+
+def test_checked_write_finding_the_result_receiving_resumes_it_the_usual_way():
+    w = World(checked=True)
+    w.db["R"] = {"meta": meta("R", 1, 10), "status": ResultStatus.RECEIVING, "chunks": {}}
+    w.send(result("R"))
+    assert w.durable() == []                                   # skipped: written again, unchecked
+    assert [x.new_only for x in w.writes()] == [True, False]
+    assert only(w.durable())["type"] == "stored" and w.db["R"]["status"] == ResultStatus.COMPLETE
+
+
+def test_checked_write_the_store_could_not_take_goes_through_a_lookup_and_may_spool():
+    w = World(checked=True, dlq_up=True)
+    w.send(result("R"))
+    assert w.durable(location="dlq") == []                      # never spooled as a checked write
+    assert [e.request_id for e in w.effects if isinstance(e, lc.Lookup)] == ["R"]
+    assert [x.new_only for x in w.writes()] == [True, False]
+    assert only(w.durable(location="dlq"))["location"] == "dlq"
+
+
+def test_what_waits_behind_a_checked_write_is_answered_once_it_is_known():
+    w = World(checked=True)
+    w.db["R"] = {"meta": meta("R", 1, 10), "status": ResultStatus.COMPLETE, "chunks": {0: 10}}
+    w.send(result("R"))
+    assert w.abort("R", who=b"a") == [] and w.send(result("R", strategy="T")) == []
+    replies = w.durable()
+    assert [(r["type"], r.get("code")) for r in replies] == [("stored", None), ("error", "conflict"),
+                                                              ("error", "conflict")]
+
+
+def test_a_checked_write_lost_with_the_writer_or_unanswered_is_forgotten_and_starts_over():
+    w = World(checked=True)
+    w.send(result("R"))
+    w.pending.clear()
+    assert w.send(lc.Peers(writer_up=True, dlq_up=False, lost=True)) == []
+    assert "R" not in w.lc.reqs and w.released == [("R", 0)]
+    w.send(result("R"))                                         # the resend: checked again
+    assert [x.new_only for x in w.writes()] == [True, True]
+    w.pending.clear()
+    w.send(result("R"))                                         # again: held behind the write in flight
+    assert "R" in w.lc.reqs and w.lc.reqs["R"].held
+    w.tick(lc.INFLIGHT_TIMEOUT_S + 1)                           # its answer never came
+    assert [x.new_only for x in w.writes()][-1] is True and w.lc.reqs["R"].checking is not None
+    assert only(w.durable())["type"] == "stored"
+
+
+def test_results_that_may_not_skip_the_lookup():
+    big = lc.BULK_ROWS + 1
+    w = World(checked=True, dlq_up=True)
+    w.send(result("B", trades=big, nrows=big))                  # big: waits for the bulk window
+    w.lc.inventory["D"] = {0: (10, (1, 10))}                    # the dlq holds a chunk of it
+    w.send(result("D"))
+    assert [e.request_id for e in w.effects if isinstance(e, lc.Lookup)] == ["B", "D"]
+    assert not any(x.new_only for x in w.writes())
+    plain = World()                                             # a store that cannot check (PostgreSQL)
+    plain.send(result("R"))
+    assert [e.request_id for e in plain.effects if isinstance(e, lc.Lookup)] == ["R"]
 
 
 def test_small_result_is_recorded_in_its_chunk_write_big_one_at_once():

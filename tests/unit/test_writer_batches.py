@@ -154,3 +154,40 @@ def test_a_status_change_never_overtakes_a_deferred_one():
     w.store.down = False
     w.tick()
     assert w.store.applied[-2:] == [("begin", "T"), ("status", "T", "spooled")] and w.deferred == []
+
+
+def test_a_checked_write_the_store_holds_or_cannot_take_is_answered_skipped_and_never_spooled(tmp_path):
+    from pairlane.chunks import encode_chunk
+    from pairlane.metrics import MetricBatch
+    from pairlane.store import Store, StoreError, meta_from_message
+    from pairlane.synthetic import result_columns
+    from pairlane.actors.messages import ChunkDurable, SpoolBatch, WriteSkipped
+    w = Writer()
+    w.name, w.deferred, w.metrics = "writer", [], MetricBatch()
+    w.failures = w.spooled = w.rejected = 0
+    w.store = Store(str(tmp_path / "s.db"))
+    w.store.open()
+    sent = []
+    w.send_ordered = lambda addr, msg: sent.append((addr, msg))
+    w.directory = {"dlq": "dlq-address"}                       # a dlq is there: a failed write would spool
+    raw = encode_chunk("R", 0, result_columns(10, seed=1), 0, 10)
+    m = meta_from_message({"request_id": "R", "strategy_name": "S", "total_trades": 10, "total_chunks": 1})
+    checked = WriteChunk(m, 0, raw, 10, reply_to="assembler", record=True, new_only=True)
+    w._write_chunk(checked, "assembler")
+    assert isinstance(sent[-1][1], ChunkDurable) and sent[-1][1].status == "complete"
+    w._write_chunk(checked, "assembler")                       # the store holds it now
+    assert isinstance(sent[-1][1], WriteSkipped) and sent[-1][1].row["status"] == "complete"
+    assert sent[-1][0] == "assembler" and w.store.rows_written == 10
+
+    def down(*args, **kwargs):
+        raise StoreError("locked", "database is locked")
+    w.store.write_chunk = down
+    w._write_chunk(WriteChunk(dict(m, request_id="Q"), 0, raw, 10, reply_to="assembler", record=True,
+                              new_only=True), "assembler")
+    skipped = sent[-1][1]
+    assert isinstance(skipped, WriteSkipped) and skipped.row is None and "locked" in skipped.error
+    assert not any(isinstance(msg, SpoolBatch) for _, msg in sent) and w.spooled == 0
+    w._write_chunk(WriteChunk(dict(m, request_id="P"), 0, raw, 10, reply_to="assembler", record=True),
+                   "assembler")                                # an unchecked one spools as before
+    assert isinstance(sent[-1][1], SpoolBatch) and w.spooled == 1
+    w.store.close()
