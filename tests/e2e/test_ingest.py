@@ -816,8 +816,9 @@ def test_one_message_results_are_answered_exactly_once(shared, dealer):
 
 
 def test_lookups_read_locally_between_sweeps(small):
-    """assembly_timeout_s = 2 sweeps every second; the writer confirms each sweep, so a result's
-    lookup is read by the assembler itself, not queued at the writer (it used to stay pending)."""
+    """assembly_timeout_s = 2 sweeps every second; the writer confirms each sweep, so a `begin`'s
+    lookup is read by the assembler itself, not queued at the writer (it used to stay pending).
+    A one-message result needs no lookup at all on SQLite: its write checks (checked writes)."""
     from pairlane.lifecycle import LOCAL_LOOKUP_GRACE_S
     wait_until(lambda: inspect(small, "assembler")["uptime_s"] > LOCAL_LOOKUP_GRACE_S + 2.5, timeout=30,
                what="the assembler's start grace and two sweeps")
@@ -825,13 +826,55 @@ def test_lookups_read_locally_between_sweeps(small):
     with Dealer(small.gateway_endpoint) as dl:
         for i in range(6):
             rid = f"lk-{before['uptime_s']}-{i}"
+            reply = dl.rt({"type": "begin", "request_id": rid, "strategy_name": "S", "total_trades": 2,
+                           "total_chunks": 1})
+            assert reply["type"] == "credit", reply
+            assert dl.rt({"type": "chunk", "request_id": rid, "seq": 0, "trades": rows2()})["type"] == "credit"
+            assert dl.rt({"type": "end", "request_id": rid})["type"] == "stored"
+            assert result_row(small, rid)["status"] == "complete" and rows_for(small, rid) == 2
+            rid = f"lk-{before['uptime_s']}-r{i}"
             reply = dl.rt({"type": "result", "request_id": rid, "strategy_name": "S", "total_trades": 2,
                            "trades": rows2()})
             assert reply["type"] == "stored", reply
             assert result_row(small, rid)["status"] == "complete" and rows_for(small, rid) == 2
     after = inspect(small, "assembler")
     local = after.get("lookups_local", 0) - before.get("lookups_local", 0)
-    assert local >= 5, (before, after)   # one may meet a sweep in flight
+    via_writer = after.get("lookups_via_writer", 0) - before.get("lookups_via_writer", 0)
+    checked = after.get("checked_writes", 0) - before.get("checked_writes", 0)
+    if inspect(small, "writer")["backend"] == "sqlite":
+        assert local >= 5 and local + via_writer == 6 and checked == 6, (before, after)   # one may meet a sweep
+    else:   # PostgreSQL records a request in a transaction of its own: every result is looked up
+        assert local >= 10 and local + via_writer == 12 and checked == 0, (before, after)
+
+
+def test_one_message_results_the_store_already_holds_are_answered_from_it(small):
+    """Results the daemon has no memory of (stored before it started, say) but the store holds: the
+    same one again is `stored`, another under its id `conflict`, one left `receiving` is resumed;
+    nothing is written twice. On SQLite this is the checked write's other way (WriteSkipped)."""
+    now = time.time()
+    with contextlib.closing(db(small)) as c:
+        for rid, status in (("held-done", "complete"), ("held-open", "receiving")):
+            c.execute("INSERT INTO backtest_results(request_id, strategy_name, status, total_trades, total_chunks, "
+                      "truncated, source, received_at, updated_at) VALUES (?, 'S', ?, 2, 1, 0, 'zmq', ?, ?)",
+                      (rid, status, now, now))
+        c.execute("INSERT INTO backtest_chunks(request_id, seq, rows, committed_at) VALUES ('held-done', 0, 2, ?)",
+                  (now,))
+    before = inspect(small, "assembler")
+    with Dealer(small.gateway_endpoint) as dl:
+        def result(rid, total=2, name="S"):
+            return dl.rt({"type": "result", "request_id": rid, "strategy_name": name, "total_trades": total,
+                          "trades": rows2() if total == 2 else {"timestamp": [1, 2, 3], "pnl": [1.0, 2.0, 3.0]}})
+        assert result("held-done")["type"] == "stored"
+        assert result("held-done", name="T")["code"] == "conflict"
+        assert result("held-done", total=3)["code"] == "conflict"
+        assert result("held-open")["type"] == "stored"
+    assert rows_for(small, "held-done") == 0 and rows_for(small, "held-open") == 2   # none written twice
+    assert result_row(small, "held-open")["status"] == "complete"
+    after = inspect(small, "assembler")
+    if inspect(small, "writer")["backend"] == "sqlite":
+        assert after["checked_writes_skipped"] - before.get("checked_writes_skipped", 0) >= 2, (before, after)
+    gw = inspect(small, "gateway")
+    assert gw["chunks_in_flight"] == 0 and gw["bytes_in_flight"] == 0, gw   # every frame released
 
 
 # ----- crashes mid-transfer -----------------------------------------------------------------------------
