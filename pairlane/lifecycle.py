@@ -976,11 +976,11 @@ class Lifecycle:
             self._start_lookup(req.checking)
         else:
             self._result(req.checking, ev.row, looked_up=True)
-        for held in req.held:
-            self._dispatch(held)
+        self._replay_held(req)
 
     def _unmake(self, req: Req) -> None:
-        """Forget a Req made for a checked write the writer did not (or may not have) done."""
+        """Forget a Req made for a checked write the writer did not (or may not have) done: what was
+        held for it is then replayed (`_replay_held`) as if the request had never been seen."""
         self.reqs.pop(req.rid, None)
         req.inflight.clear()
 
@@ -1088,11 +1088,7 @@ class Lifecycle:
         for req in lost:
             if req.checking is not None:   # never known to be new: what was held starts over
                 self._unmake(req)
-                held, req.held = req.held, []
-                for ev in held:
-                    self._dispatch(ev)
-            else:
-                self._replay_held(req)
+            self._replay_held(req)
         for rid, req in list(self.reqs.items()):
             idle = now - req.last_activity
             if req.status == ResultStatus.RECEIVING and not req.inflight and idle > self.timeout_s:
