@@ -57,9 +57,11 @@ class Assembler(PairlaneActor):
         if backend(self.config) == "postgresql":
             from pairlane.pgstore import PgLeases
             self.leases = PgLeases(self.config["store"]["url"], "pairlane-leases " + self.config["daemon"]["name"])
+        self.reader = open_store(self.config, busy_timeout_ms=100, readonly=True)
+        # checked writes where the writer's store records a request in its chunk's transaction (SQLite)
         self.life = lc.Lifecycle(g["credit"], g["max_requests"], g["assembly_timeout_s"],
                                  clock=time.monotonic, wall=time.time, writer_up=self.writer is not None,
-                                 claims=self.leases is not None, checked_writes=backend(self.config) == "sqlite")
+                                 claims=self.leases is not None, checked_writes=self.reader.RECORDS_WITH_CHUNK)
         self.replies: list = []
         self.released: list = []
         self.stored: list = []     # (request_id, stored reply) for the gateway (lc.Stored)
@@ -71,7 +73,6 @@ class Assembler(PairlaneActor):
         self.outbox: list = []
         self.batches_out = 0
         self.batch_max_bytes = g["max_message_bytes"]   # one chunk's worth (a single bigger one goes alone)
-        self.reader = open_store(self.config, busy_timeout_ms=100, readonly=True)
         self._feed(lc.Peers(self.writer is not None, self.dlq is not None, dlq_changed=True))
 
     def on_stop(self) -> None:

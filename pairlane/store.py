@@ -384,12 +384,8 @@ class Store(StatusRules):
             status, *row_totals = row
             if ResultStatus(status).final_without_rows or tuple(row_totals) != totals(meta):
                 return WriteOutcome.DISCARDED
-            if conn.execute("INSERT OR IGNORE INTO backtest_chunks(request_id, seq, rows, committed_at) "
-                            "VALUES (?, ?, ?, ?)", (rid, seq, nrows, now)).rowcount == 0:
+            if not self._insert_chunk(conn, meta, seq, trades, nrows, now):
                 return WriteOutcome.DUPLICATE   # this seq is already committed: nothing is written
-            if nrows:
-                columns, rows = codec.trade_log_rows(trades, rid, meta["strategy_name"], seq, nrows)
-                conn.executemany(insert_trades_sql(columns), rows)
             return self._settle(conn, rid, now, tuple(row_totals[1:]))
 
         out = self._tx(tx)
@@ -401,15 +397,24 @@ class Store(StatusRules):
         """A new one-message result whose rows add up: its chunk, its row `complete`, its rows.
         None, having written nothing, if a chunk of it is there already (a results row's chunks
         never outlive it, so never: the caller then goes the general way)."""
-        rid, now = meta["request_id"], time.time()
-        if conn.execute("INSERT OR IGNORE INTO backtest_chunks(request_id, seq, rows, committed_at) "
-                        "VALUES (?, 0, ?, ?)", (rid, nrows, now)).rowcount == 0:
+        now = time.time()
+        if not self._insert_chunk(conn, meta, 0, trades, nrows, now):
             return None
         self._insert_result(conn, meta, now, complete=True)
-        if nrows:
-            columns, rows = codec.trade_log_rows(trades, rid, meta["strategy_name"], 0, nrows)
-            conn.executemany(insert_trades_sql(columns), rows)
         return WriteOutcome.COMPLETE
+
+    @staticmethod
+    def _insert_chunk(conn, meta: dict, seq: int, trades: dict, nrows: int, now: float) -> bool:
+        """The chunk record (which is also the duplicate check) and its rows; False, having written
+        nothing, if that seq is committed already."""
+        rid = meta["request_id"]
+        if conn.execute("INSERT OR IGNORE INTO backtest_chunks(request_id, seq, rows, committed_at) "
+                        "VALUES (?, ?, ?, ?)", (rid, seq, nrows, now)).rowcount == 0:
+            return False
+        if nrows:
+            columns, rows = codec.trade_log_rows(trades, rid, meta["strategy_name"], seq, nrows)
+            conn.executemany(insert_trades_sql(columns), rows)
+        return True
 
     def set_status(self, request_id: str, status: ResultStatus | str, error: str | None = None) -> None:
         """`abandoned`/`failed` also remove the result's rows; `spooled` only from `receiving`."""

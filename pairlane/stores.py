@@ -28,6 +28,7 @@ class StoreLike(Protocol):
     commits: int
     last_commit_at: float | None
     last_error: str | None
+    RECORDS_WITH_CHUNK: bool   # write_chunk(record=True[, new_only]) records the request in the chunk's transaction
 
     def open(self) -> None: ...
     def open_readonly(self) -> bool: ...
