@@ -212,7 +212,8 @@ class Lane:
         self.inbox: collections.deque = collections.deque()   # (message, sender address) read, not taken
         self._scratch = memoryview(bytearray(READ_BYTES))   # what one read of small frames takes
         # `lingered`: wakeups the worker took in its own select (Worker._linger), not Thespian's loop
-        self.stats = collections.Counter(sent=0, received=0, queued=0, lost=0, lingered=0)
+        self.stats = collections.Counter(sent=0, received=0, queued=0, lost=0, lingered=0,
+                                         long_yields=0)   # counted by the worker (Worker._needs_long_yield)
         self._cv = threading.Condition()   # guards pushes and their queues (the flusher thread)
         self._flusher = None
         self._closing = False

@@ -75,6 +75,8 @@ class Worker(Actor):
         self._lane_ready = None    # the lane's FDs `_linger`'s select found readable, for the next receive
         self._lane_wakeup = False      # a _LANE wakeup is scheduled
         self._ticked_at = time.monotonic()   # when the heartbeat tick last ran
+        self._long_yield: float | None = None   # when the lane's last long yield began (None: none pending)
+        self._flushed_at = 0.0     # when the lane's last long yield ended: Thespian's transport had its turn
         self.supervisor = None
         self.main_pid = 0
         self.run_dir = ""
@@ -184,6 +186,8 @@ class Worker(Actor):
                 self._deliver(self._reseq.expire())
             elif msg.payload == _LANE:
                 self._lane_wakeup = False
+                if self._long_yield is not None:   # a long yield ends: the transport had its turn
+                    self._flushed_at, self._long_yield = time.monotonic(), None
                 self._drain_lane()
             else:
                 self.on_timer(msg.payload)
@@ -258,9 +262,22 @@ class Worker(Actor):
             msg, sender = self._lane_next()
             self.on_message(msg, sender)
         if self._lane_backlog or more:
-            # a slice that ran long (one slow write) leaves Thespian's transport time to get our
-            # heartbeat out and its ACK back: a send to an actor waits for the previous one's ACK
-            self._lane_later(LANE_YIELD_LONG_S if time.monotonic() > until + LANE_SLICE_S else LANE_YIELD_S)
+            self._lane_later(LANE_YIELD_LONG_S if self._needs_long_yield(until) else LANE_YIELD_S)
+
+    def _needs_long_yield(self, until: float) -> bool:
+        """After a slice that ran long (one slow write), leave Thespian's transport LANE_YIELD_LONG_S
+        to get our heartbeat out and its ACK back (a send to an actor waits for the previous one's
+        ACK), when there is one to get out: the tick is due (it runs in this yield), or it ran since
+        the transport last had such a turn. Not after every long slice: a stream of big chunks, each
+        a slice that runs long, would idle the writer that long between every two of them."""
+        now = time.monotonic()
+        if now <= until + LANE_SLICE_S:
+            return False
+        if self._tick_overdue() or self._ticked_at > self._flushed_at:
+            self._long_yield = now
+            self._lane.stats["long_yields"] += 1
+            return True
+        return False
 
     def _lane_next(self) -> tuple:
         """The backlog's next (message, sender): its first, unless `lane_defers` lets that one wait;

@@ -854,3 +854,22 @@ def test_a_worker_busy_with_slow_lane_messages_still_heartbeats_between_them(mak
     assert [(tag, int(i)) for tag, i, _ in got] == [("slow", i) for i in range(6)]
     rows = t.status()
     assert rows["b"]["restarts"] == 0 and rows["b"]["state"] == "RUNNING", rows["b"]
+
+
+def test_a_worker_streaming_long_lane_messages_yields_long_only_around_its_heartbeats(make_tree):
+    """Each message makes a slice that runs long (a big chunk's write: about 0.12 s here), one after
+    another. The worker lets Thespian's transport have LANE_YIELD_LONG_S after such a slice only
+    when a heartbeat is due or went out since the transport last had that turn (once a heartbeat
+    here, every 0.5 s), not after every one (a writer idling 20 ms between every two big chunks);
+    and it still heartbeats."""
+    settings = dataclasses.replace(FAST, heartbeat_s=0.5, heartbeat_timeout_s=3.0)
+    t = make_tree(root_spec(ChildSpec("a", Relay, shutdown_s=2.0), ChildSpec("b", Relay, shutdown_s=2.0)),
+                  settings)
+    t.forward("a", Burst("b", 16, "long", work_s=0.12))   # about 2 s: about 4 heartbeats
+    got = wait_lines(t.run_dir, "b", 16, timeout=20.0)
+    assert [(tag, int(i)) for tag, i, _ in got] == [("long", i) for i in range(16)]
+    t.forward("b", Report())
+    lane = read_json_when_written(os.path.join(t.run_dir, "b.lane"))
+    assert 1 <= lane["long_yields"] <= 8, lane   # around each heartbeat (about 4), not after all 16
+    rows = t.status()
+    assert rows["b"]["restarts"] == 0 and rows["b"]["state"] == "RUNNING", rows["b"]
