@@ -75,7 +75,7 @@ class Worker(Actor):
         self._lane_ready = None    # the lane's FDs `_linger`'s select found readable, for the next receive
         self._lane_wakeup = False      # a _LANE wakeup is scheduled
         self._ticked_at = time.monotonic()   # when the heartbeat tick last ran
-        self._long_yield: float | None = None   # when the lane's last long yield began (None: none pending)
+        self._yielding_long = False   # the pending _LANE wakeup ends a long yield (`_needs_long_yield`)
         self._flushed_at = 0.0     # when the lane's last long yield ended: Thespian's transport had its turn
         self.supervisor = None
         self.main_pid = 0
@@ -186,8 +186,8 @@ class Worker(Actor):
                 self._deliver(self._reseq.expire())
             elif msg.payload == _LANE:
                 self._lane_wakeup = False
-                if self._long_yield is not None:   # a long yield ends: the transport had its turn
-                    self._flushed_at, self._long_yield = time.monotonic(), None
+                if self._yielding_long:   # a long yield ends: the transport had its turn
+                    self._flushed_at, self._yielding_long = time.monotonic(), False
                 self._drain_lane()
             else:
                 self.on_timer(msg.payload)
@@ -270,11 +270,10 @@ class Worker(Actor):
         ACK), when there is one to get out: the tick is due (it runs in this yield), or it ran since
         the transport last had such a turn. Not after every long slice: a stream of big chunks, each
         a slice that runs long, would idle the writer that long between every two of them."""
-        now = time.monotonic()
-        if now <= until + LANE_SLICE_S:
+        if time.monotonic() <= until + LANE_SLICE_S:
             return False
         if self._tick_overdue() or self._ticked_at > self._flushed_at:
-            self._long_yield = now
+            self._yielding_long = True
             self._lane.stats["long_yields"] += 1
             return True
         return False
