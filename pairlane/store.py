@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import sqlite3
 import threading
@@ -64,13 +65,42 @@ CREATE INDEX IF NOT EXISTS idx_pair_history_time ON pair_slots_history(evaluated
 
 
 @functools.lru_cache(maxsize=256)
+def insert_sql(table: str, columns: tuple, rows: int = 1) -> str:
+    """An INSERT into `table` binding exactly `columns`, for `rows` rows (one VALUES tuple each)."""
+    one = f"({', '.join('?' * len(columns))})"
+    return f"INSERT INTO {table}({', '.join(columns)}) VALUES {', '.join([one] * rows)}"
+
+
 def insert_trades_sql(columns: tuple) -> str:
-    """The INSERT for backtest_trade_logs binding exactly `columns` (from codec.trade_log_rows)."""
-    return f"INSERT INTO backtest_trade_logs({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+    """The one-row INSERT for backtest_trade_logs binding exactly `columns` (from codec.trade_log_rows)."""
+    return insert_sql("backtest_trade_logs", columns)
 
 
-INSERT_LIVE = (f"INSERT INTO trade_logs({', '.join(codec.LIVE_COLUMNS)}, batch_id) "
-               f"VALUES ({', '.join('?' * (len(codec.LIVE_COLUMNS) + 1))})")
+BATCH_ROWS = 256   # rows bound to one multi-row INSERT by insert_rows
+
+
+def insert_rows(conn: sqlite3.Connection, table: str, columns: tuple, rows) -> None:
+    """Insert `rows` (tuples of len(columns) values) into `table`: what executemany of the one-row
+    INSERT writes, in the caller's transaction, but BATCH_ROWS rows to a statement (fewer if the
+    library allows fewer variables) and the rest one by one. SQLite's work is the same; executemany's
+    per-row reset, step and bind calls from Python are what it saves: 1.3x on 18-column chunks and
+    1.6x on 2-column ones, in process (README "Performance", session 12)."""
+    width = len(columns)
+    flat = list(itertools.chain.from_iterable(rows))
+    if len(flat) % width:
+        raise ValueError(f"rows for {table} are not all {width} values wide")
+    per = max(1, min(BATCH_ROWS, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width)) * width
+    whole = len(flat) - len(flat) % per
+    if whole:
+        sql = insert_sql(table, columns, per // width)
+        for at in range(0, whole, per):
+            conn.execute(sql, flat[at:at + per])
+    if whole < len(flat):
+        rest = iter(flat[whole:])
+        conn.executemany(insert_sql(table, columns), zip(*[rest] * width))
+
+
+LIVE_INSERT_COLUMNS = (*codec.LIVE_COLUMNS, "batch_id")
 SLOT_COLUMNS = ("pair_id", "strategy_a", "strategy_b", "weight_a", "weight_b", "corr", "sharpe",
                 "profit_factor", "score", "evaluated_at")
 
@@ -413,7 +443,7 @@ class Store(StatusRules):
             return False
         if nrows:
             columns, rows = codec.trade_log_rows(trades, rid, meta["strategy_name"], seq, nrows)
-            conn.executemany(insert_trades_sql(columns), rows)
+            insert_rows(conn, "backtest_trade_logs", columns, rows)
         return True
 
     def set_status(self, request_id: str, status: ResultStatus | str, error: str | None = None) -> None:
@@ -445,7 +475,7 @@ class Store(StatusRules):
             if conn.execute("SELECT 1 FROM live_batches WHERE batch_id = ?", (batch_id,)).fetchone():
                 return "duplicate"
             if nrows:
-                conn.executemany(INSERT_LIVE, codec.live_rows(trades, batch_id, nrows))
+                insert_rows(conn, "trade_logs", LIVE_INSERT_COLUMNS, codec.live_rows(trades, batch_id, nrows))
             conn.execute("INSERT INTO live_batches(batch_id, rows, committed_at) VALUES (?, ?, ?)",
                          (batch_id, nrows, time.time()))
             return "stored"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pairlane import codec
-from pairlane.store import Store, StoreError, meta_from_message
+from pairlane import client, codec, synthetic
+from pairlane.store import BATCH_ROWS, Store, StoreError, insert_rows, insert_sql, meta_from_message
 
 LIM = codec.Limits(max_message_bytes=1 << 16, max_result_trades=1000)
 
@@ -207,6 +207,65 @@ def test_chunks_with_different_column_sets_store_exactly_what_they_carry(store):
                              "FROM backtest_trade_logs WHERE request_id = 'r' ORDER BY timestamp").fetchall()
     assert got == [(0, 10, 0.25, None, None, None, None, None), (0, 11, -1.5, None, None, None, None, None),
                    (1, 12, 2.0, "USDJPY", 0.1, 60, None, None), (1, 13, 3.0, None, 0.2, None, None, None)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(width=st.integers(1, 5), nrows=st.integers(0, 700), rows_allowed=st.sampled_from([1, 2, 7, 999, 0]),
+       data=st.data())
+def test_batched_inserts_store_exactly_the_rows_executemany_stores(width, nrows, rows_allowed, data):
+    # insert_rows binds up to BATCH_ROWS rows per statement (fewer where the library's variable limit
+    # allows fewer: rows_allowed, 0 for the library's own limit) and the rest one by one: the same
+    # rows, in the same order, as executemany
+    value = st.none() | st.integers(-2**63, 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=5)
+    rows = [tuple(data.draw(st.lists(value, min_size=width, max_size=width))) for _ in range(min(nrows, 20))]
+    rows = [rows[i % len(rows)] if rows else () for i in range(nrows)]
+    columns = tuple(f"c{i}" for i in range(width))
+    got = {}
+    for how in ("executemany", "insert_rows"):
+        conn = sqlite3.connect(":memory:", isolation_level=None)
+        if rows_allowed:
+            conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, rows_allowed * width + width - 1)
+        conn.execute(f"CREATE TABLE t({', '.join(columns)})")
+        if how == "executemany":
+            conn.executemany(insert_sql("t", columns), rows)
+        else:
+            insert_rows(conn, "t", columns, iter(rows))
+        got[how] = conn.execute("SELECT * FROM t ORDER BY rowid").fetchall()
+        conn.close()
+    assert len(got["insert_rows"]) == nrows
+    assert got["insert_rows"] == got["executemany"]
+
+
+def test_batched_inserts_refuse_ragged_rows():
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t(a, b)")
+    with pytest.raises(ValueError, match="2 values wide"):
+        insert_rows(conn, "t", ("a", "b"), [(1, 2), (3,)])
+    assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 0
+
+
+def test_a_chunk_of_many_batches_stores_every_column_of_every_row(store):
+    n = 3 * BATCH_ROWS + 7
+    trades = codec.decode_chunk_payload(client.encode_chunk("r", 0, synthetic.result_columns(n, seed=3), 0, n))
+    m = meta(total=n, chunks=1)
+    assert store.write_chunk(m, 0, trades, n) == "complete"
+    columns, expected = codec.trade_log_rows(trades, "r", "S", 0, n)
+    got = store.conn.execute(f"SELECT {', '.join(columns)} FROM backtest_trade_logs ORDER BY rowid").fetchall()
+    assert got == list(expected)
+
+
+def test_a_row_failing_in_a_later_batch_leaves_nothing_of_the_chunk(store):
+    # the batches of one chunk are statements of one transaction: a bad row in the third batch
+    # rolls back the first two and the chunk record
+    n = 3 * BATCH_ROWS
+    bad = chunk(n)
+    bad["pnl"][2 * BATCH_ROWS + 5] = None   # pnl NOT NULL
+    m = meta(total=n, chunks=1)
+    store.begin(m)
+    with pytest.raises(StoreError):
+        store.write_chunk(m, 0, bad, n)
+    assert store.lookup("r")["durable"] == {} and rows(store) == 0
+    assert store.write_chunk(m, 0, chunk(n), n) == "complete" and rows(store) == n
 
 
 def test_duplicate_chunk_never_duplicates_rows(store):
