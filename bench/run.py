@@ -61,9 +61,11 @@ def floor_decode(frames: list[bytes], n: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def floor_sqlite(frames: list[bytes], n: int, path: str, rid: str) -> float:
+def floor_sqlite(frames: list[bytes], n: int, path: str, rid: str, batched: bool = False) -> float:
     """Plain executemany of the same rows pairlane writes (built beforehand, not timed), one
-    transaction, into the SQLite database at `path` (created when missing), as floor_pg_copy does:
+    transaction, into the SQLite database at `path` (created when missing), as floor_pg_copy does
+    (`batched`: the same rows through store.insert_rows, BATCH_ROWS rows a statement, as pairlane's
+    writer inserts them: for information, beside the floor):
     - the same rows: request id `rid` and strategy `bench-{rid}`, as send_one names pairlane's. Key
       length counts: the request id and strategy are in the indexes, and the floor once wrote
       "floor"/"S" beside pairlane's 35- and 41-character ones (100k rows: 313k against 247k rows/s);
@@ -81,7 +83,10 @@ def floor_sqlite(frames: list[bytes], n: int, path: str, rid: str) -> float:
     conn.executescript(store.SCHEMA)
     t = time.perf_counter()
     conn.execute("BEGIN IMMEDIATE")
-    conn.executemany(store.insert_trades_sql(columns), rows)
+    if batched:
+        store.insert_rows(conn, "backtest_trade_logs", columns, rows)
+    else:
+        conn.executemany(store.insert_trades_sql(columns), rows)
     conn.execute("COMMIT")
     dt = time.perf_counter() - t
     conn.close()
@@ -366,9 +371,10 @@ def main(argv: list[str]) -> int:
         # --- ingest ratio ---------------------------------------------------------------------------------
         n = ns.small
         cols, frames = _frames(n, 1, max_bytes)
-        dec, flo, fresh, one_tx, ours = [], [], [], [], []
+        dec, flo, fresh, batched, one_tx, ours = [], [], [], [], [], []
         floor_rids: list[str] = []
         floor_db = os.path.join(tmp, "floor.db")   # grows as the daemon's does: run i finds i results
+        batched_db = os.path.join(tmp, "floor-batched.db")   # and so does this one
         try:
             for i in range(ns.repeat):
                 progress(f"ingest {n:,} trades, run {i + 1}/{ns.repeat}", ns.quiet)
@@ -376,13 +382,15 @@ def main(argv: list[str]) -> int:
                 if not ns.store:
                     rid = f"b{n}-{i:04d}-{run}"
                     fresh_db = os.path.join(tmp, f"floor-fresh-{i}.db")
-                    for what in ("fresh", "floor", "ours"):
+                    for what in ("fresh", "floor", "batched", "ours"):
                         os.sync()  # start each timed write with no dirty pages from the last (fsync cost)
                         if what == "fresh":
                             fresh.append(floor_sqlite(frames, n, fresh_db, rid))
                             remove_sqlite(fresh_db)
                         elif what == "floor":
                             flo.append(floor_sqlite(frames, n, floor_db, rid))
+                        elif what == "batched":
+                            batched.append(floor_sqlite(frames, n, batched_db, rid, batched=True))
                         else:
                             ours.append(n / send_one(ep, rid, cols, max_bytes))
                     continue
@@ -403,6 +411,7 @@ def main(argv: list[str]) -> int:
                             floor_pg_copy(frames, n, ns.store, rid, per_frame=what == "floor"))
         finally:
             remove_sqlite(floor_db)
+            remove_sqlite(batched_db)
             if floor_rids:
                 drop_floor_rows(ns.store, floor_rids)
         floor_key = "floor_pg_copy_tps" if ns.store else "floor_sqlite_executemany_tps"
@@ -415,6 +424,9 @@ def main(argv: list[str]) -> int:
         if fresh:    # for information: the same floor into an empty database each run
             out["ingest"].update(floor_sqlite_fresh_db_tps=statistics.median(fresh),
                                  ratio_vs_fresh_db=statistics.median(o / f for o, f in zip(ours, fresh)))
+        if batched:  # for information: the floor's rows inserted as pairlane's writer inserts them
+            out["ingest"].update(floor_sqlite_batched_tps=statistics.median(batched),
+                                 ratio_vs_batched=statistics.median(o / f for o, f in zip(ours, batched)))
         if one_tx:   # for information: COPY of every row in one transaction (no per-chunk commit)
             out["ingest"].update(floor_pg_copy_one_tx_tps=statistics.median(one_tx),
                                  ratio_vs_one_tx=statistics.median(o / f for o, f in zip(ours, one_tx)),
@@ -548,6 +560,8 @@ def _report(out: dict, ns) -> int:
               f"(into a database as big as the daemon's at that run)")
         print(f"  (into an empty database:     {ing['floor_sqlite_fresh_db_tps']:>14,.0f} trades/s; "
               f"pairlane is {ing['ratio_vs_fresh_db']:.2f}x of it)")
+        print(f"  (256 rows a statement:       {ing['floor_sqlite_batched_tps']:>14,.0f} trades/s; "
+              f"pairlane is {ing['ratio_vs_batched']:.2f}x of it: the insert pairlane's writer makes)")
     print(f"  pairlane send -> stored      {ing['pairlane_send_to_stored_tps']:>14,.0f} trades/s")
     target = COPY_FLOOR_RATIO_TARGET if ns.store else FLOOR_RATIO_TARGET
     print(f"  ratio vs {'COPY' if ns.store else 'executemany'} floor   {ing['ratio_vs_executemany']:>14.2f}x   "

@@ -33,3 +33,22 @@ def test_big_targets():
     assert ok["tps_met"] and ok["rss_met"] and abs(ok["tps_ratio_vs_100k"] - 0.95) < 1e-9
     slow = big_targets(85_000.0, 100_000.0, 70.0)
     assert not slow["tps_met"] and not slow["rss_met"]
+
+
+def test_the_batched_floor_writes_exactly_the_rows_of_the_executemany_floor(tmp_path):
+    # bench prints pairlane against both floors: they must be the same write, done two ways
+    import sqlite3
+
+    from pairlane.bench.run import _frames, floor_sqlite
+    n = 3000
+    _, frames = _frames(n, 4, 64 << 10)
+    assert len(frames) > 1
+    got = {}
+    for batched in (False, True):
+        path = str(tmp_path / f"floor-{batched}.db")
+        assert floor_sqlite(frames, n, path, "b-1", batched=batched) > 0
+        conn = sqlite3.connect(path)
+        got[batched] = conn.execute("SELECT * FROM backtest_trade_logs ORDER BY rowid").fetchall()
+        conn.close()
+    assert len(got[True]) == n
+    assert got[True] == got[False]
