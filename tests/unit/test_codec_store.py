@@ -321,6 +321,19 @@ def test_live_trades_idempotent_by_batch(store):
     assert store.conn.execute("SELECT count(*) FROM trade_logs").fetchone()[0] == 3
 
 
+def test_a_live_batch_of_many_statements_stores_every_column_of_every_row(store):
+    n = 2 * BATCH_ROWS + 3
+    t = {"timestamp": list(range(n)), "strategy_name": [f"s{i % 7}" for i in range(n)],
+         "symbol": ["USDJPY"] * n, "direction": ["BUY", "SELL"] * (n // 2) + ["BUY"],
+         "pnl": [i / 4 for i in range(n)], "pair_id": [None if i % 3 else f"p{i}" for i in range(n)],
+         "hold_time": list(range(n, 2 * n))}
+    assert store.write_live("big", t, n) == "stored"
+    got = store.conn.execute("SELECT timestamp, strategy_name, symbol, direction, category, regime, pnl, "
+                             "hold_time, pair_id, execution_mode, batch_id FROM trade_logs ORDER BY rowid").fetchall()
+    assert got == [(t["timestamp"][i], t["strategy_name"][i], "USDJPY", t["direction"][i], None, None,
+                    t["pnl"][i], t["hold_time"][i], t["pair_id"][i], None, "big") for i in range(n)]
+
+
 def test_required_indexes_exist(store):
     def leading(table):
         out = set()
