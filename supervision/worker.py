@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import gc
+import heapq
 import multiprocessing
 import os
 import select
@@ -39,7 +40,6 @@ _LANE = "pl.lane"
 LANE_SLICE_S = 0.05   # lane messages are handled in slices this long at most
 LANE_BATCH = 16       # taken off the lane at a time
 LANE_LINGER_S = 0.003  # after the lane runs dry, wait this long for more in our own select (see _linger)
-LANE_LINGER_BUDGET_S = 0.01   # ... and no longer than this after a drain began
 LANE_YIELD_S = 0.001  # how long a worker that used up its slice lets Thespian's mail go first
 LANE_YIELD_LONG_S = 0.02   # the same after a slice that ran long
 REORDER_GAP_S = 5.0  # a message missing this long is given up on (delivered alone if it comes)
@@ -77,6 +77,7 @@ class Worker(Actor):
         self._ticked_at = time.monotonic()   # when the heartbeat tick last ran
         self._yielding_long = False   # the pending _LANE wakeup ends a long yield (`_needs_long_yield`)
         self._flushed_at = 0.0     # when the lane's last long yield ended: Thespian's transport had its turn
+        self._timers_due: list = []   # heap: when our `after` wakeups not yet delivered fall due
         self.supervisor = None
         self.main_pid = 0
         self.run_dir = ""
@@ -131,7 +132,9 @@ class Worker(Actor):
 
     # ----- helpers --------------------------------------------------------------
     def after(self, delay_s: float, payload) -> None:
-        self.wakeupAfter(max(0.0, float(delay_s)), payload=payload)
+        delay_s = max(0.0, float(delay_s))
+        heapq.heappush(self._timers_due, time.monotonic() + delay_s)   # `_linger` never waits past it
+        self.wakeupAfter(delay_s, payload=payload)
 
     def peer(self, name: str):
         """Current address of the actor registered under `name`, or None."""
@@ -179,6 +182,11 @@ class Worker(Actor):
         if isinstance(msg, Sequenced):
             self._deliver(self._reseq.accept(msg.origin, msg.n, (msg.msg, sender)))
         elif isinstance(msg, WakeupMessage):
+            if self._timers_due:
+                # one delivered: drop the earliest. Thespian may deliver wakeups due together in
+                # another order, but only those already due, so the heap's first stays due no later
+                # than the first still to come
+                heapq.heappop(self._timers_due)
             if msg.payload == _TICK:
                 self._tick()
             elif msg.payload == _RESEQ:
@@ -255,7 +263,7 @@ class Worker(Actor):
                 items, more = self._lane.receive(LANE_BATCH, self._lane_ready)
                 self._lane_ready = None
                 if not items:
-                    if self._linger(min(until, start + LANE_LINGER_BUDGET_S)):
+                    if self._linger(until):
                         continue
                     break
                 self._lane_backlog.extend(items)
@@ -306,9 +314,13 @@ class Worker(Actor):
         own sockets (`watch_fds`, handed to `on_readable`) in our own select; True if any came.
         An answer on the data path comes within a millisecond or two, and each return to Thespian's
         loop costs about 0.1 ms before the next message is ours (it builds a selector per pass).
-        Thespian's own mail (ticks, timers, admin) waits for us meanwhile: LANE_LINGER_BUDGET_S
-        bounds that, and an overdue heartbeat tick ends it."""
-        wait = min(LANE_LINGER_S, until - time.monotonic())
+        Thespian's own mail (ticks, timers, admin) waits for us meanwhile, as it waits while we
+        handle lane messages: the slice (`until`, LANE_SLICE_S after the drain began) bounds both;
+        the first of our own wakeups (`after`) to fall due, or an overdue heartbeat tick, ends it.
+        (Until session 12 a lingering drain went back to Thespian after 10 ms, whatever was due: a
+        steady stream of small results then paid Thespian's loop every few results in each actor.)"""
+        now = time.monotonic()
+        wait = min(LANE_LINGER_S, until - now, (self._timers_due[0] - now) if self._timers_due else LANE_LINGER_S)
         if wait <= 0 or self._tick_overdue():
             return False
         lane_fds = self._lane.fds

@@ -207,6 +207,13 @@ class Rally:
 
 
 @dataclass(frozen=True)
+class Mark:
+    """Test -> a Relay: record "markset" in its .seq now and "markfired" when `after(delay_s)` fires."""
+
+    delay_s: float
+
+
+@dataclass(frozen=True)
 class Report:
     """Test -> a Relay: write its lane's figures (Lane.inspect) to `<run_dir>/<name>.lane` as JSON."""
 
@@ -224,6 +231,9 @@ class Relay(Steady):
         elif isinstance(msg, Rally):
             self._rally = msg.n
             self.tell(msg.to, Seq("rally", 0))
+        elif isinstance(msg, Mark):
+            self._record("markset 0 0")
+            self.after(msg.delay_s, "mark")
         elif isinstance(msg, Report):
             with open(os.path.join(self.run_dir, f"{self.name}.lane"), "w") as fh:
                 json.dump(self._lane.inspect() if self._lane is not None else {}, fh)
@@ -235,10 +245,19 @@ class Relay(Steady):
                 self.send_ordered(sender, Seq("rally", msg.i + 1))
             received = self._lane.stats["received"] if self._lane is not None else 0
             kind = "ack " if isinstance(msg, SeqAck) else ""
-            with open(os.path.join(self.run_dir, f"{self.name}.seq"), "a") as fh:
-                fh.write(f"{kind}{msg.tag} {msg.i} {received}\n")
+            self._record(f"{kind}{msg.tag} {msg.i} {received}")
         else:
             super().on_message(msg, sender)
+
+    def on_timer(self, payload) -> None:
+        if payload == "mark":
+            self._record("markfired 0 0")
+        else:
+            super().on_timer(payload)
+
+    def _record(self, line: str) -> None:
+        with open(os.path.join(self.run_dir, f"{self.name}.seq"), "a") as fh:
+            fh.write(line + "\n")
 
 
 def read_seq(run_dir: str, name: str) -> list[list[str]]:

@@ -33,7 +33,7 @@ from pairlane.supervision.supervisor import Supervisor
 from pairlane.supervision.system import patch_timer_remaining, start_system
 from tests.harness import free_port, group_pids
 from tests.unit.support_actors import (Burst, Crash, CrashLoop, Exit, Forward, Forwarded, ForwardingRoot, Muted,
-                                       Hang, Rally, Relay, Report, Stall, Steady, StubbornStop, ThespianWarning,
+                                       Hang, Mark, Rally, Relay, Report, Stall, Steady, StubbornStop, ThespianWarning,
                                        read_crashes, read_seq, read_starts)
 
 pytestmark = pytest.mark.timeout(60)
@@ -840,6 +840,29 @@ def test_workers_trading_lane_messages_nonstop_still_take_thespian_mail_and_hear
     t.forward("b", Report())
     lane = read_json_when_written(os.path.join(t.run_dir, "b.lane"))
     assert lane["lingered"] > 1000 and lane["lost"] == 0, lane   # most came without Thespian's loop
+    rows = t.status()
+    assert all(rows[n]["restarts"] == 0 and rows[n]["state"] == "RUNNING" for n in "ab"), rows
+
+
+def test_a_timer_falling_due_in_a_nonstop_lane_exchange_fires_on_time(make_tree):
+    """A worker lingering for its next lane message (Worker._linger) stops at the first of its own
+    wakeups to fall due: a timer set mid-rally fires a few round trips later, not when the slice
+    (LANE_SLICE_S, 50 ms: up to hundreds of round trips here) or the heartbeat tick ends the
+    linger. Five timers, at random points of their slices: without the rule, one of them waiting
+    40 round trips or more is all but certain (0-215 in trials); with it, 1-8."""
+    t = make_tree(root_spec(ChildSpec("a", Relay, shutdown_s=2.0), ChildSpec("b", Relay, shutdown_s=2.0)))
+    t.forward("a", Rally("b", 8000))
+    for k in range(5):
+        wait_lines(t.run_dir, "b", 300 + 1000 * k, timeout=30.0)
+        t.forward("a", Mark(0.002))
+    lines = [ln[0] if ln[0].startswith("mark") else "trip" for ln in wait_lines(t.run_dir, "a", 8010, timeout=60.0)]
+    assert lines.count("trip") == 8000, lines[-3:]
+    sets = [i for i, x in enumerate(lines) if x == "markset"]
+    fired = [i for i, x in enumerate(lines) if x == "markfired"]
+    last_trip = len(lines) - 1 - lines[::-1].index("trip")
+    assert len(sets) == len(fired) == 5 and fired[-1] < last_trip    # they fired while the rally went on
+    waited = [lines[a:f].count("trip") for a, f in zip(sets, fired)]
+    assert max(waited) < 40, waited                         # after 2 ms, not at the slice's end
     rows = t.status()
     assert all(rows[n]["restarts"] == 0 and rows[n]["state"] == "RUNNING" for n in "ab"), rows
 
