@@ -25,9 +25,11 @@ contract is silent:
 * Window: the last ``window_trades`` trades by timestamp, stable, i.e. equal
   timestamps keep their input order (``load_candidates`` delivers rows
   ordered by seq, timestamp, pnl).
-* Zero variance: a bucketed series with fewer than two distinct values
-  (including an empty one, possible when ``min_trades`` is 0). PnLs are
-  assumed finite (ingest rejects NaN and infinities).
+* Zero variance: a bucketed series whose values all lie within 1e-12 of its
+  largest magnitude of each other, i.e. equal but for the rounding of their
+  sums (0.89 + 0.5 - 0.94 is not 0.45 in floating point, summed in one order,
+  and is in another), and an empty one (possible when ``min_trades`` is 0).
+  PnLs are assumed finite (ingest rejects NaN and infinities).
 * Weights are ``1/sd`` normalised, as swimmy's ``inverse-vol-weights``: a side
   whose aligned sd is 0 gets weight 0 (the other side gets 1), both 0 gives
   0.5/0.5. Zero-variance strategies are excluded before pairing, so inside
@@ -413,7 +415,7 @@ def evaluate(cands: list[Candidate], cfg: PairsConfig) -> Evaluation:
         else:
             enough.append(c)
     for c, (keys, vals) in zip(enough, _bucket_all(enough, cfg.window_trades, cfg.bucket)):
-        if vals.size == 0 or vals.min() == vals.max():
+        if vals.size == 0 or vals.max() - vals.min() <= _FLAT_REL * np.abs(vals).max():
             excluded["zero_variance"] += 1
             continue
         names.append(c.name)

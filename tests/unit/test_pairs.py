@@ -144,7 +144,8 @@ def ref_evaluate(cands, cfg):
             excluded["too_few_trades"] += 1
             continue
         s = ref_series(ts, pn, cfg.window_trades, cfg.bucket)
-        if len(set(s.values())) < 2:
+        vals = list(s.values())
+        if not vals or max(vals) - min(vals) <= 1e-12 * max(abs(v) for v in vals):   # flat but for rounding
             excluded["zero_variance"] += 1
             continue
         series[c.name] = s
@@ -359,6 +360,22 @@ def test_zero_variance_and_empty_series():
     assert ev.excluded["zero_variance"] == 3
     assert ev.candidates == 2
     assert sum(ev.excluded.values()) + ev.candidates == 5
+
+
+def test_a_series_flat_but_for_the_rounding_of_its_sums_has_zero_variance():
+    """Found by hypothesis: day sums of 0.45 and 0.89 + 0.5 - 0.94 are equal, but one summation order
+    gives 0.44999999999999996. Counted as two distinct values, such a strategy stayed in, and with
+    weight ~1 on it a pair's Sharpe came out near 1e16 (the reference, summing in another order,
+    excluded it). Equal within 1e-12 of the largest magnitude is flat, in either order."""
+    cfg = PairsConfig(bucket="day", min_trades=1, per_group=10, window_trades=10)
+    day2 = [MIDNIGHT + DAY + k for k in range(3)]
+    for pnls in ([0.89, 0.5, -0.94], [-0.94, 0.5, 0.89], [0.5, -0.94, 0.89]):
+        ev = evaluate([cand("flat", [MIDNIGHT] + day2, [0.45] + pnls),
+                       cand("ok1", [MIDNIGHT, MIDNIGHT + DAY], [1.0, -1.0]),
+                       cand("ok2", [MIDNIGHT, MIDNIGHT + DAY], [-2.0, 1.5])], cfg)
+        assert ev.excluded["zero_variance"] == 1 and ev.candidates == 2, pnls
+    check_against_reference([cand("flat", [MIDNIGHT] + day2, [0.45, 0.89, 0.5, -0.94]),
+                             cand("ok1", [MIDNIGHT, MIDNIGHT + DAY], [1.0, -1.0])], cfg)
 
 
 def test_exclusion_reasons_counted_exactly_once():
