@@ -906,6 +906,8 @@ class Lifecycle:
             self.reqs.pop(rid)
             for seq in req.inflight:
                 self._release(rid, seq)
+            if req.end_waiting is not None:   # an `end` waiting for chunks in flight: no longer in progress
+                self._err(req.end_waiting, "unknown_request", f"request {rid} was aborted: send begin again", rid)
             if any(w.meta["request_id"] == rid for w in self.bulk_waiting):  # free their bytes now
                 self.bulk_waiting = collections.deque(w for w in self.bulk_waiting if w.meta["request_id"] != rid)
         if self.writer_up:

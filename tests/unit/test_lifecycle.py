@@ -559,6 +559,18 @@ def test_abort_drops_the_request_and_its_rows():
     assert w.durable() == []             # its late answer credits no one
 
 
+def test_abort_answers_an_end_waiting_for_chunks_in_flight():
+    """Found by the direct path's model (test_direct_path): an `end` waiting for chunks in flight
+    was never answered when another message aborted the request meanwhile."""
+    w = World()
+    w.begin("R", chunks=2, trades=20, who=b"p")
+    w.chunk("R", 0, who=b"p")
+    assert w.end("R", who=b"p") == []                    # waits for chunk 0
+    replies = w.abort("R", who=b"q")
+    assert [(r["type"], r.get("code")) for r in replies] == [("error", "unknown_request"), ("aborted", None)]
+    assert [e.identity for e in w.effects if isinstance(e, lc.Reply)][-2:] == [b"p", b"q"]
+
+
 def test_abort_of_stored_request_is_conflict():
     w = World()
     w.begin("R", chunks=1, trades=10)
