@@ -21,9 +21,10 @@ from pairlane.store import StoreError, meta_from_message
 from pairlane.stores import backend, open_store
 
 from .base import PairlaneActor
-from .messages import (BeginRequest, ChunkDurable, ChunkRejected, Inbound, InboundBatch, Inventory,
-                       InventoryRequest, LiveDone, Lookup, LookupReply, Outbound, SetStatus, SweepDone, SweepStale,
-                       WriteChunk, WriteLive, WriterBatch, WriterBatchDone, WriteSkipped)
+from .messages import (ArmDirect, BeginRequest, ChunkDurable, ChunkRejected, DirectArmed, DirectDone, DirectOpen,
+                       DirectRefused, Inbound, InboundBatch, Inventory, InventoryRequest, LiveDone, Lookup,
+                       LookupReply, Outbound, SetStatus, SweepDone, SweepStale, WriteChunk, WriteLive, WriterBatch,
+                       WriterBatchDone, WriteSkipped)
 
 MAX_REPLY_TARGETS = 1000
 MAX_REPLY_ACTORS = 16           # addresses of the actors legacy producers speak through (restarts make new ones)
@@ -92,6 +93,8 @@ class Assembler(PairlaneActor):
             for reply in msg.replies:
                 self._event_in(reply)
         elif isinstance(msg, InboundBatch):
+            if msg.mark is not None:
+                self._feed(lc.Forwarded(msg.mark))
             for inb in msg.items:
                 self._feed(self._event(inb))
         else:
@@ -101,6 +104,12 @@ class Assembler(PairlaneActor):
     def _event_in(self, msg) -> None:
         if isinstance(msg, Inbound):
             self._feed(self._event(msg))
+        elif isinstance(msg, DirectDone):
+            self._feed(lc.DirectStored(msg.meta["request_id"], msg.meta, msg.nrows, msg.identity, msg.received_at))
+        elif isinstance(msg, DirectRefused):
+            self._feed(self._event(msg.inbound))
+        elif isinstance(msg, DirectArmed):
+            self._feed(lc.ArmAck(msg.epoch))
         elif isinstance(msg, ChunkDurable):
             self._feed(lc.Durable(msg.request_id, msg.seq, msg.location, msg.status, msg.nrows, msg.answered))
         elif isinstance(msg, WriteSkipped):
@@ -140,14 +149,15 @@ class Assembler(PairlaneActor):
 
     def on_directory(self) -> None:
         writer, dlq = self.peer("writer"), self.peer("dlq")
-        lost = writer != self.writer or (dlq != self.dlq and self.dlq is not None)
+        writer_changed = writer != self.writer
+        lost = writer_changed or (dlq != self.dlq and self.dlq is not None)
         dlq_changed = dlq != self.dlq
-        if writer != self.writer:   # what waited for (or went to) the old writer is lost with it
+        if writer_changed:   # what waited for (or went to) the old writer is lost with it
             self.outbox.clear()
             self.batches_out = 0
         self.writer, self.dlq = writer, dlq
         if lost or dlq_changed:
-            self._feed(lc.Peers(writer is not None, dlq is not None, lost, dlq_changed))
+            self._feed(lc.Peers(writer is not None, dlq is not None, lost, dlq_changed, writer_changed))
             self._flush()
 
     def tick(self) -> None:
@@ -197,6 +207,10 @@ class Assembler(PairlaneActor):
                 self.leases.release_request(eff.request_id)
             except StoreError as exc:   # the session is gone, and every lease with it
                 self.log("WARNING", "lease_release_failed", request_id=eff.request_id, error=exc)
+        elif isinstance(eff, lc.Arm):
+            self._to_writer(ArmDirect(eff.mark, eff.epoch))
+        elif isinstance(eff, lc.DirectOpen):
+            self.tell("gateway", DirectOpen(eff.mark))
         elif isinstance(eff, lc.AskInventory):
             if self.dlq is not None:
                 self.send_ordered(self.dlq, InventoryRequest())
@@ -249,6 +263,7 @@ class Assembler(PairlaneActor):
             return False
 
     def _flush(self) -> None:
+        self._feed(lc.Flush())
         self._send_batches()
         if (self.replies or self.released or self.stored) and self.peer("gateway") is not None:
             # a result's last credit and its Stored go in one message: the gateway knows it is

@@ -10,16 +10,17 @@ anything about a request's lifecycle and never touches the database.
 """
 from __future__ import annotations
 
+import secrets
 import time
 
 import zmq
 
 from pairlane import codec
-from pairlane.lifecycle import INFLIGHT_TIMEOUT_S
+from pairlane.lifecycle import BULK_ROWS, INFLIGHT_TIMEOUT_S
 from pairlane.stored_replies import StoredReplies
 
 from .base import PairlaneActor
-from .messages import Inbound, InboundBatch, Outbound
+from .messages import DirectOpen, DirectWrite, Inbound, InboundBatch, Outbound
 from .zap import curve_server
 
 DRAIN_BATCH = 64
@@ -51,7 +52,15 @@ class Gateway(PairlaneActor):
         self.stored = StoredReplies()              # results just stored: their `end` is answered here
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
         self.assembler = self.peer("assembler")
-        self.stats = {"messages": 0, "bytes": 0, "errors": 0, "forwarded": 0, "replies": 0}
+        self.writer = self.peer("writer")
+        # the direct path (pairlane.lifecycle.Forwarded): every batch forwarded to the assembler is
+        # marked (token, count); a new small result goes straight to the writer while the assembler's
+        # last DirectOpen named our latest mark
+        self.token = secrets.token_hex(4)
+        self.forwards = 0
+        self.direct_mark: tuple | None = None
+        self.direct_keys: set = set()              # in-flight keys of results sent straight
+        self.stats = {"messages": 0, "bytes": 0, "errors": 0, "forwarded": 0, "replies": 0, "direct": 0}
         # Inbounds of this drain, sent to the assembler as one message at its end (or once they hold
         # max_message_bytes: an inter-actor message never carries more than one chunk's worth)
         self.forward: list = []
@@ -73,10 +82,20 @@ class Gateway(PairlaneActor):
             self.pending.clear()
             self.pending_since.clear()
             self.per_request.clear()
+            self.direct_keys.clear()
             self.inflight_bytes = 0
+            self.forwards, self.direct_mark = 0, None
+        writer = self.peer("writer")
+        if writer != self.writer:
+            # a restarted writer was never armed; what we sent the old one straight is lost with it
+            # (its producers resend), as the assembler's chunks in flight there are
+            self.writer, self.direct_mark = writer, None
+            for key in list(self.direct_keys):
+                self._release(key)
 
     def inspect(self) -> dict:
         return dict(self.stats, requests_in_flight=len(self.per_request), presumed_lost=self.presumed_lost,
+                    direct_open=self.direct_mark is not None and self.direct_mark == (self.token, self.forwards),
                     ends_answered_here=self.stored.answered,
                     chunks_in_flight=len(self.pending), bytes_in_flight=self.inflight_bytes,
                     endpoint=self.config["gateway"]["endpoint"],
@@ -115,10 +134,9 @@ class Gateway(PairlaneActor):
         self._forward()
 
     def _forward(self) -> None:
-        if len(self.forward) == 1:
-            self.send_ordered(self.assembler, self.forward[0])
-        elif self.forward:
-            self.send_ordered(self.assembler, InboundBatch(tuple(self.forward)))
+        if self.forward:
+            self.forwards += 1
+            self.send_ordered(self.assembler, InboundBatch(tuple(self.forward), (self.token, self.forwards)))
         self.forward = []
         self.forward_bytes = 0
 
@@ -196,10 +214,18 @@ class Gateway(PairlaneActor):
                 self.pending_since[key] = time.monotonic()
                 self.per_request[rid] = self.per_request.get(rid, 0) + 1
                 self.inflight_bytes += len(raw)
+        inb = Inbound(identity, m, raw, nrows, bad, time.time())
+        if (t == "result" and raw is not None and bad is None and nrows <= BULK_ROWS and not self.forward
+                and self.direct_mark == (self.token, self.forwards) and self.writer is not None
+                and int(m.get("total_chunks") or 1) == 1):
+            # nothing of ours waits at the assembler since it opened the direct path: straight to the writer
+            self.stats["direct"] += 1
+            self.direct_keys.add(key)
+            return self.send_ordered(self.writer, DirectWrite(inb, self.direct_mark))
         self.stats["forwarded"] += 1
         if raw is not None and self.forward_bytes + len(raw) > self.limits.max_message_bytes:
             self._forward()
-        self.forward.append(Inbound(identity, m, raw, nrows, bad, time.time()))
+        self.forward.append(inb)
         self.forward_bytes += len(raw) if raw is not None else 0
 
     def sweep_lost(self, now: float) -> list[tuple]:
@@ -220,6 +246,7 @@ class Gateway(PairlaneActor):
         """A forwarded frame is done with (answered, or presumed lost): its bytes no longer count in
         flight. Its byte count, or None if it was not (or no longer) counted."""
         self.pending_since.pop(key, None)
+        self.direct_keys.discard(key)
         nbytes = self.pending.pop(key, None)
         if nbytes is None:
             return None
@@ -245,3 +272,5 @@ class Gateway(PairlaneActor):
                 self._send(identity, reply)
             # the FD is edge-triggered: sending may have consumed the edge of pending input
             self._drain()
+        elif isinstance(msg, DirectOpen):   # a hint: the writer checks the mark
+            self.direct_mark = msg.mark

@@ -79,9 +79,12 @@ class Inbound:
 @dataclass(frozen=True)
 class InboundBatch:
     """Gateway -> assembler: the Inbounds of one drain of the producer socket, in arrival order
-    (one Thespian message instead of one per frame: each costs a transport round trip)."""
+    (one Thespian message instead of one per frame: each costs a transport round trip).
+    mark: (the gateway incarnation's token, how many batches it has forwarded to this assembler,
+    this one included): the direct path's fence (pairlane.lifecycle.Forwarded)."""
 
     items: tuple
+    mark: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,58 @@ class WriterBatchDone:
     batch is handled, so the assembler knows it left the writer."""
 
     replies: tuple
+
+
+@dataclass(frozen=True)
+class DirectWrite:
+    """Gateway -> writer: a new small one-message result, sent straight (the direct path, PROTOCOL.md
+    section 1's promises unchanged: see pairlane.lifecycle.Forwarded). The writer writes it, checked,
+    only while armed with `mark`; else it hands `inbound` to the assembler (DirectRefused)."""
+
+    inbound: Inbound
+    mark: tuple
+
+
+@dataclass(frozen=True)
+class ArmDirect:
+    """Assembler -> writer, in order with its writes: take DirectWrites marked `mark` (None: take
+    none). Answered by DirectArmed(epoch), in the batch's WriterBatchDone."""
+
+    mark: tuple | None
+    epoch: int
+
+
+@dataclass(frozen=True)
+class DirectArmed:
+    """Writer -> assembler: ArmDirect `epoch` is in force."""
+
+    epoch: int
+
+
+@dataclass(frozen=True)
+class DirectDone:
+    """Writer -> assembler: a DirectWrite is committed, its result complete, its producer told `stored`."""
+
+    meta: dict
+    nrows: int
+    identity: bytes
+    received_at: float
+
+
+@dataclass(frozen=True)
+class DirectRefused:
+    """Writer -> assembler: a DirectWrite the writer did not write (not armed for its mark, the store
+    holds the request, or the store failed): it goes the usual way now, as if from the gateway."""
+
+    inbound: Inbound
+
+
+@dataclass(frozen=True)
+class DirectOpen:
+    """Assembler -> gateway: send new small results straight to the writer while your last mark is
+    `mark` (None: send none)."""
+
+    mark: tuple | None
 
 
 @dataclass(frozen=True)

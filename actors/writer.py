@@ -12,13 +12,15 @@ from __future__ import annotations
 import time
 
 from pairlane import codec
+from pairlane.lifecycle import stored_reply
 from pairlane.metrics import MetricBatch
-from pairlane.store import StoreError
+from pairlane.store import StoreError, meta_from_message
 from pairlane.stores import backend, open_store
 from pairlane.vocab import ResultStatus, WriteOutcome
 
 from .base import PairlaneActor
-from .messages import (BeginRequest, ChunkDurable, ChunkRejected, LegacyResult, LegacyWritten,
+from .messages import (ArmDirect, BeginRequest, ChunkDurable, ChunkRejected, DirectArmed, DirectDone,
+                       DirectRefused, DirectWrite, LegacyResult, LegacyWritten,
                        LiveDone, Lookup, LookupReply, Outbound, ReplaceSlots, RetryDone, SetStatus, SlotsWritten,
                        SpoolBatch, SweepDone, SweepStale, WriteChunk, WriteLive, WriterBatch,
                        WriterBatchDone, WriteSkipped)
@@ -44,6 +46,8 @@ def touches(msg) -> frozenset | None:
             keys.add(item.request_id)
         elif isinstance(item, WriteLive):
             keys.add(("live", item.batch_id))
+        elif isinstance(item, DirectWrite):
+            keys.add(item.inbound.msg["request_id"])
         else:
             return None
     return frozenset(keys)
@@ -86,6 +90,9 @@ class Writer(PairlaneActor):
         self.group_commits = 0      # transactions that committed several chunks (`_write_group`)
         self.grouped_chunks = 0
         self.group_failures = 0
+        self.direct_mark = None     # the gateway mark DirectWrites must carry (ArmDirect), None: take none
+        self.direct_writes = 0
+        self.direct_refused = 0
         try:
             self.store.open()
         except StoreError as exc:
@@ -102,7 +109,8 @@ class Writer(PairlaneActor):
                 "db_bytes": st.file_sizes(), "path": st.path, "max_bytes": st.max_bytes,
                 "backend": backend(self.config), "group_commits": self.group_commits,
                 "grouped_chunks": self.grouped_chunks, "group_failures": self.group_failures,
-                "passed_big_chunks": self.passed_big}
+                "passed_big_chunks": self.passed_big, "direct_armed": self.direct_mark is not None,
+                "direct_writes": self.direct_writes, "direct_refused": self.direct_refused}
 
     def send_ordered(self, addr, msg) -> None:
         if self._batch_to is not None and addr == self._batch_to:
@@ -146,6 +154,11 @@ class Writer(PairlaneActor):
             self.send_ordered(sender, WriterBatchDone(replies))
         elif isinstance(msg, WriteChunk):
             self._write_chunk(msg, sender)
+        elif isinstance(msg, DirectWrite):
+            self._write_direct(msg)
+        elif isinstance(msg, ArmDirect):
+            self.direct_mark = msg.mark
+            self.send_ordered(sender, DirectArmed(msg.epoch))
         elif isinstance(msg, WriteLive):
             self._write_live(msg, sender)
         elif isinstance(msg, Lookup):
@@ -283,6 +296,41 @@ class Writer(PairlaneActor):
         if w.reply_to is not None:
             self.send_ordered(w.reply_to, ChunkDurable(w.meta["request_id"], w.seq, "db", status, w.nrows,
                                                        answered))
+
+    def _write_direct(self, d: DirectWrite) -> None:
+        """A new one-message result straight from the gateway (pairlane.lifecycle.Forwarded): written,
+        checked as WriteChunk.new_only writes are, only while armed with its mark and with no status
+        change of ours waiting; its producer is told `stored` and the assembler hears of it after the
+        commit. Anything else (not armed, the store holds the request, the store failed: nothing was
+        written) goes to the assembler as if from the gateway, the usual way, which spools if it must."""
+        inb = d.inbound
+        assembler = self.peer("assembler")
+        if d.mark != self.direct_mark or self.deferred or assembler is None or self.peer("gateway") is None:
+            return self._refuse_direct(inb, assembler)
+        meta = meta_from_message(inb.msg, inb.origin)
+        meta["truncated"] = 0
+        rid = meta["request_id"]
+        t0 = time.perf_counter()
+        try:
+            trades = codec.decode_chunk_payload(inb.raw)
+            status = self.store.write_chunk(meta, 0, trades, inb.nrows, record=True, new_only=True)
+        except StoreError as exc:
+            self.log("INFO", "direct_write_failed", request_id=rid, reason=exc.reason, error=exc)
+            return self._refuse_direct(inb, assembler)
+        if status != WriteOutcome.COMPLETE:   # `exists`: the usual way answers stored or conflict
+            return self._refuse_direct(inb, assembler)
+        self.direct_writes += 1
+        self.tell("gateway", Outbound(((inb.identity, stored_reply(rid, meta["total_trades"], "db")),), ((rid, 0),)))
+        self.send_ordered(assembler, DirectDone(meta, inb.nrows, inb.identity, inb.received_at))
+        self.metrics.observe("pairlane_sqlite_write_seconds", time.perf_counter() - t0)
+        self.metrics.inc("pairlane_sqlite_rows_written_total", inb.nrows)
+        self.metrics.set("pairlane_last_result_timestamp_seconds", time.time())
+
+    def _refuse_direct(self, inb, assembler) -> None:
+        self.direct_refused += 1
+        if assembler is not None:
+            self.send_ordered(assembler, DirectRefused(inb))
+        # else: lost as it would be in flight to a restarting assembler; its producer resends
 
     def _write_live(self, w: WriteLive, sender) -> None:
         t0 = time.perf_counter()

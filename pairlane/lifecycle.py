@@ -208,6 +208,7 @@ class Peers:
     dlq_up: bool
     lost: bool = False
     dlq_changed: bool = False
+    writer_changed: bool = False   # a new writer incarnation (or none): it was never armed
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,45 @@ class LeasesLost:
 @dataclass(frozen=True)
 class Tick:
     """Timers: in-flight timeouts, abandonment, completed requests leaving memory, lookups, sweeps."""
+
+
+# The direct path. While no request is in progress here, the gateway may hand a new small one-message
+# result straight to the writer, which checks in the write's own transaction that the store does not
+# hold it (as a checked write does), writes it and answers its producer: the result skips this
+# lifecycle's hop, and we hear of it afterwards (DirectStored). The writer takes such a write only while
+# armed with the gateway's mark on the last producer messages we handled: the gateway stamps each batch
+# it forwards here (Forwarded) and sends a result straight only while the mark we told it is its own
+# latest. Any event but the few in _KEEPS_DIRECT disarms first; Arm and Disarm go to the writer in order
+# with our other writes, so what we send it after a Disarm (a lookup, a Record, a write) comes after
+# every direct write it took; and lookups are not answered locally until the writer confirmed it.
+
+@dataclass(frozen=True)
+class Forwarded:
+    """The gateway's mark (its incarnation, and how many batches it forwarded here) on the batch of
+    producer messages whose events follow."""
+    mark: tuple
+
+
+@dataclass(frozen=True)
+class Flush:
+    """The actor is about to send the effects of what it received: the moment to arm, if quiet."""
+
+
+@dataclass(frozen=True)
+class ArmAck:
+    """The writer applied the Arm or Disarm numbered epoch."""
+    epoch: int
+
+
+@dataclass(frozen=True)
+class DirectStored:
+    """The writer wrote a new one-message result the gateway handed it straight (complete, committed)
+    and told its producer `stored`. received_at: wall time at the gateway."""
+    request_id: str
+    meta: dict
+    nrows: int
+    identity: bytes
+    received_at: float
 
 
 # ----- effects out --------------------------------------------------------------------------------
@@ -320,6 +360,20 @@ class Unclaim:
 @dataclass(frozen=True)
 class AskInventory:
     """Ask the dlq which chunks it holds."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    """For the writer: take results straight from the gateway while its mark is `mark`; mark None:
+    take none (Disarm). Answered by ArmAck(epoch)."""
+    mark: tuple | None
+    epoch: int
+
+
+@dataclass(frozen=True)
+class DirectOpen:
+    """For the gateway: results may go straight to the writer while its last mark is `mark`; None: not."""
+    mark: tuple | None
 
 
 @dataclass(frozen=True)
@@ -488,11 +542,19 @@ class Lifecycle:
         self.stats: collections.Counter = collections.Counter()
         self.started = clock()
         self.last_sweep = self.started
+        # the direct path: None (the writer takes no direct write, confirmed), or (state, mark) with
+        # state arming (Arm sent), open (the writer confirmed, the gateway was told) or closing
+        # (Disarm sent, unconfirmed: lookups go through the writer)
+        self.direct: tuple | None = None
+        self.direct_epoch = 0          # numbers Arm/Disarm; the ArmAck of the latest one counts
+        self.gateway_mark: tuple | None = None
         self._out: list = []
 
     def handle(self, ev) -> list:
         """Feed one event; returns the effects to carry out, in order."""
         self._out = []
+        if self.direct is not None and self.direct[0] != "closing" and not self._keeps_direct(ev):
+            self._disarm()
         self._HANDLERS[type(ev)](self, ev)
         if self.leases:
             self._unclaim_finished()
@@ -509,6 +571,7 @@ class Lifecycle:
                 "big_chunks_at_writer": self.bulk_at_writer, "big_chunks_waiting": len(self.bulk_waiting),
                 "sweep_pending": self.sweep_pending,
                 "recent_results": len(self.recent), "leases": len(self.leases),
+                "direct": self.direct[0] if self.direct else "closed",
                 "leases_reclaiming": len(self.reclaiming), **dict(self.stats)}
 
     # ----- effect helpers -------------------------------------------------------------------------
@@ -598,8 +661,7 @@ class Lifecycle:
 
     def _start_lookup(self, ev) -> None:
         rid = ev.request_id
-        local_ok = (rid not in self.status_sent and not self.sweep_pending
-                    and self.clock() - self.started >= LOCAL_LOOKUP_GRACE_S)
+        local_ok = self._local_ok(rid)
         if not local_ok and not self.writer_up:
             self._release_ev(ev)
             return self._err(ev.identity, "unavailable", "pairlane's writer is restarting", rid, 1.0)
@@ -609,6 +671,13 @@ class Lifecycle:
             self.claiming.add(rid)
             return self._emit(Claim(rid))
         self._lookup(rid, local_ok)
+
+    def _local_ok(self, rid: str) -> bool:
+        """May a lookup of rid read the store itself, not through the writer? Not while a status change
+        of rid, a sweep or a predecessor's writes may wait at the writer, nor while the writer may take
+        a direct write (an Arm sent, no Disarm confirmed): the read could miss what it writes."""
+        return (rid not in self.status_sent and not self.sweep_pending and self.direct is None
+                and self.clock() - self.started >= LOCAL_LOOKUP_GRACE_S)
 
     def _lookup(self, rid: str, local_ok: bool) -> None:
         self.stats["lookups_local" if local_ok else "lookups_via_writer"] += 1
@@ -627,8 +696,7 @@ class Lifecycle:
         if ev.ok:
             self.leases.add(rid)
             self.stats["claims_won"] += 1
-            local_ok = (rid not in self.status_sent and not self.sweep_pending
-                        and self.clock() - self.started >= LOCAL_LOOKUP_GRACE_S)
+            local_ok = self._local_ok(rid)
             if local_ok or self.writer_up:
                 return self._lookup(rid, local_ok)
         _, queued = self.lookups.pop(rid, (None, []))
@@ -959,14 +1027,7 @@ class Lifecycle:
                 if loc == "dlq":
                     self._to_writer(SetStatus(req.rid, ResultStatus.SPOOLED))
                 self._remember(req.rid, req.meta, loc, tell_gateway=req.kind == "chunked")
-                self._metric("inc", "pairlane_results_total", outcome="stored_" + loc)
-                now = self.wall()
-                self._metric("observe", "pairlane_result_receive_seconds", now - req.began_at)
-                self._metric("set", "pairlane_last_result_timestamp_seconds", now)
-                self._emit(Log("INFO", "result_stored", (
-                    ("request_id", req.rid), ("trades", req.meta["total_trades"]),
-                    ("seconds", round(now - req.began_at, 3)), ("location", loc))))
-                self.stats["completed"] += 1
+                self._stored(req.rid, req.meta["total_trades"], loc, req.began_at)
         if req.status == ResultStatus.FAILED and all_durable:
             self._metric("inc", "pairlane_results_total", outcome="failed")
             self.stats["failed"] += 1
@@ -981,6 +1042,16 @@ class Lifecycle:
         if req.end_waiting is not None and not req.inflight:
             identity, req.end_waiting = req.end_waiting, None
             self._answer_end(req, identity)
+
+    def _stored(self, rid: str, trades: int, location: str, began_at: float) -> None:
+        """A result was stored for good just now: its metrics and its log line."""
+        self._metric("inc", "pairlane_results_total", outcome="stored_" + location)
+        now = self.wall()
+        self._metric("observe", "pairlane_result_receive_seconds", now - began_at)
+        self._metric("set", "pairlane_last_result_timestamp_seconds", now)
+        self._emit(Log("INFO", "result_stored", (
+            ("request_id", rid), ("trades", trades), ("seconds", round(now - began_at, 3)), ("location", location))))
+        self.stats["completed"] += 1
 
     def _remember(self, rid: str, meta: dict, location: str, tell_gateway: bool = True) -> None:
         """tell_gateway: emit Stored, for the gateway to answer the next `end` itself (a chunked
@@ -1082,6 +1153,9 @@ class Lifecycle:
 
     def _peers(self, ev: Peers) -> None:
         self.writer_up = ev.writer_up
+        if ev.writer_changed:   # the new writer was never armed; the old one's answers no longer count
+            self.direct = None
+            self.direct_epoch += 1
         if ev.lost:
             # a restarted writer (or dlq, which may have held a batch from the writer) lost what we
             # had sent: those chunks are no longer in flight; producers resend them
@@ -1109,6 +1183,71 @@ class Lifecycle:
             self.dlq_up = ev.dlq_up
             if ev.dlq_up:
                 self._emit(AskInventory())
+
+    # ----- the direct path (see Forwarded) ---------------------------------------------------------
+    def _forwarded(self, ev: Forwarded) -> None:
+        self.gateway_mark = ev.mark   # the events of its messages follow (and disarm)
+
+    def _keeps_direct(self, ev) -> bool:
+        """May ev be handled with the writer armed? Only if it begins, looks up and sends the writer
+        nothing: the answer to a checked write (a new one-message result, which the writer took before
+        the Arm it sent after it) that replays no held message, and the events in _KEEPS_DIRECT."""
+        if type(ev) in _KEEPS_DIRECT:
+            return True
+        if type(ev) is Durable and ev.location == "db":
+            req = self.reqs.get(ev.request_id)
+            return req is not None and req.checking is not None and not req.held
+        return False
+
+    def _quiet(self) -> bool:
+        """Nothing here that a direct write could race: no request in progress but new one-message
+        results whose checked write the writer takes before the Arm; nothing being looked up, nothing
+        in the dlq, no big chunk on its way; a store that checks in the write's transaction, a
+        writer, and no other daemon's leases to respect."""
+        return (self.checked_writes and self.writer_up and not self.claims and self.gateway_mark is not None
+                and not self.lookups and not self.inventory and not self.bulk_waiting and not self.bulk_at_writer
+                and all(r.checking is not None and not r.held for r in self.reqs.receiving_reqs.values()))
+
+    def _on_flush(self, ev: Flush) -> None:
+        if self.direct is None and self._quiet():
+            self.direct_epoch += 1
+            self.direct = ("arming", self.gateway_mark)
+            self._emit(Arm(self.gateway_mark, self.direct_epoch))
+
+    def _disarm(self) -> None:
+        if self.direct[0] == "open":
+            self._emit(DirectOpen(None))
+        self.direct_epoch += 1
+        self.direct = ("closing", None)
+        self._emit(Arm(None, self.direct_epoch))
+
+    def _arm_ack(self, ev: ArmAck) -> None:
+        if self.direct is None or ev.epoch != self.direct_epoch:
+            return   # an earlier command's, or a previous writer's
+        state, mark = self.direct
+        if state == "closing":
+            self.direct = None
+        elif state == "arming":
+            self.direct = ("open", mark)
+            self._emit(DirectOpen(mark))
+
+    def _direct_stored(self, ev: DirectStored) -> None:
+        """What `_begin` and `_durable` would have recorded of the result: it is complete, the writer
+        answered its producer, and it is remembered as any stored one-message result is."""
+        rid = ev.request_id
+        self.stats["in_result"] += 1
+        self.stats["direct_writes"] += 1
+        old = self.reqs.get(rid)
+        if rid in self.lookups or (old is not None and old.status == ResultStatus.RECEIVING):
+            # its producer sent it again meanwhile, and that went the usual way: the writer took this
+            # write before the Disarm it then got, so what that way asks the store finds it stored
+            return self._stored(rid, ev.meta["total_trades"], "db", ev.received_at)
+        self.stats["begun"] += 1
+        now = self.clock()
+        req = Req(meta=ev.meta, identity=ev.identity, window=1, began_at=ev.received_at, last_activity=now,
+                  kind="result")
+        self.reqs[rid] = req
+        self._durable_chunk(req, Durable(rid, 0, "db", WriteOutcome.COMPLETE, ev.nrows, ev.identity))
 
     # ----- timers --------------------------------------------------------------------------------------
     def _tick(self, ev: Tick) -> None:
@@ -1163,4 +1302,9 @@ class Lifecycle:
         LiveTrades: _live_trades, Durable: _durable, Rejected: _rejected, LiveDone: _live_done,
         LookupAnswer: _looked_up, Skipped: _skipped, Claimed: _claimed, LeasesLost: _leases_lost, Inventory: _inventory,
         SweepDone: _sweep_done, Peers: _peers, Tick: _tick,
+        Forwarded: _forwarded, Flush: _on_flush, ArmAck: _arm_ack, DirectStored: _direct_stored,
     }
+
+
+# events that leave the direct path open: they begin nothing here and look nothing up
+_KEEPS_DIRECT = frozenset({Forwarded, Flush, ArmAck, DirectStored, Tick, SweepDone})

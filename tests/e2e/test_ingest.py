@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from pairlane.client import Producer, SendError, encode_chunk, plan_chunks, synthetic_columns
 from tests.e2e.util import (BACKENDS, ERROR_CODES, RETRYABLE, Dealer, assert_all_running, check_error, db,
                             duplicate_groups, index_leading_columns, inspect, pack, result_row, rows_for,
-                            running_daemon, store_overrides, wait_status, wait_until, with_overrides)
+                            metric, running_daemon, store_overrides, wait_status, wait_until, with_overrides)
 
 MAX_MSG = 1 << 20   # gateway.max_message_bytes (default)
 
@@ -818,13 +818,19 @@ def test_one_message_results_are_answered_exactly_once(shared, dealer):
 def test_lookups_read_locally_between_sweeps(small):
     """assembly_timeout_s = 2 sweeps every second; the writer confirms each sweep, so a `begin`'s
     lookup is read by the assembler itself, not queued at the writer (it used to stay pending).
-    A one-message result needs no lookup at all on SQLite: its write checks (checked writes)."""
+    A one-message result needs no lookup at all on SQLite: its write checks (checked writes).
+    A request kept open meanwhile keeps the direct path closed (its lookups go through the writer:
+    see test_new_results_go_straight_to_the_writer_while_nothing_is_in_progress)."""
     from pairlane.lifecycle import LOCAL_LOOKUP_GRACE_S
     wait_until(lambda: inspect(small, "assembler")["uptime_s"] > LOCAL_LOOKUP_GRACE_S + 2.5, timeout=30,
                what="the assembler's start grace and two sweeps")
-    before = inspect(small, "assembler")
     with Dealer(small.gateway_endpoint) as dl:
+        holder = {"type": "begin", "request_id": f"lk-hold-{time.time()}", "strategy_name": "S",
+                  "total_trades": 4, "total_chunks": 2}
+        assert dl.rt(holder)["type"] == "credit"
+        before = inspect(small, "assembler")
         for i in range(6):
+            assert dl.rt(holder)["type"] == "credit"   # resumed: in progress, never idle 2 s
             rid = f"lk-{before['uptime_s']}-{i}"
             reply = dl.rt({"type": "begin", "request_id": rid, "strategy_name": "S", "total_trades": 2,
                            "total_chunks": 1})
@@ -845,6 +851,68 @@ def test_lookups_read_locally_between_sweeps(small):
         assert local >= 5 and local + via_writer == 6 and checked == 6, (before, after)   # one may meet a sweep
     else:   # PostgreSQL records a request in a transaction of its own: every result is looked up
         assert local >= 10 and local + via_writer == 12 and checked == 0, (before, after)
+
+
+@on_both_stores
+def test_new_results_go_straight_to_the_writer_while_nothing_is_in_progress(shared):
+    """The direct path (pairlane.lifecycle.Forwarded): once the assembler is quiet, new small results
+    go gateway -> writer; each is stored once, counted in the metrics as any other, and a `begin` or
+    a result under an id stored that way is answered as ever (conflict, or stored without writing
+    twice). While a request is in progress, results take the usual way. Never on PostgreSQL."""
+    sqlite = inspect(shared, "writer")["backend"] == "sqlite"
+    tag = f"dp-{time.time()}"
+
+    def stored_db():
+        return (metric(shared, "pairlane_results_total") or {}).get("outcome=stored_db", 0.0)
+
+    def counts():
+        g, a, w = inspect(shared, "gateway"), inspect(shared, "assembler"), inspect(shared, "writer")
+        return (g["direct"], a.get("direct_writes", 0), w["direct_writes"], a.get("checked_writes", 0),
+                a.get("completed", 0))
+
+    before, metric_before = counts(), stored_db()
+    with Dealer(shared.gateway_endpoint) as dl:
+        for i in range(20):
+            reply = dl.rt({"type": "result", "request_id": f"{tag}-{i}", "strategy_name": "S", "total_trades": 2,
+                           "trades": rows2(i)})
+            assert reply["type"] == "stored", reply
+        # the assembler hears of the last one after its producer did
+        after = wait_until(lambda: (lambda c: c if c[4] - before[4] >= 20 else None)(counts()),
+                           what="the assembler recording all 20")
+        sent, told, wrote, checked, completed = (x - y for x, y in zip(after, before))
+        assert all(rows_for(shared, f"{tag}-{i}") == 2 for i in range(20))
+        assert completed == 20                     # the lifecycle recorded each as stored...
+        # ...with the metric any stored result moves (the metrics actor hears of it within its flush)
+        wait_until(lambda: stored_db() - metric_before >= 20, timeout=10, what="20 more stored_db results")
+        if sqlite:   # the first (or first few) took the usual way and opened the path
+            assert 15 <= wrote == told == sent and wrote + checked == 20, (before, after)
+        else:
+            assert sent == told == wrote == checked == 0, (before, after)
+        assert inspect(shared, "writer")["direct_refused"] == 0
+        # ids stored straight: a begin with other totals is a conflict, the same result again is
+        # stored once, another result under the id is a conflict
+        first = f"{tag}-19"
+        begin = dl.rt({"type": "begin", "request_id": first, "strategy_name": "S", "total_trades": 4,
+                       "total_chunks": 2})
+        assert begin["type"] == "error" and begin["code"] == "conflict", begin
+        again = dl.rt({"type": "result", "request_id": first, "strategy_name": "S", "total_trades": 2,
+                       "trades": rows2(19)})
+        assert again["type"] == "stored" and rows_for(shared, first) == 2
+        other = dl.rt({"type": "result", "request_id": first, "strategy_name": "T", "total_trades": 2,
+                       "trades": rows2(19)})
+        assert other["type"] == "error" and other["code"] == "conflict", other
+        # a request in progress closes the path: results take the usual way meanwhile
+        assert dl.rt({"type": "begin", "request_id": f"{tag}-open", "strategy_name": "S", "total_trades": 2,
+                      "total_chunks": 1})["type"] == "credit"
+        mid = counts()
+        for i in range(5):
+            assert dl.rt({"type": "result", "request_id": f"{tag}-u{i}", "strategy_name": "S", "total_trades": 2,
+                          "trades": rows2(i)})["type"] == "stored"
+        end = counts()
+        assert end[2] == mid[2] and end[0] == mid[0]   # none straight
+        if sqlite:
+            assert end[3] - mid[3] == 5                 # checked writes, as before the path existed
+        assert dl.rt({"type": "abort", "request_id": f"{tag}-open"})["type"] == "aborted"
 
 
 def test_one_message_results_the_store_already_holds_are_answered_from_it(small):

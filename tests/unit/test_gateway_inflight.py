@@ -20,6 +20,7 @@ def gateway_with(pending: dict[tuple, tuple[int, float]]) -> gw.Gateway:
         g.per_request[rid] = g.per_request.get(rid, 0) + 1
     g.inflight_bytes = sum(n for n, _ in pending.values())
     g.presumed_lost = 0
+    g.direct_keys = set()
     return g
 
 
