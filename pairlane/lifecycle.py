@@ -548,6 +548,10 @@ class Lifecycle:
         self.direct: tuple | None = None
         self.direct_epoch = 0          # numbers Arm/Disarm; the ArmAck of the latest one counts
         self.gateway_mark: tuple | None = None
+        # the last producer message was a one-message result: only then is arming worth it. After
+        # anything else the next message is likely another begin, chunk or end, which would only
+        # disarm again, and a begin's lookup could not be read locally meanwhile
+        self.results_flowing = False
         self._out: list = []
 
     def handle(self, ev) -> list:
@@ -615,6 +619,7 @@ class Lifecycle:
     # ----- producer messages ---------------------------------------------------------------------
     def _inbound(self, ev) -> None:
         self.stats[f"in_{ev.kind}"] += 1
+        self.results_flowing = isinstance(ev, Result)
         self._dispatch(ev)
 
     def _dispatch(self, ev) -> None:
@@ -644,6 +649,7 @@ class Lifecycle:
 
     def _live_trades(self, ev: LiveTrades) -> None:
         self.stats["in_live_trades"] += 1
+        self.results_flowing = False
         if not self.writer_up:
             self._release(ev.request_id, -1)
             return self._err(ev.identity, "unavailable", "pairlane's writer is restarting", ev.request_id, 1.0)
@@ -1200,12 +1206,13 @@ class Lifecycle:
         return False
 
     def _quiet(self) -> bool:
-        """Nothing here that a direct write could race: no request in progress but new one-message
-        results whose checked write the writer takes before the Arm; nothing being looked up, nothing
-        in the dlq, no big chunk on its way; a store that checks in the write's transaction, a
-        writer, and no other daemon's leases to respect."""
+        """One-message results are flowing, and nothing here that a direct write could race: no request
+        in progress but new one-message results whose checked write the writer takes before the Arm;
+        nothing being looked up, nothing in the dlq, no big chunk on its way; a store that checks in
+        the write's transaction, a writer, and no other daemon's leases to respect."""
         return (self.checked_writes and self.writer_up and not self.claims and self.gateway_mark is not None
-                and not self.lookups and not self.inventory and not self.bulk_waiting and not self.bulk_at_writer
+                and self.results_flowing and not self.lookups and not self.inventory
+                and not self.bulk_waiting and not self.bulk_at_writer
                 and all(r.checking is not None and not r.held for r in self.reqs.receiving_reqs.values()))
 
     def _on_flush(self, ev: Flush) -> None:
@@ -1215,6 +1222,7 @@ class Lifecycle:
             self._emit(Arm(self.gateway_mark, self.direct_epoch))
 
     def _disarm(self) -> None:
+        self.stats["direct_closed"] += 1
         if self.direct[0] == "open":
             self._emit(DirectOpen(None))
         self.direct_epoch += 1
@@ -1237,6 +1245,7 @@ class Lifecycle:
         rid = ev.request_id
         self.stats["in_result"] += 1
         self.stats["direct_writes"] += 1
+        self.results_flowing = True
         old = self.reqs.get(rid)
         if rid in self.lookups or (old is not None and old.status == ResultStatus.RECEIVING):
             # its producer sent it again meanwhile, and that went the usual way: the writer took this

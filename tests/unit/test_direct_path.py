@@ -319,3 +319,39 @@ def test_the_writer_refuses_a_direct_write_after_the_disarm_and_the_usual_way_an
     # the begin came first at the assembler: the result (same totals) is in progress as a chunked
     # request there, so it is a conflict; the chunked request completes
     assert res.final[0]["code"] == "conflict" and chunked.final[-1]["type"] == "stored"
+
+
+def drain(sim: Sim) -> None:
+    """Deliver every message between the actors; producers already started send the rest of their
+    messages only when nothing else is left; none starts."""
+    while True:
+        acts = [a for a in sim.actions() if a[0] != "send" or a[1].started]
+        if not acts:
+            return
+        mail = [a for a in acts if a[0] != "send"]
+        sim.step(mail[0] if mail else acts[0])
+
+
+def test_only_flowing_results_open_the_path_so_begins_after_chunked_requests_read_locally():
+    """Arming is worth it only while one-message results flow: after a chunked request the next
+    message is likely another begin, which would disarm at once and could not read its lookup
+    locally meanwhile (that cost a begin/chunk/end round trip 30%). A result opens the path; the
+    first begin after it closes it, and the begins after that read locally again."""
+    sim = Sim([("chunked", "X", 20, 1), ("chunked", "Y", 20, 1), ("result", "R", 10, 1),
+               ("chunked", "Z", 20, 1), ("chunked", "V", 20, 1)])
+    x, y, r, z, v = sim.units
+    for u in (x, y):
+        sim.gateway_send(u)
+        drain(sim)
+    assert x.finished() and y.finished()
+    assert sim.life.direct is None and sim.life.direct_epoch == 0 and sim.life.stats["lookups_local"] == 2
+    sim.gateway_send(r)
+    drain(sim)
+    assert sim.life.direct[0] == "open"
+    for u in (z, v):
+        sim.gateway_send(u)
+        drain(sim)
+    assert all(u.finished() for u in sim.units) and sim.life.direct is None
+    # Z's lookup went through the writer (the path was open); V's was read locally again
+    assert sim.life.stats["lookups_local"] == 3 and sim.life.stats["lookups_via_writer"] == 1
+    check(sim)
