@@ -35,6 +35,7 @@ INFLIGHT_TIMEOUT_S = 120.0   # no answer from writer/dlq for this long: the chun
 MAX_MISSING = 1000           # `missing` lists at most this many seqs
 MAX_HELD = 64                # messages held for one one-message result being written (more: `busy`)
 CLAIM_RETRY_S = 2.0          # `busy` because another daemon holds the request's lease: retry after this
+INVENTORY_REFRESH_S = 2.0    # while the dlq holds chunks, its inventory is asked for again this often
 
 
 def settle(total_chunks: int, total_trades: int, durable_chunks: int, durable_rows: int) -> WriteOutcome:
@@ -547,6 +548,7 @@ class Lifecycle:
         # (Disarm sent, unconfirmed: lookups go through the writer)
         self.direct: tuple | None = None
         self.direct_epoch = 0          # numbers Arm/Disarm; the ArmAck of the latest one counts
+        self.inventory_asked = float("-inf")   # clock of the last AskInventory
         self.gateway_mark: tuple | None = None
         # the last producer message was a one-message result: only then is arming worth it. After
         # anything else the next message is likely another begin, chunk or end, which would only
@@ -1304,7 +1306,13 @@ class Lifecycle:
             self.sweep_pending = True
             self._emit(Sweep(self.wall() - self.timeout_s, active))
             if self.dlq_up:
+                self.inventory_asked = now
                 self._emit(AskInventory())  # landed or purged items drop out
+        if self.inventory and self.dlq_up and now - self.inventory_asked >= INVENTORY_REFRESH_S:
+            # the dlq says nothing when an item lands: while it holds any, ask again (the direct
+            # path stays closed, and checked writes skipped, for as long as we believe it does)
+            self.inventory_asked = now
+            self._emit(AskInventory())
 
     _HANDLERS: ClassVar[dict] = {
         Begin: _inbound, Result: _inbound, Chunk: _inbound, End: _inbound, Abort: _inbound,

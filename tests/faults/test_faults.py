@@ -389,6 +389,44 @@ class OneMessageTraffic:
             time.sleep(0.05)
 
 
+def test_database_locked_while_one_message_results_go_straight_spools_them_and_drains(make_daemon):
+    """The direct path meets a locked database: the writer's direct write fails within its busy
+    timeout, writes nothing, and hands the result to the assembler (DirectRefused), whose usual way
+    spools it: `stored`, location dlq. Once the lock is gone the dlq drains and results go straight
+    again. Nothing answered `stored` is lost or doubled."""
+    d = make_daemon(FAST)
+
+    def writer():
+        return d.admin("inspect", {"actor": "writer"})["state"]
+
+    traffic = OneMessageTraffic(d.gateway_endpoint, seed=11, prefix="lockd").start()
+    deadline = time.monotonic() + 60
+    while writer()["direct_writes"] < 20 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert writer()["direct_writes"] >= 20, writer()
+    refused = writer()["direct_refused"]
+    lock = chaos.DbLock(d.db_path)
+    n = len(traffic.stored)
+    traffic.wait_stored(n + 5, timeout=60)
+    locations = [r["location"] for _, r in list(traffic.stored.values())[n:]]
+    assert writer()["direct_refused"] > refused        # the direct path met the lock...
+    lock.release()
+    assert "dlq" in locations, locations              # ...and the usual way spooled
+    deadline = time.monotonic() + 60
+    while d.admin("inspect", {"actor": "dlq"})["state"]["depth"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert d.admin("inspect", {"actor": "dlq"})["state"]["depth"] == 0
+    straight = writer()["direct_writes"]
+    # open again once the assembler hears the dlq is empty: asked every 2 s while it believes the dlq
+    # holds anything (INVENTORY_REFRESH_S), not only at the next stale sweep (here every 10 s)
+    deadline = time.monotonic() + 6
+    while writer()["direct_writes"] <= straight and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert writer()["direct_writes"] > straight, d.admin("inspect", {"actor": "assembler"})["state"]
+    assert_promises(d, traffic, min_stored=n + 5)
+    assert traffic.errors == [], traffic.errors[:3]
+
+
 @pytest.mark.parametrize("name", ["writer", "assembler"])
 def test_sigkill_while_one_message_results_flow_loses_nothing_and_doubles_nothing(shared_daemon, name):
     """The writer answers a one-message result's producer itself, right after its commit, and a new

@@ -355,3 +355,37 @@ def test_only_flowing_results_open_the_path_so_begins_after_chunked_requests_rea
     # Z's lookup went through the writer (the path was open); V's was read locally again
     assert sim.life.stats["lookups_local"] == 3 and sim.life.stats["lookups_via_writer"] == 1
     check(sim)
+
+
+def test_a_spool_closes_the_path_until_the_dlq_says_it_is_empty_again():
+    """The dlq says nothing when a spooled chunk lands: while we believe it holds any, the inventory
+    is asked for again every INVENTORY_REFRESH_S (it used to be only at each stale sweep, every
+    assembly_timeout_s / 2, and the direct path stayed closed that long after any spool)."""
+    w = World(checked=True, dlq_up=True)
+    w.send(lc.Forwarded((TOKEN, 1)))
+    w.send(result("R"))
+    w.durable(location="dlq")            # a checked write the store could not take: looked up...
+    w.durable(location="dlq")            # ...and spooled
+    assert w.lc.inventory == {"R": {0: (10, lc.totals(meta("R", 1, 10)))}}
+    asks = lambda: sum(isinstance(e, lc.AskInventory) for e in w.effects)   # noqa: E731
+    w.send(lc.Forwarded((TOKEN, 2)))
+    w.send(result("S"))
+    w.durable()
+    w.send(lc.Flush())
+    assert not any(isinstance(e, lc.Arm) for e in w.effects)   # the dlq holds R's chunk
+    w.tick(0.5)
+    before = asks()
+    w.tick(lc.INVENTORY_REFRESH_S)
+    assert asks() == before + 1
+    w.tick(0.5)
+    assert asks() == before + 1          # not again before INVENTORY_REFRESH_S
+    w.send(lc.Inventory(()))             # it landed
+    assert not w.lc.inventory
+    w.send(lc.Flush())
+    assert [e for e in w.effects if isinstance(e, lc.Arm)] == [lc.Arm((TOKEN, 2), 1)]
+    w.tick(lc.INVENTORY_REFRESH_S * 3)
+    assert asks() == before + 1          # nothing believed held: nothing asked
+
+
+def result(rid, trades=10):
+    return lc.Result(rid, b"p", meta(rid, 1, trades), None, "zmq", b"raw", trades)
