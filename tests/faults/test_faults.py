@@ -450,4 +450,9 @@ def test_sigkill_while_one_message_results_flow_loses_nothing_and_doubles_nothin
     assert traffic.errors == [], traffic.errors[:3]
     if name == "writer":   # the assembler lived on: its counts cover the whole run
         after = unlooked(d.admin("inspect", {"actor": "assembler"})["state"])
-        assert after - before >= len(traffic.stored), (before, after, len(traffic.stored))
+        # but a direct write is counted when the assembler hears of it (DirectDone), after the
+        # producer did: one the writer committed and answered just before the SIGKILL may never be
+        # (a checked write is counted when sent). At most one per producer was in flight then; the
+        # store holds it, and assert_promises above proved nothing stored is lost or doubled
+        assert after - before >= len(traffic.stored) - len(traffic._threads), \
+            (before, after, len(traffic.stored))
