@@ -233,15 +233,16 @@ class Tick:
     """Timers: in-flight timeouts, abandonment, completed requests leaving memory, lookups, sweeps."""
 
 
-# The direct path. While no request is in progress here, the gateway may hand a new small one-message
-# result straight to the writer, which checks in the write's own transaction that the store does not
-# hold it (as a checked write does), writes it and answers its producer: the result skips this
-# lifecycle's hop, and we hear of it afterwards (DirectStored). The writer takes such a write only while
-# armed with the gateway's mark on the last producer messages we handled: the gateway stamps each batch
-# it forwards here (Forwarded) and sends a result straight only while the mark we told it is its own
-# latest. Any event but the few in _KEEPS_DIRECT disarms first; Arm and Disarm go to the writer in order
-# with our other writes, so what we send it after a Disarm (a lookup, a Record, a write) comes after
-# every direct write it took; and lookups are not answered locally until the writer confirmed it.
+# The direct path. While no request is in progress here and one-message results flow (`_quiet`), the
+# gateway may hand a new small one-message result straight to the writer, which checks in the write's
+# own transaction that the store does not hold it (as a checked write does), writes it and answers its
+# producer: the result skips this lifecycle's hop, and we hear of it afterwards (DirectStored). The
+# writer takes such a write only while armed with the gateway's mark on the last producer messages we
+# handled: the gateway stamps each batch it forwards here (Forwarded) and sends a result straight only
+# while the mark we told it is its own latest. Any event but the few `_keeps_direct` allows disarms
+# first; Arm and Disarm go to the writer in order with our other writes, so what we send it after a
+# Disarm (a lookup, a Record, a write) comes after every direct write it took; and lookups are not
+# answered locally until the writer confirmed it.
 
 @dataclass(frozen=True)
 class Forwarded:
