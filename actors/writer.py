@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from pairlane import codec
-from pairlane.lifecycle import stored_reply
+from pairlane.lifecycle import producer_meta, stored_reply
 from pairlane.metrics import MetricBatch
 from pairlane.store import StoreError, meta_from_message
 from pairlane.stores import backend, open_store
@@ -307,8 +307,7 @@ class Writer(PairlaneActor):
         assembler = self.peer("assembler")
         if d.mark != self.direct_mark or self.deferred or assembler is None or self.peer("gateway") is None:
             return self._refuse_direct(inb, assembler)
-        meta = meta_from_message(inb.msg, inb.origin)
-        meta["truncated"] = 0
+        meta = producer_meta(meta_from_message(inb.msg, inb.origin), inb.origin)
         rid = meta["request_id"]
         t0 = time.perf_counter()
         try:

@@ -50,6 +50,15 @@ def stored_reply(rid: str, trades: int, location: str) -> dict:
     return {"type": "stored", "request_id": rid, "trades": trades, "trades_ref": rid, "location": location}
 
 
+def producer_meta(meta: dict, origin: str) -> dict:
+    """A copy of a begin's or result's results-row fields as they are stored: only a legacy producer
+    may mark a result truncated."""
+    meta = dict(meta)
+    if origin != "legacy":
+        meta["truncated"] = 0
+    return meta
+
+
 def credit_reply(rid: str, credit: int, seq: int | None = None) -> dict:
     r = {"type": "credit", "request_id": rid, "credit": credit}
     if seq is not None:
@@ -790,9 +799,7 @@ class Lifecycle:
     def _begin(self, ev: Begin, row: dict | None = None, looked_up: bool = False,
                checking: bool = False) -> None:
         rid = ev.request_id
-        meta = dict(ev.meta)
-        if ev.origin != "legacy":
-            meta["truncated"] = 0
+        meta = producer_meta(ev.meta, ev.origin)
         req = self.reqs.get(rid)
         if req is not None:
             if totals(req.meta) != totals(meta):

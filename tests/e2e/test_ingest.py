@@ -907,6 +907,12 @@ def test_new_results_go_straight_to_the_writer_while_nothing_is_in_progress(quie
         else:
             assert sent == told == wrote == checked == 0, (before, after)
         assert inspect(quiet, "writer")["direct_refused"] == 0
+        # only a legacy producer may mark a result truncated, straight or not
+        wrote = inspect(quiet, "writer")["direct_writes"]
+        assert dl.rt({"type": "result", "request_id": f"{tag}-t", "strategy_name": "S", "total_trades": 2,
+                      "truncated": True, "trades": rows2()})["type"] == "stored"
+        assert result_row(quiet, f"{tag}-t")["truncated"] == 0
+        assert inspect(quiet, "writer")["direct_writes"] == wrote + sqlite
         # ids stored straight: a begin with other totals is a conflict, the same result again is
         # stored once, another result under the id is a conflict
         first = f"{tag}-19"
