@@ -282,12 +282,7 @@ class Writer(PairlaneActor):
             else:
                 self.tell("gateway", Outbound((answer[0],), (answer[1],)))
             answered = identity
-        self.metrics.observe("pairlane_sqlite_write_seconds", elapsed)
-        wrote = status not in (WriteOutcome.DUPLICATE, WriteOutcome.DISCARDED)
-        if wrote:
-            self.metrics.inc("pairlane_sqlite_rows_written_total", w.nrows)
-        if status == WriteOutcome.COMPLETE:
-            self.metrics.set("pairlane_last_result_timestamp_seconds", time.time())
+        wrote = self._count_write(elapsed, status, w.nrows)
         if w.item_id is not None:  # reason tells the dlq a duplicate or discarded (result gone) apart
             reason = "" if wrote else str(status)
             self.send_ordered(sender, RetryDone(w.item_id, True, reason))
@@ -321,9 +316,18 @@ class Writer(PairlaneActor):
         self.direct_writes += 1
         self.tell("gateway", Outbound(((inb.identity, stored_reply(rid, meta["total_trades"], "db")),), ((rid, 0),)))
         self.send_ordered(assembler, DirectDone(meta, inb.nrows, inb.identity, inb.received_at))
-        self.metrics.observe("pairlane_sqlite_write_seconds", time.perf_counter() - t0)
-        self.metrics.inc("pairlane_sqlite_rows_written_total", inb.nrows)
-        self.metrics.set("pairlane_last_result_timestamp_seconds", time.time())
+        self._count_write(time.perf_counter() - t0, status, inb.nrows)
+
+    def _count_write(self, elapsed: float, status: WriteOutcome, nrows: int) -> bool:
+        """The metrics of one chunk's write that took `elapsed` s and left its result `status`;
+        whether it wrote rows (not a duplicate, nor for a result gone)."""
+        self.metrics.observe("pairlane_sqlite_write_seconds", elapsed)
+        wrote = status not in (WriteOutcome.DUPLICATE, WriteOutcome.DISCARDED)
+        if wrote:
+            self.metrics.inc("pairlane_sqlite_rows_written_total", nrows)
+        if status == WriteOutcome.COMPLETE:
+            self.metrics.set("pairlane_last_result_timestamp_seconds", time.time())
+        return wrote
 
     def _refuse_direct(self, inb, assembler) -> None:
         self.direct_refused += 1
